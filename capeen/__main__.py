@@ -1,0 +1,5 @@
+import sys
+
+from capeen.cli import main
+
+sys.exit(main())
