@@ -1,0 +1,157 @@
+"""Checkpoint directories: `config.json`, `model.safetensors`, `vocab.json`, `thresholds.json`.
+
+Nothing here unpickles: weights are safetensors, everything else JSON. Every failure is a `CheckpointError`
+whose message names the file and the problem in one line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorsError
+from safetensors.torch import load_file, save_file
+
+from models.model import CapeenConfig, CapeenModel
+from models.tokenizer import WordTokenizer
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+VOCAB_FILE = "vocab.json"
+THRESHOLDS_FILE = "thresholds.json"
+
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "default"
+
+
+class CheckpointError(Exception):
+    """A checkpoint that is missing, corrupt or does not match its config."""
+
+
+@dataclass
+class Thresholds:
+    """The calibrated early-exit threshold and the sweep it was chosen from (see `models.calibration`)."""
+
+    threshold: float | None = None
+    sweep: list[dict] = field(default_factory=list)
+    details: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"threshold": self.threshold, "sweep": self.sweep, **self.details}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Thresholds":
+        threshold = data.get("threshold")
+        if threshold is not None and not (isinstance(threshold, (int, float)) and 0.0 < threshold <= 1.0):
+            raise ValueError(f'"threshold" must be a number in (0, 1], got {threshold!r}')
+        rest = {k: v for k, v in data.items() if k not in ("threshold", "sweep")}
+        return cls(threshold=None if threshold is None else float(threshold), sweep=list(data.get("sweep", [])),
+                   details=rest)
+
+
+@dataclass
+class Checkpoint:
+    model: CapeenModel
+    tokenizer: WordTokenizer
+    thresholds: Thresholds
+    path: Path | None = None
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.meta.get("name") or (self.path.name if self.path else "capeen")
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as handle:
+        json.dump(data, handle, indent=2)
+        handle.write("\n")
+    os.replace(tmp, path)
+
+
+def save_checkpoint(ckpt: Checkpoint, directory: Path) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    _write_json_atomic(directory / CONFIG_FILE, {"model": ckpt.model.config.to_dict(), **ckpt.meta})
+    # lm_head shares wte's storage; safetensors refuses shared tensors, so the tied copy is not stored
+    state = {k: v.detach().contiguous().cpu() for k, v in ckpt.model.state_dict().items()
+             if k != "decoder.lm_head.weight"}
+    save_file(state, str(directory / WEIGHTS_FILE))
+    ckpt.tokenizer.save(directory / VOCAB_FILE)
+    _write_json_atomic(directory / THRESHOLDS_FILE, ckpt.thresholds.to_dict())
+    return directory
+
+
+def save_thresholds(directory: Path, thresholds: Thresholds) -> None:
+    _write_json_atomic(Path(directory) / THRESHOLDS_FILE, thresholds.to_dict())
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return data
+
+
+def load_checkpoint(directory: Path | str | None = None, device: str | torch.device = "cpu") -> Checkpoint:
+    """Load a checkpoint directory (default: the shipped one) onto `device`, in eval mode."""
+    directory = Path(directory) if directory is not None else DEFAULT_CHECKPOINT
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: checkpoint directory not found")
+
+    config_data = _read_json(directory / CONFIG_FILE)
+    try:
+        config = CapeenConfig.from_dict(config_data.get("model", {}))
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{directory / CONFIG_FILE}: bad model config ({exc})") from None
+    meta = {k: v for k, v in config_data.items() if k != "model"}
+
+    try:
+        tokenizer = WordTokenizer.load(directory / VOCAB_FILE)
+    except FileNotFoundError:
+        raise CheckpointError(f"{directory / VOCAB_FILE}: missing") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{directory / VOCAB_FILE}: {exc}") from None
+    if len(tokenizer) != config.vocab_size:
+        raise CheckpointError(
+            f"{directory / VOCAB_FILE}: {len(tokenizer)} words but config.json says vocab_size={config.vocab_size}"
+        )
+
+    thresholds_path = directory / THRESHOLDS_FILE
+    try:
+        thresholds = Thresholds.from_dict(_read_json(thresholds_path)) if thresholds_path.exists() else Thresholds()
+    except ValueError as exc:
+        raise CheckpointError(f"{thresholds_path}: {exc}") from None
+
+    weights_path = directory / WEIGHTS_FILE
+    if not weights_path.is_file():
+        raise CheckpointError(f"{weights_path}: missing")
+    try:
+        state = load_file(str(weights_path), device="cpu")
+    except (SafetensorsError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{weights_path}: unreadable safetensors file ({exc})") from None
+
+    model = CapeenModel(config)
+    expected = {k: v.shape for k, v in model.state_dict().items() if k != "decoder.lm_head.weight"}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+        raise CheckpointError(f"{weights_path}: tensors do not match config.json ({detail})")
+    for key, shape in expected.items():
+        if state[key].shape != shape:
+            raise CheckpointError(
+                f"{weights_path}: {key} has shape {tuple(state[key].shape)}, config.json implies {tuple(shape)}"
+            )
+    model.load_state_dict(state, strict=False)  # strict=False only for the tied lm_head, checked above
+    model.to(device).eval()
+    return Checkpoint(model=model, tokenizer=tokenizer, thresholds=thresholds, path=directory, meta=meta)

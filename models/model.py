@@ -1,0 +1,290 @@
+"""The CAPEEN captioner: a ViT image encoder, a GPT-2 decoder with cross-attention, and exit heads.
+
+The decoder is written here rather than taken from `transformers` so that decoding can be driven one layer at
+a time (see `models.decoding`): every block exposes its self-attention, cross-attention and MLP steps. Its
+parameter names and layouts follow Hugging Face's `GPT2LMHeadModel(add_cross_attention=True)` exactly
+(`transformer.h.{i}.attn.c_attn`, Conv1D weights stored as (in, out), `lm_head` tied to `wte`), so GPT-2
+weights load with a plain `load_state_dict`.
+
+An exit head (LayerNorm + linear to the vocabulary) sits after each configured decoder layer; the final layer
+uses the decoder's own `ln_f` + `lm_head`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import ViTConfig, ViTModel
+
+
+@dataclass
+class CapeenConfig:
+    # image encoder (a transformers ViT)
+    image_size: int = 96
+    patch_size: int = 12
+    encoder_hidden: int = 128
+    encoder_layers: int = 4
+    encoder_heads: int = 4
+    encoder_intermediate: int = 512
+    # GPT-2 style decoder
+    vocab_size: int = 100
+    n_positions: int = 32
+    n_embd: int = 128
+    n_layer: int = 12
+    n_head: int = 4
+    n_inner: int = 512
+    layer_norm_epsilon: float = 1e-5
+    # 1-based decoder layers followed by an exit head; the last layer always exits through ln_f + lm_head
+    exit_layers: list[int] = field(default_factory=lambda: list(range(1, 12)))
+    # special token ids, fixed by models.tokenizer
+    pad_token_id: int = 0
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+
+    def __post_init__(self) -> None:
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})")
+        self.exit_layers = sorted(set(int(layer) for layer in self.exit_layers))
+        bad = [layer for layer in self.exit_layers if not 1 <= layer < self.n_layer]
+        if bad:
+            raise ValueError(f"exit_layers must lie in 1..{self.n_layer - 1}; got {bad}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "CapeenConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown config keys {unknown}")
+        return cls(**data)
+
+
+class Conv1D(nn.Module):
+    """GPT-2's linear layer: the weight is stored as (in, out), so HF checkpoints load unchanged."""
+
+    def __init__(self, n_in: int, n_out: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n_in, n_out))
+        self.bias = nn.Parameter(torch.zeros(n_out))
+        nn.init.normal_(self.weight, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight)
+        return flat.view(*x.shape[:-1], flat.shape[-1])
+
+
+def split_heads(x: torch.Tensor, n_head: int) -> torch.Tensor:
+    """(B, T, n_head*hd) -> (B, n_head, T, hd)."""
+    b, t, c = x.shape
+    return x.view(b, t, n_head, c // n_head).transpose(1, 2)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    b, h, t, d = x.shape
+    return x.transpose(1, 2).reshape(b, t, h * d)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: CapeenConfig) -> None:
+        super().__init__()
+        self.n_head = config.n_head
+        self.c_attn = Conv1D(config.n_embd, 3 * config.n_embd)
+        self.c_proj = Conv1D(config.n_embd, config.n_embd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Causal attention over a whole sequence (training and teacher forcing)."""
+        q, k, v = self.c_attn(x).split(x.shape[-1], dim=-1)
+        y = F.scaled_dot_product_attention(
+            split_heads(q, self.n_head), split_heads(k, self.n_head), split_heads(v, self.n_head), is_causal=True
+        )
+        return self.c_proj(merge_heads(y))
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, config: CapeenConfig) -> None:
+        super().__init__()
+        self.n_head = config.n_head
+        self.q_attn = Conv1D(config.n_embd, config.n_embd)
+        self.c_attn = Conv1D(config.n_embd, 2 * config.n_embd)
+        self.c_proj = Conv1D(config.n_embd, config.n_embd)
+
+    def encoder_kv(self, encoder_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the image tokens, computed once per image and reused for every caption token."""
+        k, v = self.c_attn(encoder_states).split(encoder_states.shape[-1], dim=-1)
+        return split_heads(k, self.n_head), split_heads(v, self.n_head)
+
+    def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        q = split_heads(self.q_attn(x), self.n_head)
+        return self.c_proj(merge_heads(F.scaled_dot_product_attention(q, k, v)))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: CapeenConfig) -> None:
+        super().__init__()
+        self.c_fc = Conv1D(config.n_embd, config.n_inner)
+        self.c_proj = Conv1D(config.n_inner, config.n_embd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, config: CapeenConfig) -> None:
+        super().__init__()
+        eps = config.layer_norm_epsilon
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=eps)
+        self.attn = SelfAttention(config)
+        self.ln_cross_attn = nn.LayerNorm(config.n_embd, eps=eps)
+        self.crossattention = CrossAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, cross_k: torch.Tensor, cross_v: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        x = x + self.crossattention(self.ln_cross_attn(x), cross_k, cross_v)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT2Decoder(nn.Module):
+    """GPT-2 with cross-attention; state-dict compatible with HF `GPT2LMHeadModel(add_cross_attention=True)`."""
+
+    def __init__(self, config: CapeenConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.n_positions, config.n_embd),
+                h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
+                ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=0.02)
+        # GPT-2 scales residual projections by depth so that the residual stream does not grow with n_layer
+        for name, param in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(param, std=0.02 / math.sqrt(2 * self.config.n_layer))
+
+    def embed(self, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
+        positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)
+        return self.transformer.wte(tokens) + self.transformer.wpe(positions)
+
+    def cross_kv(self, encoder_states: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [block.crossattention.encoder_kv(encoder_states) for block in self.transformer.h]
+
+    def hidden_states(
+        self, tokens: torch.Tensor, cross: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> list[torch.Tensor]:
+        """Teacher-forced pass; returns the residual stream after every layer (index i = after layer i+1)."""
+        x = self.embed(tokens)
+        states = []
+        for block, (k, v) in zip(self.transformer.h, cross):
+            x = block(x, k, v)
+            states.append(x)
+        return states
+
+    def final_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.transformer.ln_f(hidden))
+
+
+class ExitHead(nn.Module):
+    """LayerNorm + linear to the vocabulary: cheap next to a decoder layer (see BENCHMARKS.md)."""
+
+    def __init__(self, config: CapeenConfig) -> None:
+        super().__init__()
+        self.ln = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.proj = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.ln(hidden))
+
+
+def build_encoder(config: CapeenConfig) -> ViTModel:
+    vit_config = ViTConfig(
+        image_size=config.image_size,
+        patch_size=config.patch_size,
+        num_channels=3,
+        hidden_size=config.encoder_hidden,
+        num_hidden_layers=config.encoder_layers,
+        num_attention_heads=config.encoder_heads,
+        intermediate_size=config.encoder_intermediate,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    return ViTModel(vit_config, add_pooling_layer=False)
+
+
+class CapeenModel(nn.Module):
+    """Image encoder + early-exit decoder. Training uses `forward`; decoding lives in `models.decoding`."""
+
+    def __init__(self, config: CapeenConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder = build_encoder(config)
+        # Same role as VisionEncoderDecoderModel's enc_to_dec_proj: only present when the widths differ.
+        self.enc_to_dec_proj = (
+            nn.Linear(config.encoder_hidden, config.n_embd)
+            if config.encoder_hidden != config.n_embd
+            else None
+        )
+        self.decoder = GPT2Decoder(config)
+        self.exits = nn.ModuleDict({str(layer): ExitHead(config) for layer in config.exit_layers})
+
+    def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        states = self.encoder(pixel_values=pixel_values).last_hidden_state
+        return self.enc_to_dec_proj(states) if self.enc_to_dec_proj is not None else states
+
+    def exit_logits(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits of the exit after 1-based decoder `layer` (the final layer uses ln_f + lm_head)."""
+        if layer == self.config.n_layer:
+            return self.decoder.final_logits(hidden)
+        return self.exits[str(layer)](hidden)
+
+    def forward(
+        self, pixel_values: torch.Tensor, tokens: torch.Tensor, captions_per_image: int = 1
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Teacher-forced logits: (final logits, {exit layer: logits}).
+
+        `tokens` holds `captions_per_image` captions for each image, grouped by image, so that the encoder and
+        the cross-attention keys/values are computed once per image rather than once per caption.
+        """
+        cross = self.decoder.cross_kv(self.encode(pixel_values))
+        if captions_per_image > 1:
+            cross = [
+                (k.repeat_interleave(captions_per_image, 0), v.repeat_interleave(captions_per_image, 0))
+                for k, v in cross
+            ]
+        states = self.decoder.hidden_states(tokens, cross)
+        final = self.decoder.final_logits(states[-1])
+        exits = {layer: self.exits[str(layer)](states[layer - 1]) for layer in self.config.exit_layers}
+        return final, exits
+
+    def init_exits_from_final_head(self) -> None:
+        """Start every exit head as a copy of the final one: a much better start than random for stage 2."""
+        with torch.no_grad():
+            for head in self.exits.values():
+                head.ln.load_state_dict(self.decoder.transformer.ln_f.state_dict())
+                head.proj.weight.copy_(self.decoder.lm_head.weight)
+
+    def backbone_parameters(self) -> list[nn.Parameter]:
+        exit_ids = {id(p) for p in self.exits.parameters()}
+        return [p for p in self.parameters() if id(p) not in exit_ids]

@@ -1,0 +1,119 @@
+"""The early-exit engine must compute exactly what the model defines, and skip what it says it skips."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models.decoding import FULL_DEPTH, EarlyExitDecoder
+from models.model import CapeenModel
+from tests.test_model import small_config
+
+
+def reference_decode(model: CapeenModel, encoder_states: torch.Tensor, threshold: float, max_tokens: int):
+    """Plain re-implementation, one image at a time, no cache: every layer's K/V recomputed from its stored input.
+
+    A token that leaves after layer e hands its hidden state to the skipped layers as their input at that
+    position (CALM state propagation), which is what the engine's folded projections must reproduce.
+    """
+    cfg = model.config
+    blocks = model.decoder.transformer.h
+    cross = model.decoder.cross_kv(encoder_states)
+    layer_inputs: list[list[torch.Tensor]] = [[] for _ in range(cfg.n_layer)]  # per layer, per position (1, d)
+    token, tokens, exits = cfg.bos_token_id, [], []
+    for t in range(max_tokens):
+        h = model.decoder.transformer.wte.weight[token] + model.decoder.transformer.wpe.weight[t]
+        h = h[None]
+        exited_at = cfg.n_layer
+        for layer, block in enumerate(blocks):
+            layer_inputs[layer].append(h)
+            seq = torch.cat(layer_inputs[layer])  # (t+1, d)
+            q, k, v = block.attn.c_attn(block.ln_1(seq)).split(cfg.n_embd, dim=-1)
+            heads = lambda x: x.view(x.shape[0], cfg.n_head, -1).transpose(0, 1)
+            att = F.scaled_dot_product_attention(heads(q[-1:]), heads(k), heads(v))
+            h = h + block.attn.c_proj(att.transpose(0, 1).reshape(1, -1))
+            ck, cv = cross[layer]
+            qc = block.crossattention.q_attn(block.ln_cross_attn(h)).view(cfg.n_head, 1, -1)
+            att = F.scaled_dot_product_attention(qc, ck[0], cv[0])
+            h = h + block.crossattention.c_proj(att.transpose(0, 1).reshape(1, -1))
+            h = h + block.mlp(block.ln_2(h))
+            logits = model.exit_logits(layer + 1, h) if (layer + 1) in cfg.exit_layers or layer + 1 == cfg.n_layer else None
+            if logits is None:
+                continue
+            conf, pred = F.softmax(logits, -1).max(-1)
+            if layer + 1 == cfg.n_layer or float(conf) >= threshold:
+                exited_at = layer + 1
+                for later in range(layer + 1, cfg.n_layer):
+                    layer_inputs[later].append(h)
+                break
+        token = int(pred)
+        tokens.append(token)
+        exits.append(exited_at)
+        if token == cfg.eos_token_id:
+            break
+    return tokens, exits
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(3)
+    m = CapeenModel(small_config(n_layer=6, exit_layers=[1, 2, 3, 4, 5], vocab_size=12)).eval()
+    # sharpen the heads so that confidences spread over [0, 1] and exits actually happen at mid thresholds
+    with torch.no_grad():
+        for head in m.exits.values():
+            head.proj.weight.mul_(5)
+    return m
+
+
+@pytest.mark.parametrize("threshold", [FULL_DEPTH, 0.0, 0.5, 0.8, 0.9])
+def test_engine_matches_the_plain_reference(model, threshold):
+    engine = EarlyExitDecoder(model)
+    torch.manual_seed(1)
+    states = torch.randn(4, 5, model.config.n_embd)
+    seen_layers = set()
+    with torch.no_grad():
+        traces = engine.decode(states, threshold, max_tokens=10)
+        for row, trace in enumerate(traces):
+            tokens, exits = reference_decode(model, states[row:row + 1], threshold, 10)
+            assert trace.token_ids == tokens
+            assert trace.exit_layers == exits
+            seen_layers.update(exits)
+    if threshold == 0.8:  # the fixture is tuned so that this threshold mixes early, middle and full-depth exits
+        assert {1, 2, 6} <= seen_layers
+
+
+def test_full_depth_runs_every_layer_and_zero_threshold_leaves_at_the_first_exit(model):
+    engine = EarlyExitDecoder(model)
+    states = torch.randn(2, 5, model.config.n_embd)
+    full = engine.decode(states, FULL_DEPTH, max_tokens=8)
+    eager = engine.decode(states, 0.0, max_tokens=8)
+    assert all(layer == 6 for trace in full for layer in trace.exit_layers)
+    assert all(layer == 1 for trace in eager for layer in trace.exit_layers)
+    assert all(len(c) == 1 for trace in full for c in trace.exit_confidences)  # no exit evaluated at full depth
+
+
+def test_a_caption_does_not_depend_on_its_batch(model):
+    engine = EarlyExitDecoder(model)
+    torch.manual_seed(1)
+    states = torch.randn(8, 5, model.config.n_embd)
+    thresholds = [0.0, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, FULL_DEPTH]
+    batched = engine.decode(states, thresholds, max_tokens=10)
+    for row in range(8):
+        alone = engine.decode(states[row:row + 1], thresholds[row], max_tokens=10)[0]
+        assert alone.token_ids == batched[row].token_ids
+        assert alone.exit_layers == batched[row].exit_layers
+        for a, b in zip(alone.exit_confidences, batched[row].exit_confidences):
+            assert a == pytest.approx(b, abs=1e-5)
+
+
+def test_observe_exits_records_every_exit_without_leaving(model):
+    engine = EarlyExitDecoder(model)
+    states = torch.randn(2, 5, model.config.n_embd)
+    observed = engine.decode(states, 0.5, max_tokens=8, observe_exits=True)
+    full = engine.decode(states, FULL_DEPTH, max_tokens=8)
+    for o, f in zip(observed, full):
+        assert o.token_ids == f.token_ids
+        assert all(points == [1, 2, 3, 4, 5, 6] for points in o.exit_points)
+        assert all(len(p) == 6 for p in o.exit_predictions)
+        assert o.confidences == pytest.approx(f.confidences, abs=1e-5)

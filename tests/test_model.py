@@ -1,0 +1,54 @@
+"""The decoder must be a drop-in GPT-2: same parameter names, same logits as Hugging Face."""
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from models.model import CapeenConfig, CapeenModel, GPT2Decoder
+
+
+def small_config(**overrides) -> CapeenConfig:
+    base = dict(image_size=32, patch_size=8, encoder_hidden=32, encoder_layers=1, encoder_heads=2,
+                encoder_intermediate=64, vocab_size=40, n_positions=16, n_embd=32, n_layer=4, n_head=2,
+                n_inner=64, exit_layers=[1, 2, 3])
+    base.update(overrides)
+    return CapeenConfig(**base)
+
+
+def test_decoder_loads_hf_gpt2_weights_and_matches_its_logits():
+    torch.manual_seed(0)
+    config = small_config()
+    hf = GPT2LMHeadModel(GPT2Config(
+        vocab_size=config.vocab_size, n_positions=config.n_positions, n_embd=config.n_embd,
+        n_layer=config.n_layer, n_head=config.n_head, n_inner=config.n_inner, add_cross_attention=True,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).eval()
+    ours = GPT2Decoder(config).eval()
+    hf_state = {k: v for k, v in hf.state_dict().items() if not k.endswith((".attn.bias", ".masked_bias"))}
+    result = ours.load_state_dict(hf_state, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+
+    tokens = torch.randint(0, config.vocab_size, (3, 9))
+    encoder_states = torch.randn(3, 5, config.n_embd)
+    with torch.no_grad():
+        expected = hf(input_ids=tokens, encoder_hidden_states=encoder_states).logits
+        got = ours.final_logits(ours.hidden_states(tokens, ours.cross_kv(encoder_states))[-1])
+    assert torch.allclose(got, expected, atol=1e-4), (got - expected).abs().max()
+
+
+def test_exit_logits_come_from_each_layer_and_the_final_layer_uses_lm_head():
+    torch.manual_seed(0)
+    model = CapeenModel(small_config()).eval()
+    pixels = torch.randn(2, 3, 32, 32)
+    tokens = torch.randint(0, 40, (4, 6))
+    with torch.no_grad():
+        final, exits = model(pixels, tokens, captions_per_image=2)
+    assert final.shape == (4, 6, 40)
+    assert sorted(exits) == [1, 2, 3]
+    model.init_exits_from_final_head()
+    with torch.no_grad():
+        _, exits_after = model(pixels, tokens, captions_per_image=2)
+        cross = model.decoder.cross_kv(model.encode(pixels))
+        cross = [(k.repeat_interleave(2, 0), v.repeat_interleave(2, 0)) for k, v in cross]
+        states = model.decoder.hidden_states(tokens, cross)
+    # a head copied from the final one gives the final head's logits on the same hidden state
+    assert torch.allclose(exits_after[2], model.decoder.final_logits(states[1]), atol=1e-5)
