@@ -1,0 +1,164 @@
+"""Robust loading of user-supplied images (CLI arguments and HTTP uploads) into plain RGB.
+
+Every failure is an `ImageError` with a one-line message and a machine-readable `kind`, so the CLI can print it
+and the HTTP service can map it to a status code, never leaking a Pillow traceback. The size limit is checked
+from the header before any pixel is decoded, so a tiny file claiming gigapixels costs nothing.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+DEFAULT_MAX_PIXELS = 50_000_000
+KINDS = ("empty", "not_image", "truncated", "too_large", "unsupported", "unreadable")
+_WHITE = (255, 255, 255)
+# Signatures of the common formats: a file that starts like one but that Pillow cannot identify is broken (cut
+# before its first pixel chunk, say), not some other kind of file.
+_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
+
+
+class ImageError(ValueError):
+    """An image that cannot be used. `kind` is one of KINDS; the message is one line."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        assert kind in KINDS, kind
+        super().__init__(" ".join(message.split()))
+        self.kind = kind
+
+
+def _read_source(source: bytes | bytearray | memoryview | str | Path) -> tuple[bytes, str]:
+    """The bytes and a name for messages. Paths are read whole: an upload is in memory anyway, and a path that
+    vanishes or is a directory then fails here, with a clear message, instead of inside Pillow."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return bytes(source), "image"
+    path = Path(source)
+    try:
+        return path.read_bytes(), str(path)
+    except FileNotFoundError:
+        raise ImageError("unreadable", f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ImageError("unreadable", f"{path}: is a directory, not an image file") from None
+    except OSError as exc:
+        raise ImageError("unreadable", f"{path}: cannot read: {exc.strerror or exc}") from None
+
+
+def _open(data: bytes, name: str, max_pixels: int) -> Image.Image:
+    """Open (header only) and enforce the pixel limit before decoding."""
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns (and errors at twice its own limit) on decompression bombs: both mean too large.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageError("too_large", f"{name}: too many pixels (decompression bomb guard)") from None
+    except UnidentifiedImageError:
+        if data.startswith(_SIGNATURES) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP"):
+            raise ImageError("truncated", f"{name}: truncated or corrupt image header") from None
+        raise ImageError("not_image", f"{name}: not a recognised image format") from None
+    except Exception as exc:  # a header Pillow recognises but cannot parse
+        raise ImageError("truncated", f"{name}: corrupt image header ({_reason(exc)})") from None
+    width, height = image.size
+    if width <= 0 or height <= 0:
+        raise ImageError("truncated", f"{name}: image header says {width}x{height} pixels")
+    if width * height > max_pixels:
+        raise ImageError(
+            "too_large", f"{name}: {width}x{height} is {width * height} pixels, more than the limit of {max_pixels}"
+        )
+    return image
+
+
+def _reason(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _decode(image: Image.Image, name: str) -> None:
+    """Force a full decode of the first frame so that truncation and corruption surface here."""
+    # Another library may have switched truncated loading on process-wide; a half-grey image would be captioned.
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        image.seek(0)  # animated GIF/WebP/PNG: the first frame
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageError("too_large", f"{name}: too many pixels (decompression bomb guard)") from None
+    except OSError as exc:
+        if "decoder" in str(exc) and "not available" in str(exc):
+            raise ImageError("unsupported", f"{name}: {image.format} images of this kind are not supported") from None
+        raise ImageError("truncated", f"{name}: truncated or corrupt {image.format} image ({_reason(exc)})") from None
+    except MemoryError:
+        raise ImageError("too_large", f"{name}: not enough memory to decode the image") from None
+    except Exception as exc:  # Pillow's decoders raise SyntaxError, ValueError, struct.error... on broken data
+        raise ImageError("truncated", f"{name}: truncated or corrupt {image.format} image ({_reason(exc)})") from None
+
+
+def _over_white(image: Image.Image) -> Image.Image:
+    """Composite an image with alpha over white: transparent pixels would otherwise come out black."""
+    rgba = image.convert("RGBA")
+    out = Image.new("RGB", rgba.size, _WHITE)
+    out.paste(rgba, mask=rgba.getchannel("A"))
+    return out
+
+
+def _scaled_to_8bit(image: Image.Image) -> Image.Image:
+    """Greyscale with more than 8 bits (I;16*, I, F) scaled, not clipped, into 0..255."""
+    values = np.asarray(image).astype(np.float64)
+    if image.mode.startswith("I;16"):
+        low, high = 0.0, 65535.0
+    elif image.mode == "I" and values.size and values.min() >= 0 and values.max() <= 65535:
+        low, high = 0.0, 65535.0  # 16-bit PNG/TIFF data widened to 32 bits by Pillow
+    elif image.mode == "F" and values.size and values.min() >= 0 and values.max() <= 1:
+        low, high = 0.0, 1.0  # float images conventionally hold 0..1
+    else:
+        low = float(np.nanmin(values)) if values.size else 0.0
+        high = float(np.nanmax(values)) if values.size else 1.0
+    span = high - low if high > low else 1.0
+    grey = np.clip(np.nan_to_num((values - low) / span * 255.0), 0, 255).round().astype(np.uint8)
+    return Image.fromarray(grey).convert("RGB")
+
+
+def _to_rgb(image: Image.Image, name: str) -> Image.Image:
+    mode = image.mode
+    try:
+        if mode == "RGB":
+            return image
+        if mode.startswith("I;16") or mode in ("I", "F"):
+            return _scaled_to_8bit(image)
+        if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in image.info):
+            return _over_white(image)
+        if mode == "L" and "transparency" in image.info:  # a grey level marked transparent (PNG tRNS)
+            return _over_white(image)
+        return image.convert("RGB")  # L, P, 1, CMYK, YCbCr, RGBX, LAB, HSV...
+    except Exception as exc:
+        raise ImageError("unsupported", f"{name}: cannot convert a {mode} image to RGB ({_reason(exc)})") from None
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation (phone photos are stored sideways)."""
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception:  # broken EXIF must not cost the image: keep it as stored
+        return image
+
+
+def load_image(
+    source: bytes | bytearray | memoryview | str | Path, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> Image.Image:
+    """Load an image from bytes or a path as an upright RGB image, or raise ImageError.
+
+    `max_pixels` is checked from the header before decoding. Animated images give their first frame; alpha is
+    composited over white; 16-bit and float greyscale are scaled to 8 bits.
+    """
+    data, name = _read_source(source)
+    if not data:
+        raise ImageError("empty", f"{name}: empty (0 bytes)")
+    image = _open(data, name, max_pixels)
+    _decode(image, name)
+    rgb = _to_rgb(_upright(image), name)
+    rgb.load()
+    return rgb

@@ -1,0 +1,120 @@
+"""Karpathy-style caption loader (`models.dataset`) on hand-made files in the real COCO/Flickr30k formats and ours."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from models.dataset import DatasetError, load_karpathy, records_for_split, tokenize
+from models.synthetic import generate_dataset
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def test_coco_format() -> None:
+    records = load_karpathy(FIXTURES / "karpathy_coco_tiny.json")
+    assert [r.image_path for r in records] == [
+        FIXTURES / "val2014" / "COCO_val2014_000000000042.png",
+        FIXTURES / "train2014" / "COCO_train2014_000000000073.png",
+        FIXTURES / "val2014" / "COCO_val2014_000000000074.png",
+    ]
+    assert all(r.image_path.is_file() for r in records)
+    assert [r.split for r in records] == ["test", "train", "val"]  # restval counts as train
+    assert [r.image_id for r in records] == [42, 73, 74]  # the COCO id, which COCO evaluation needs
+    first = records[0]
+    assert len(first.captions) == 3 and first.captions[1][:3] == ["man", "riding", "a"]
+    assert first.raw[0] == "A man with a red helmet on a small moped."
+    assert first.objects is None
+    with Image.open(first.image_path) as im:
+        assert im.size == (8, 8)
+
+
+def test_restval_can_be_kept() -> None:
+    records = load_karpathy(FIXTURES / "karpathy_coco_tiny.json", keep_restval=True)
+    assert [r.split for r in records] == ["test", "restval", "val"]
+    assert [r.image_id for r in records_for_split(records, "restval")] == [73]
+
+
+def test_flickr_format_with_image_root() -> None:
+    records = load_karpathy(FIXTURES / "karpathy_flickr_tiny.json", image_root=FIXTURES / "flickr30k_images")
+    assert [r.image_path.name for r in records] == ["1000092795.png", "10002456.png"]
+    assert all(r.image_path.is_file() for r in records)
+    assert [r.image_id for r in records] == [0, 1]
+    assert [len(r.captions) for r in records] == [2, 2]
+    assert [r.image_id for r in records_for_split(records, "test")] == [1]
+    assert records_for_split(records, "val") == []
+    with pytest.raises(ValueError):
+        records_for_split(records, "dev")
+
+
+def test_our_format(tmp_path: Path) -> None:
+    json_path = generate_dataset(tmp_path, 3, 1, 2, seed=0, workers=1)
+    records = load_karpathy(json_path)
+    assert [r.split for r in records] == ["train"] * 3 + ["val"] + ["test"] * 2
+    assert records[3].image_path == tmp_path / "images" / "val_000000.png"
+    assert all(r.image_path.is_file() and r.objects and len(r.captions) == 5 for r in records)
+    assert records[0].captions[0] == records[0].raw[0].split()
+
+
+def test_tokenize() -> None:
+    assert tokenize("A Dog's toy, on the  COUCH!") == ["a", "dog's", "toy", "on", "the", "couch"]
+    assert tokenize("  ...  ") == []
+
+
+def _write(tmp_path: Path, data) -> Path:
+    path = tmp_path / "dataset.json"
+    path.write_text(data if isinstance(data, str) else json.dumps(data))
+    return path
+
+
+def _entry(**overrides) -> dict:
+    entry = {"filename": "a.png", "split": "train", "imgid": 0, "sentences": [{"tokens": ["a", "cat"], "raw": "A cat"}]}
+    entry.update(overrides)
+    return {key: value for key, value in entry.items() if value is not None}
+
+
+def test_raw_only_sentences_are_tokenized_and_tokens_lowercased(tmp_path: Path) -> None:
+    sentences = [{"raw": "Two Dogs, running!"}, {"tokens": ["A", "Cat"]}, {"tokens": [], "raw": ""}]
+    [record] = load_karpathy(_write(tmp_path, {"images": [_entry(sentences=sentences)]}))
+    assert record.captions == [["two", "dogs", "running"], ["a", "cat"]]  # the empty one is dropped
+    assert record.raw == ["Two Dogs, running!", "a cat"]
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ([], 'expected a JSON object with "images", got list'),
+        ({"dataset": "x"}, 'missing "images" list'),
+        ({"images": [_entry(), _entry(sentences=None)]}, 'images[1]: missing "sentences"'),
+        ({"images": [_entry(sentences=[])]}, 'images[0]: "sentences" is not a non-empty list'),
+        ({"images": [_entry(filename=None)]}, 'images[0]: missing "filename"'),
+        ({"images": [_entry(filename=3)]}, 'images[0]: "filename" is not a non-empty string'),
+        ({"images": [_entry(split="dev")]}, "images[0]: unknown split 'dev'"),
+        ({"images": [_entry(split=None)]}, 'images[0]: missing "split"'),
+        ({"images": ["a.png"]}, "images[0]: expected an object, got str"),
+        ({"images": [_entry(sentences=[{"sentid": 1}])]}, 'images[0].sentences[0]: missing "tokens" and "raw"'),
+        ({"images": [_entry(sentences=[{"tokens": "a cat"}])]}, 'images[0].sentences[0]: "tokens" is not a list'),
+        ({"images": [_entry(sentences=[{"raw": 5}])]}, 'images[0].sentences[0]: "raw" is not a string'),
+        ({"images": [_entry(sentences=[{"raw": "!!"}])]}, "images[0]: every sentence is empty"),
+        ({"images": [_entry(objects="circle")]}, 'images[0]: "objects" is not a list of objects'),
+        ('{"images": [\n  {"filename": "a.png",,}\n]}', "invalid JSON at line 2 column 24"),
+    ],
+)
+def test_malformed_files_give_one_line(tmp_path: Path, data, message: str) -> None:
+    path = _write(tmp_path, data)
+    with pytest.raises(DatasetError) as info:
+        load_karpathy(path)
+    text = str(info.value)
+    assert "\n" not in text
+    assert text.startswith(f"{path}: ") and message in text, text
+
+
+def test_missing_and_binary_files(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match="no such file"):
+        load_karpathy(tmp_path / "nope.json")
+    (tmp_path / "bin.json").write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(DatasetError, match="not UTF-8"):
+        load_karpathy(tmp_path / "bin.json")
