@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from models.model import CapeenConfig, CapeenModel
@@ -137,7 +137,7 @@ def load_checkpoint(directory: Path | str | None = None, device: str | torch.dev
         raise CheckpointError(f"{weights_path}: missing")
     try:
         state = load_file(str(weights_path), device="cpu")
-    except (SafetensorsError, OSError, ValueError) as exc:
+    except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{weights_path}: unreadable safetensors file ({exc})") from None
 
     model = CapeenModel(config)

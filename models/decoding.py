@@ -104,12 +104,13 @@ class EarlyExitDecoder:
         if max_tokens is None:
             max_tokens = cfg.n_positions - 1
         max_tokens = max(1, min(max_tokens, cfg.n_positions - 1))
-        thr = torch.as_tensor(thresholds, dtype=torch.float32).flatten().to(device)
-        if thr.numel() == 1:
-            thr = thr.expand(batch).clone()
-        if thr.numel() != batch:
-            raise ValueError(f"got {thr.numel()} thresholds for {batch} images")
-        thresholds_list = thr.tolist()
+        if isinstance(thresholds, torch.Tensor):
+            thresholds = thresholds.flatten().tolist()
+        thresholds_list = [float(t) for t in thresholds] if isinstance(thresholds, (list, tuple)) \
+            else [float(thresholds)] * batch
+        if len(thresholds_list) != batch:
+            raise ValueError(f"got {len(thresholds_list)} thresholds for {batch} images")
+        thr = torch.tensor(thresholds_list, dtype=torch.float64, device=device)
         L, H, hd = self.n_layer, self.n_head, self.d // self.n_head
 
         # cross-attention keys/values of every layer, in one product: (L, 2, B, H, P, hd)

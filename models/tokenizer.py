@@ -49,6 +49,15 @@ class WordTokenizer:
                 out.append(self.words[i])
         return out
 
+    def words_until_eos(self, ids: Iterable[int]) -> list[str]:
+        """Every generated token before the first EOS, special tokens shown as themselves (e.g. "<unk>")."""
+        out = []
+        for i in ids:
+            if i == self.eos_id:
+                break
+            out.append(self.words[i])
+        return out
+
     def save(self, path: Path) -> None:
         Path(path).write_text(json.dumps({"words": self.words}, indent=0) + "\n")
 

@@ -1,0 +1,143 @@
+"""The captioning engine: images in, captions and decode traces out.
+
+It owns a loaded checkpoint on one device and knows nothing about HTTP or bandits; the CLI, the evaluation
+scripts and the service all caption through it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from models.checkpoint import Checkpoint, load_checkpoint
+from models.decoding import FULL_DEPTH, DecodeTrace, EarlyExitDecoder
+from models.preprocess import images_to_tensor
+
+MODES = ("full", "fixed")
+
+
+@dataclass
+class CaptionResult:
+    caption: str
+    tokens: list[str]
+    trace: DecodeTrace
+    threshold: float | None  # None: full depth
+
+    # `tokens`, `exit_layers` and `confidences` are aligned, one entry per generated word (the end-of-caption
+    # token is not listed); `trace` keeps every decoding step, end token included, for metrics and the bandit.
+    @property
+    def exit_layers(self) -> list[int]:
+        return self.trace.exit_layers[: len(self.tokens)]
+
+    @property
+    def confidences(self) -> list[float]:
+        return self.trace.confidences[: len(self.tokens)]
+
+    @property
+    def mean_exit_layer(self) -> float:
+        """Mean over every decoding step, end token included: the figure that decides decode time."""
+        layers = self.trace.exit_layers
+        return sum(layers) / len(layers) if layers else 0.0
+
+
+@dataclass
+class BatchTimings:
+    encode_s: float
+    decode_s: float
+
+
+@dataclass
+class BatchOutput:
+    results: list[CaptionResult]
+    timings: BatchTimings = field(default_factory=lambda: BatchTimings(0.0, 0.0))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("CUDA was asked for but is not available on this machine")
+    return torch.device(name)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class CaptionEngine:
+    def __init__(self, checkpoint: Checkpoint, device: str | torch.device = "cpu", half: bool = False) -> None:
+        self.device = resolve_device(device) if isinstance(device, str) else device
+        # half precision only pays on a GPU; CPU kernels for fp16/bf16 are slower than fp32 at these sizes
+        self.dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) \
+            if half and self.device.type == "cuda" else torch.float32
+        self.checkpoint = checkpoint
+        self.model = checkpoint.model.to(self.device, self.dtype).eval()
+        self.tokenizer = checkpoint.tokenizer
+        self.config = self.model.config
+        self.decoder = EarlyExitDecoder(self.model)
+
+    @classmethod
+    def from_checkpoint(cls, path: Path | str | None = None, device: str = "auto", half: bool = False) -> "CaptionEngine":
+        return cls(load_checkpoint(path, device="cpu"), device=device, half=half)
+
+    @property
+    def calibrated_threshold(self) -> float | None:
+        return self.checkpoint.thresholds.threshold
+
+    @property
+    def name(self) -> str:
+        return self.checkpoint.name
+
+    def threshold_for(self, mode: str, threshold: float | None = None) -> float:
+        """The decoding threshold of a mode: full depth, or a fixed one (default: the calibrated one)."""
+        if mode == "full":
+            return FULL_DEPTH
+        if mode != "fixed":
+            raise ValueError(f"unknown mode {mode!r} (one of {', '.join(MODES)})")
+        if threshold is None:
+            threshold = self.calibrated_threshold
+            if threshold is None:
+                raise ValueError("this checkpoint has no calibrated threshold: run `capeen calibrate` or pass one")
+        if not 0.0 < threshold <= 1.0:
+            raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+        return float(threshold)
+
+    @torch.inference_mode()
+    def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model.encode(pixel_values.to(self.device, self.dtype))
+
+    def pixels(self, images: list[Image.Image]) -> torch.Tensor:
+        return images_to_tensor(images, self.config.image_size, self.device, self.dtype)
+
+    @torch.inference_mode()
+    def caption_pixels(self, pixel_values: torch.Tensor, thresholds: list[float] | float,
+                       max_tokens: int | None = None, observe_exits: bool = False) -> BatchOutput:
+        """Caption a batch of preprocessed images, each with its own threshold (`FULL_DEPTH`: every layer)."""
+        start = time.perf_counter()
+        states = self.encode(pixel_values)
+        _synchronize(self.device)
+        encoded = time.perf_counter()
+        traces = self.decoder.decode(states, thresholds, max_tokens=max_tokens, observe_exits=observe_exits)
+        _synchronize(self.device)
+        done = time.perf_counter()
+        results = []
+        for trace in traces:
+            words = self.tokenizer.words_until_eos(trace.token_ids)
+            threshold = None if trace.threshold > 1.0 else trace.threshold
+            caption = " ".join(self.tokenizer.decode(trace.token_ids))
+            results.append(CaptionResult(caption=caption, tokens=words, trace=trace, threshold=threshold))
+        return BatchOutput(results, BatchTimings(encode_s=encoded - start, decode_s=done - encoded))
+
+    def caption(self, images: list[Image.Image], thresholds: list[float] | float = FULL_DEPTH,
+                max_tokens: int | None = None) -> BatchOutput:
+        return self.caption_pixels(self.pixels(images), thresholds, max_tokens=max_tokens)
+
+    def warmup(self) -> None:
+        """Run every code path once so that the first real request does not pay for lazy initialisation."""
+        blank = torch.zeros(2, 3, self.config.image_size, self.config.image_size, device=self.device, dtype=self.dtype)
+        self.caption_pixels(blank, [FULL_DEPTH, 0.5], max_tokens=4)

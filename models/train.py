@@ -1,0 +1,265 @@
+"""Two-stage CAPEEN training.
+
+Stage `backbone`: encoder + decoder with teacher-forced cross-entropy on the final layer. With `exit_aware`,
+the exit heads are trained at the same time as auxiliary losses (as CALM and LayerSkip do), which pushes early
+layers to become confident sooner.
+
+Stage `exits` (the paper's stage 2): the backbone is frozen and only the exit heads learn, with
+    loss = (1 - a) * CE(labels, exit) + a * T^2 * KL(final || exit)   (temperature T on both distributions)
+or plain cross-entropy with `ce_only` (the ablation without distillation).
+
+Runs are resumable: `run_dir/last/` holds the weights, the optimizer state (both safetensors) and the step,
+sampler and RNG state (JSON), so a stopped run continues exactly where it was.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from models.checkpoint import Checkpoint, Thresholds, load_checkpoint, save_checkpoint
+from models.model import CapeenConfig, CapeenModel
+from models.preprocess import normalize
+from models.training_data import SplitTensors, build_tokenizer, load_split
+
+
+@dataclass
+class TrainOptions:
+    stage: str  # "backbone" | "exits"
+    data: Path
+    out: Path
+    run_dir: Path
+    init: Path | None = None  # checkpoint to start from (required for stage "exits")
+    steps: int = 2000
+    batch_size: int = 32  # images per step
+    captions_per_image: int = 5
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup: int = 100
+    eval_every: int = 200
+    val_images: int = 256
+    seed: int = 0
+    device: str = "auto"
+    alpha: float = 0.5  # weight of the distillation term
+    temperature: float = 2.0
+    ce_only: bool = False
+    exit_aware: bool = False
+    aux_weight: float = 1.0  # weight of the mean exit loss when exit_aware
+    resume: bool = False
+    model_overrides: dict | None = None
+    name: str = "capeen"
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but CUDA is not available")
+    return torch.device(name)
+
+
+def lr_at(step: int, opts: TrainOptions) -> float:
+    """Linear warm-up, then cosine decay to a tenth of the peak."""
+    if step < opts.warmup:
+        return opts.lr * (step + 1) / opts.warmup
+    progress = (step - opts.warmup) / max(1, opts.steps - opts.warmup)
+    return opts.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def caption_ce(logits: torch.Tensor, targets: torch.Tensor, pad_id: int) -> torch.Tensor:
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=pad_id)
+
+
+def distillation_kl(exit_logits: torch.Tensor, final_logits: torch.Tensor, mask: torch.Tensor, t: float) -> torch.Tensor:
+    """KL(final || exit) at temperature t, averaged over the real (non-pad) target positions."""
+    log_p_exit = F.log_softmax(exit_logits.float() / t, dim=-1)
+    log_p_final = F.log_softmax(final_logits.float() / t, dim=-1)
+    kl = (log_p_final.exp() * (log_p_final - log_p_exit)).sum(-1)
+    return (kl * mask).sum() / mask.sum().clamp(min=1)
+
+
+class Trainer:
+    def __init__(self, opts: TrainOptions) -> None:
+        if opts.stage not in ("backbone", "exits"):
+            raise ValueError(f"unknown stage {opts.stage!r} (backbone or exits)")
+        if opts.stage == "exits" and opts.init is None:
+            raise ValueError("stage exits needs --init, the checkpoint of a trained backbone")
+        self.opts = opts
+        self.device = pick_device(opts.device)
+        torch.manual_seed(opts.seed)
+
+        if opts.init is not None:
+            ckpt = load_checkpoint(opts.init, device="cpu")
+            self.model, self.tokenizer, self.meta = ckpt.model, ckpt.tokenizer, dict(ckpt.meta)
+        else:
+            self.tokenizer = build_tokenizer(opts.data)
+            overrides = dict(opts.model_overrides or {})
+            config = CapeenConfig(vocab_size=len(self.tokenizer), **overrides)
+            self.model = CapeenModel(config)
+            self.meta = {}
+        self.config = self.model.config
+        if opts.stage == "exits":
+            self.model.init_exits_from_final_head()
+            for p in self.model.backbone_parameters():
+                p.requires_grad_(False)
+        self.model.to(self.device)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.trainable, lr=opts.lr, weight_decay=opts.weight_decay)
+
+        self.train = load_split(opts.data, "train", self.tokenizer, self.config.image_size, self.config.n_positions)
+        self.val = load_split(opts.data, "val", self.tokenizer, self.config.image_size, self.config.n_positions,
+                              limit=opts.val_images)
+        self.generator = torch.Generator().manual_seed(opts.seed)
+        self.step = 0
+        self.epoch_order = torch.empty(0, dtype=torch.long)
+        self.history: list[dict] = []
+        if opts.resume:
+            self._load_state(opts.run_dir / "last")
+
+    # ----- losses -------------------------------------------------------------------------------------------
+    def losses(self, pixels: torch.Tensor, captions: torch.Tensor, per_image: int) -> dict[str, torch.Tensor]:
+        inputs, targets = captions[:, :-1], captions[:, 1:]
+        pad = self.tokenizer.pad_id
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+        with autocast:
+            if self.opts.stage == "exits":
+                with torch.no_grad():  # frozen backbone: its graph is not needed
+                    cross = self.model.decoder.cross_kv(self.model.encode(pixels))
+                    cross = [(k.repeat_interleave(per_image, 0), v.repeat_interleave(per_image, 0)) for k, v in cross]
+                    states = self.model.decoder.hidden_states(inputs, cross)
+                    final = self.model.decoder.final_logits(states[-1])
+                exits = {layer: self.model.exits[str(layer)](states[layer - 1]) for layer in self.config.exit_layers}
+            else:
+                final, exits = self.model(pixels, inputs, captions_per_image=per_image)
+
+        out = {"final_ce": caption_ce(final, targets, pad)}
+        exit_ce = torch.stack([caption_ce(logits, targets, pad) for logits in exits.values()]).mean() if exits else None
+        if self.opts.stage == "backbone":
+            out["loss"] = out["final_ce"]
+            if self.opts.exit_aware and exit_ce is not None:
+                out["exit_ce"] = exit_ce
+                out["loss"] = out["loss"] + self.opts.aux_weight * exit_ce
+        else:
+            out["exit_ce"] = exit_ce
+            if self.opts.ce_only:
+                out["loss"] = exit_ce
+            else:
+                mask = (targets != pad).float()
+                t = self.opts.temperature
+                kl = torch.stack([distillation_kl(logits, final, mask, t) for logits in exits.values()]).mean()
+                out["exit_kl"] = kl
+                out["loss"] = (1 - self.opts.alpha) * exit_ce + self.opts.alpha * t * t * kl
+        return out
+
+    # ----- loop ---------------------------------------------------------------------------------------------
+    def next_batch(self) -> torch.Tensor:
+        if len(self.epoch_order) < self.opts.batch_size:
+            self.epoch_order = torch.cat([self.epoch_order, torch.randperm(len(self.train), generator=self.generator)])
+        batch, self.epoch_order = self.epoch_order[: self.opts.batch_size], self.epoch_order[self.opts.batch_size:]
+        return batch
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        self.model.eval()
+        totals: dict[str, float] = {}
+        n = 0
+        for start in range(0, len(self.val), 64):
+            index = torch.arange(start, min(start + 64, len(self.val)))
+            per = int(self.val.caption_counts.min())
+            pixels, captions = self.val.sample(index, per, torch.Generator().manual_seed(0))
+            parts = self.losses(normalize(pixels.to(self.device)), captions.to(self.device), per)
+            for key, value in parts.items():
+                totals[key] = totals.get(key, 0.0) + float(value) * len(index)
+            n += len(index)
+        self.model.train()
+        return {f"val_{k}": v / n for k, v in totals.items()}
+
+    def run(self) -> Path:
+        opts = self.opts
+        self.model.train()
+        started = time.time()
+        bar = tqdm(total=opts.steps, initial=self.step, desc=f"train {opts.stage}", unit="step")
+        while self.step < opts.steps:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr_at(self.step, opts)
+            index = self.next_batch()
+            pixels, captions = self.train.sample(index, opts.captions_per_image, self.generator)
+            parts = self.losses(normalize(pixels.to(self.device)), captions.to(self.device), opts.captions_per_image)
+            self.optimizer.zero_grad(set_to_none=True)
+            parts["loss"].backward()
+            torch.nn.utils.clip_grad_norm_(self.trainable, 1.0)
+            self.optimizer.step()
+            self.step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{parts['loss'].item():.3f}")
+            if self.step % opts.eval_every == 0 or self.step == opts.steps:
+                record = {"step": self.step, "loss": float(parts["loss"]), **self.validate(),
+                          "elapsed_s": round(time.time() - started, 1)}
+                self.history.append(record)
+                bar.write(json.dumps(record))
+                self._save_state(opts.run_dir / "last")
+        bar.close()
+        return self.export()
+
+    def export(self) -> Path:
+        stages = dict(self.meta.get("training", {}))
+        stages[self.opts.stage] = {
+            **{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self.opts).items()
+               if k not in ("resume", "run_dir", "out")},
+            "history": self.history,
+        }
+        meta = {**self.meta, "name": self.opts.name, "training": stages}
+        # a calibrated threshold belongs to the exits it was measured on: new weights start uncalibrated
+        ckpt = Checkpoint(model=self.model.cpu(), tokenizer=self.tokenizer, thresholds=Thresholds(), meta=meta)
+        path = save_checkpoint(ckpt, self.opts.out)
+        self.model.to(self.device)
+        return path
+
+    # ----- resumable state (no pickle: tensors in safetensors, the rest in JSON) -----------------------------
+    def _save_state(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()
+                   if k != "decoder.lm_head.weight"}
+        opt_state = self.optimizer.state_dict()
+        for pid, state in opt_state["state"].items():
+            for key, value in state.items():
+                tensors[f"optim.{pid}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+        tensors["rng.torch"] = torch.get_rng_state()
+        tensors["rng.sampler"] = self.generator.get_state()
+        tensors["sampler.order"] = self.epoch_order.contiguous()
+        save_file(tensors, str(directory / "state.safetensors.tmp"))
+        (directory / "state.safetensors.tmp").replace(directory / "state.safetensors")
+        info = {"step": self.step, "history": self.history, "param_groups": opt_state["param_groups"],
+                "config": self.config.to_dict(), "vocab": self.tokenizer.words, "meta": self.meta}
+        (directory / "train_state.json").write_text(json.dumps(info))
+
+    def _load_state(self, directory: Path) -> None:
+        info = json.loads((directory / "train_state.json").read_text())
+        if info["config"] != self.config.to_dict() or info["vocab"] != self.tokenizer.words:
+            raise ValueError(f"{directory}: run state belongs to another model or vocabulary; use a new --run-dir")
+        tensors = load_file(str(directory / "state.safetensors"))
+        self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=False)
+        self.model.to(self.device)
+        state: dict[int, dict] = {}
+        for key, value in tensors.items():
+            if key.startswith("optim."):
+                _, pid, name = key.split(".", 2)
+                state.setdefault(int(pid), {})[name] = value.to(self.device) if name != "step" else value
+        self.optimizer.load_state_dict({"state": state, "param_groups": info["param_groups"]})
+        torch.set_rng_state(tensors["rng.torch"])
+        self.generator.set_state(tensors["rng.sampler"])
+        self.epoch_order = tensors["sampler.order"]
+        self.step = info["step"]
+        self.history = info["history"]
+
+
+def train(opts: TrainOptions) -> Path:
+    return Trainer(opts).run()

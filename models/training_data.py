@@ -1,0 +1,92 @@
+"""In-memory training tensors: every image of a split decoded once, every caption encoded once.
+
+Decoding thousands of PNGs per epoch would cost more than the model itself on a 2-core CPU, so a split's
+pixels are cached as one uint8 `.npy` file (loaded with allow_pickle=False) next to the dataset JSON.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from models.dataset import load_karpathy, records_for_split
+from models.preprocess import image_to_uint8
+from models.tokenizer import WordTokenizer
+
+
+@dataclass
+class SplitTensors:
+    pixels: torch.Tensor  # (N, 3, S, S) uint8
+    captions: torch.Tensor  # (N, C, L) token ids, PAD-padded; C = most captions of any image
+    caption_counts: torch.Tensor  # (N,) how many of the C rows are real captions
+    records: list
+    pad_id: int
+
+    def __len__(self) -> int:
+        return self.pixels.shape[0]
+
+    def sample(self, index: torch.Tensor, per_image: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pixels of `index` and `per_image` captions of each (without replacement where there are enough)."""
+        counts = self.caption_counts[index]
+        # random keys; the real captions' keys sort first, so the first `per_image` are a random subset
+        keys = torch.rand(len(index), self.captions.shape[1], generator=generator)
+        keys[torch.arange(self.captions.shape[1]).expand(len(index), -1) >= counts[:, None]] = 2.0
+        order = keys.argsort(dim=1)
+        repeats = torch.arange(per_image) % counts[:, None]  # cycle when an image has fewer captions
+        chosen = order.gather(1, repeats)
+        captions = self.captions[index[:, None], chosen].reshape(len(index) * per_image, -1)
+        longest = int((captions != self.pad_id).sum(dim=1).max())
+        return self.pixels[index], captions[:, :longest]  # no compute spent on all-pad columns
+
+
+def resolve_dataset_json(path: Path) -> Path:
+    path = Path(path)
+    return path / "dataset.json" if path.is_dir() else path
+
+
+def _pixel_cache(json_path: Path, split: str, size: int, records: list) -> np.ndarray:
+    fingerprint = hashlib.sha1(json_path.read_bytes()).hexdigest()[:12]
+    cache = json_path.parent / "cache" / f"{split}-{size}px-{fingerprint}.npy"
+    if cache.exists():
+        return np.load(cache, allow_pickle=False)
+    pixels = np.empty((len(records), 3, size, size), dtype=np.uint8)
+    for i, record in enumerate(tqdm(records, desc=f"decoding {split} images", unit="img", leave=False)):
+        with Image.open(record.image_path) as image:
+            pixels[i] = image_to_uint8(image.convert("RGB"), size)
+    cache.parent.mkdir(exist_ok=True)
+    tmp = cache.with_suffix(".tmp.npy")
+    np.save(tmp, pixels)
+    tmp.replace(cache)
+    return pixels
+
+
+def load_split(json_path: Path, split: str, tokenizer: WordTokenizer, image_size: int, max_len: int,
+               limit: int | None = None) -> SplitTensors:
+    json_path = resolve_dataset_json(json_path)
+    records = records_for_split(load_karpathy(json_path), split)
+    if not records:
+        raise ValueError(f"{json_path}: no images in split {split!r}")
+    pixels = torch.from_numpy(_pixel_cache(json_path, split, image_size, records))
+    if limit is not None:
+        records, pixels = records[:limit], pixels[:limit]
+    most = max(len(r.captions) for r in records)
+    captions = torch.full((len(records), most, max_len), tokenizer.pad_id, dtype=torch.long)
+    counts = torch.zeros(len(records), dtype=torch.long)
+    for i, record in enumerate(records):
+        counts[i] = len(record.captions)
+        for j, words in enumerate(record.captions):
+            ids = tokenizer.encode(words, max_len=max_len)
+            captions[i, j, : len(ids)] = torch.tensor(ids)
+    return SplitTensors(pixels=pixels, captions=captions, caption_counts=counts, records=records,
+                        pad_id=tokenizer.pad_id)
+
+
+def build_tokenizer(json_path: Path) -> WordTokenizer:
+    records = records_for_split(load_karpathy(resolve_dataset_json(json_path)), "train")
+    return WordTokenizer.build(caption for record in records for caption in record.captions)
