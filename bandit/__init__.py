@@ -1,0 +1,54 @@
+"""A-CAPEEN's online choice of the early-exit threshold: a UCB bandit whose reward needs no labels.
+
+The service calls `select()` before decoding a request and `update(arm, trace)` after it. Each arm is a
+confidence threshold; a token that leaves the decoder at exit i earns
+
+    r = C_i - C_1 - mu * p_i / L
+
+where C_i is the confidence (max softmax probability) at the exit the token left at, C_1 the confidence
+at the first exit, p_i the 1-based layer of that exit, L the number of decoder layers and mu the price
+of running the whole decoder in units of confidence (default 0.1). A request earns the mean of r over
+its tokens. reward.py explains the choice; policies.py the UCB1, sliding-window and discounted policies;
+store.py the crash-safe snapshot; simulate.py the synthetic traffic used to measure regret.
+
+Pure Python and numpy: importing this package never imports torch or a web framework.
+"""
+
+from bandit.policies import (
+    DEFAULT_EXPLORATION,
+    DEFAULT_GAMMA,
+    DEFAULT_WINDOW,
+    POLICIES,
+    UCB1,
+    Arm,
+    DiscountedUCB,
+    Policy,
+    SlidingWindowUCB,
+    default_grid,
+    make_policy,
+)
+from bandit.reward import DEFAULT_MU, ExitLayout, TraceLike, arm_rewards, request_reward
+from bandit.store import LoadResult, SnapshotError, load_or_new, write_json_atomic
+
+__all__ = [
+    "DEFAULT_EXPLORATION",
+    "DEFAULT_GAMMA",
+    "DEFAULT_MU",
+    "DEFAULT_WINDOW",
+    "POLICIES",
+    "UCB1",
+    "Arm",
+    "DiscountedUCB",
+    "ExitLayout",
+    "LoadResult",
+    "Policy",
+    "SlidingWindowUCB",
+    "SnapshotError",
+    "TraceLike",
+    "arm_rewards",
+    "default_grid",
+    "load_or_new",
+    "make_policy",
+    "request_reward",
+    "write_json_atomic",
+]
