@@ -11,9 +11,8 @@ import argparse
 import importlib
 import sys
 
-
-class UserError(Exception):
-    """A problem the user can fix: printed as one line on stderr, exit status 2."""
+# Defined in its own module so that `python -m capeen.cli` (which loads this file twice) still catches it.
+from capeen.errors import UserError
 
 
 def _handler(target: str):
@@ -91,7 +90,64 @@ def _add_serve(sub) -> None:
     p.set_defaults(func=_handler("service.cli:serve_main"))
 
 
-SUBCOMMANDS = [_add_data, _add_train, _add_caption, _add_serve]
+def _add_model_source(p, default_split: str) -> None:
+    p.add_argument("--checkpoint", help="checkpoint directory (default: the shipped one)")
+    p.add_argument("--data", required=True, help="data set directory (with dataset.json) or a Karpathy JSON file")
+    p.add_argument("--split", default=default_split)
+    p.add_argument("--limit", type=int, help="use only the first N images of the split")
+    p.add_argument("--batch-size", type=int, default=1, help="images decoded together (1: per-caption latency)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is fastest for this decoder)")
+
+
+def _add_calibrate(sub) -> None:
+    p = sub.add_parser("calibrate", help="choose the early-exit threshold on held-out data; writes thresholds.json")
+    _add_model_source(p, "val")
+    p.add_argument("--quality", type=float, default=0.99, help="keep CIDEr-D >= this fraction of full depth")
+    p.add_argument("--thresholds", help="comma-separated grid (default: 0.5 ... 0.999)")
+    p.set_defaults(func=_handler("models.commands:calibrate_main"))
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="caption quality and measured speed: full depth vs early exit, interleaved")
+    _add_model_source(p, "test")
+    p.add_argument("--mode", choices=["full", "fixed", "sweep"], default="fixed")
+    p.add_argument("--threshold", type=float, help="--mode fixed: threshold (default: the calibrated one)")
+    p.add_argument("--thresholds", help="--mode sweep: comma-separated grid (default: 0.5 ... 0.999)")
+    p.add_argument("--distortion", action="append",
+                   help="none, noise:SIGMA or blur:RADIUS; repeat for several (default: none)")
+    p.add_argument("--compare", action="append", default=[], metavar="CHECKPOINT",
+                   help="also evaluate this checkpoint (e.g. CE-only exits); repeatable")
+    p.add_argument("--agreement", action="store_true", help="also report per-exit agreement with the final layer")
+    p.add_argument("--meteor", action="store_true", help="also compute METEOR (needs Java)")
+    p.add_argument("--json", help="write the full report to this JSON file")
+    p.add_argument("--plot", help="--mode sweep: write a PNG of CIDEr-D against speedup")
+    p.set_defaults(func=_handler("models.commands:evaluate_main"))
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="latency and throughput: HF generate() vs our full depth vs early exit")
+    _add_model_source(p, "test")
+    p.set_defaults(batch_size=1)
+    p.add_argument("--threshold", type=float, help="early-exit threshold (default: the calibrated one)")
+    p.add_argument("--batch-sizes", default="1,8,32", help="comma-separated batch sizes")
+    p.add_argument("--images", type=int, default=200, help="images per batch size (at least enough for a few batches)")
+    p.add_argument("--min-batches", type=int, default=8, help="measured batches at the largest batch size, at least")
+    p.add_argument("--json", help="write the results to this JSON file")
+    p.set_defaults(func=_handler("models.commands:bench_main"))
+
+
+def _add_bench_serve(sub) -> None:
+    from service.loadtest import add_arguments  # the standard library only at import time
+
+    p = sub.add_parser("bench-serve", help="load benchmark of `capeen serve` on loopback (batching vs batch-1, "
+                       "latency, 2x overload, memory soak)")
+    add_arguments(p)
+    p.set_defaults(func=_handler("service.loadtest:bench_serve_main"))
+
+
+SUBCOMMANDS = [_add_data, _add_train, _add_caption, _add_calibrate, _add_evaluate, _add_bench, _add_serve,
+               _add_bench_serve]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,11 +5,12 @@ They translate arguments into calls of the library modules and library errors in
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
 
-from capeen.cli import UserError
+from capeen.errors import UserError
 
 
 def _parse_overrides(text: str | None) -> dict:
@@ -94,3 +95,180 @@ def caption_main(args) -> int:
         for item in outputs:
             print(f"{item['image']}\t{item['caption']}" if len(args.images) > 1 else item["caption"])
     return 1 if failures else 0
+
+
+def _set_threads(args) -> None:
+    import torch
+
+    torch.set_num_threads(max(1, args.threads))
+
+
+def _eval_set(args, engine, split: str):
+    from models.dataset import DatasetError
+    from models.evaluation import load_eval_set
+
+    if not Path(args.data).exists():
+        raise UserError(f"{args.data}: data set not found (make one with `capeen data --out DIR`)")
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit must be at least 1, got {args.limit}")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+    try:
+        return load_eval_set(args.data, split, engine.config.image_size, limit=args.limit)
+    except (DatasetError, ValueError, OSError) as exc:
+        raise UserError(str(exc)) from None
+
+
+def _thresholds(text: str | None) -> list[float]:
+    from models.evaluation import DEFAULT_SWEEP
+
+    if not text:
+        return list(DEFAULT_SWEEP)
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"--thresholds must be comma-separated numbers, got {text!r}") from None
+    bad = [v for v in values if not 0 < v <= 1]
+    if bad or not values:
+        raise UserError(f"--thresholds must lie in (0, 1], got {text!r}")
+    return values
+
+
+def calibrate_main(args) -> int:
+    from models.calibration import calibrate
+    from models.checkpoint import save_thresholds
+
+    _set_threads(args)
+    if not 0 < args.quality <= 1:
+        raise UserError(f"--quality must be in (0, 1], got {args.quality}")
+    engine = _engine(args)
+    if engine.checkpoint.path is None:
+        raise UserError("calibration needs a checkpoint directory to write thresholds.json into")
+    data = _eval_set(args, engine, args.split)
+    result = calibrate(engine, data, _thresholds(args.thresholds), quality_fraction=args.quality,
+                       batch_size=args.batch_size, split=args.split)
+    save_thresholds(engine.checkpoint.path, result)
+    full = result.details["full_depth"]
+    print(f"full depth: CIDEr-D {full['ciderD']:.3f}  BLEU-4 {full['bleu4']:.3f}")
+    for entry in result.sweep:
+        print(f"threshold {entry['threshold']:<6g} CIDEr-D {entry['ciderD']:.3f}  BLEU-4 {entry['bleu4']:.3f}  "
+              f"mean exit layer {entry['mean_exit_layer']:.2f}  decoder speedup {entry['decoder_speedup']:.2f}x")
+    if result.threshold is None:
+        print(f"no threshold keeps CIDEr-D >= {args.quality:g} x full depth; the checkpoint stays uncalibrated")
+        return 1
+    print(f"calibrated threshold {result.threshold:g} written to {engine.checkpoint.path / 'thresholds.json'}")
+    return 0
+
+
+def evaluate_main(args) -> int:
+    from models.evaluation import Distortion, evaluate_thresholds, exit_agreement
+    from models.plots import plot_sweeps
+
+    _set_threads(args)
+    try:
+        distortions = [Distortion.parse(d) for d in (args.distortion or ["none"])]
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    engines = [_engine(args)] + [_engine(argparse.Namespace(checkpoint=c, device=args.device)) for c in args.compare]
+    reports = []
+    for engine in engines:
+        data = _eval_set(args, engine, args.split)
+        if args.mode == "full":
+            grid = []
+        elif args.mode == "fixed":
+            try:
+                grid = [engine.threshold_for("fixed", args.threshold)]
+            except ValueError as exc:
+                raise UserError(str(exc)) from None
+        else:
+            grid = _thresholds(args.thresholds)
+        for distortion in distortions:
+            report = evaluate_thresholds(engine, data, grid, batch_size=args.batch_size, distortion=distortion,
+                                         meteor=args.meteor)
+            report["checkpoint"] = engine.name
+            if args.agreement:
+                report["exit_agreement"] = exit_agreement(engine, data)
+            reports.append(report)
+            _print_report(report)
+    if args.json:
+        Path(args.json).write_text(json.dumps(reports, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    if args.plot:
+        if args.mode != "sweep":
+            raise UserError("--plot needs --mode sweep")
+        plot_sweeps(reports, Path(args.plot))
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _print_report(report: dict) -> None:
+    full = report["full"]
+    print(f"\n{report['checkpoint']}  distortion={report['distortion']}  images={report['images']}  "
+          f"batch={report['batch_size']}")
+    header = ("threshold", "BLEU-4", "CIDEr-D", "ROUGE-L", "scene acc", "mean exit", "saved", "ms/caption",
+              "decoder x", "end-to-end x")
+    print(" | ".join(header))
+    for entry in [full, *report["thresholds"]]:
+        cells = [
+            "full" if entry["threshold"] is None else f"{entry['threshold']:g}",
+            f"{entry['bleu4']:.3f}", f"{entry['ciderD']:.3f}", f"{entry['rougeL']:.3f}",
+            f"{entry.get('scene_accuracy', float('nan')):.3f}", f"{entry['mean_exit_layer']:.2f}",
+            f"{entry['layers_saved']:.1%}", f"{entry['decode_ms_per_caption']:.2f}",
+            f"{entry['decoder_speedup']:.2f}", f"{entry['end_to_end_speedup']:.2f}",
+        ]
+        print(" | ".join(cells))
+    if "exit_agreement" in report:
+        print("exit agreement with the final layer: " +
+              ", ".join(f"L{k}: {v:.3f}" for k, v in report["exit_agreement"].items()))
+
+
+def bench_main(args) -> int:
+    from models.bench import agreement, head_cost, measure, methods, profile_early_exit
+
+    _set_threads(args)
+    engine = _engine(args)
+    try:
+        threshold = engine.threshold_for("fixed", args.threshold)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    try:
+        sizes = [int(b) for b in args.batch_sizes.split(",")]
+    except ValueError:
+        raise UserError(f"--batch-sizes must be comma-separated integers, got {args.batch_sizes!r}") from None
+    if any(b < 1 for b in sizes):
+        raise UserError("--batch-sizes must be positive")
+    data = _eval_set(args, engine, args.split)
+    method_list = methods(engine, threshold)
+    results = {"device": str(engine.device), "dtype": str(engine.dtype).replace("torch.", ""),
+               "threads": args.threads, "threshold": threshold, "checkpoint": engine.name, "runs": []}
+    for batch_size in sizes:
+        images = data.pixels[: max(args.images, batch_size * (args.min_batches + 2))]
+        report = measure(engine, images, batch_size, method_list)
+        names = [m.name for m in method_list]
+        hf, full, early = (report[n] for n in names)
+        run = {
+            "batch_size": batch_size,
+            **{n: {k: v for k, v in report[n].items() if k != "tokens"} for n in names},
+            "full_vs_hf_speedup": hf["ms_per_caption"] / full["ms_per_caption"],
+            "early_vs_full_speedup": full["ms_per_caption"] / early["ms_per_caption"],
+            "early_vs_hf_speedup": hf["ms_per_caption"] / early["ms_per_caption"],
+            "hf_and_full_identical_captions": agreement(report, names[0], names[1]),
+        }
+        results["runs"].append(run)
+        print(f"\nbatch {batch_size}: " + "  ".join(
+            f"{n}: {report[n]['ms_per_caption']:.2f} ms/caption ({report[n]['captions_per_s']:.1f}/s)" for n in names))
+        print(f"  ours full vs HF generate: {run['full_vs_hf_speedup']:.2f}x   early exit vs ours full: "
+              f"{run['early_vs_full_speedup']:.2f}x   early exit vs HF: {run['early_vs_hf_speedup']:.2f}x   "
+              f"HF and ours give identical captions for {run['hf_and_full_identical_captions']:.1%}")
+    results["profile_ms_per_caption"] = profile_early_exit(engine, data.pixels[: args.images], threshold)
+    print(f"\nwhere early-exit decode time goes at batch 1 (ms per caption, threshold {threshold:g}):")
+    for name, ms in results["profile_ms_per_caption"].items():
+        print(f"  {name:<48} {ms:8.3f}")
+    results["head_cost"] = head_cost(engine)
+    hc = results["head_cost"]
+    print(f"\none decoder layer step {hc['decoder_layer_us']:.1f} us, one exit check {hc['exit_check_us']:.1f} us "
+          f"({hc['ratio']:.1%} of a layer)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0

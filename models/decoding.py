@@ -16,6 +16,9 @@ layer, and finished captions drop out of the batch.
 from __future__ import annotations
 
 import math
+import time
+from collections import defaultdict
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -49,6 +52,25 @@ class DecodeTrace:
         return sum(self.exit_layers)
 
 
+class SectionTimer:
+    """Wall time per named section of the decode loop (for `capeen bench`'s profile); CPU or synchronised CUDA."""
+
+    def __init__(self, synchronize=lambda: None) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.synchronize = synchronize
+
+    @contextmanager
+    def __call__(self, name: str):
+        self.synchronize()
+        start = time.perf_counter()
+        yield
+        self.synchronize()
+        self.seconds[name] += time.perf_counter() - start
+
+
+_NO_TIMING = nullcontext()
+
+
 class EarlyExitDecoder:
     """Greedy decoding for a `CapeenModel` with per-sequence confidence thresholds."""
 
@@ -58,6 +80,7 @@ class EarlyExitDecoder:
         self.blocks = list(model.decoder.transformer.h)
         self.exit_after = {layer - 1 for layer in config.exit_layers}  # 0-based block indices
         self.n_layer, self.d, self.n_head = config.n_layer, config.n_embd, config.n_head
+        self.timer: SectionTimer | None = None  # set to profile where decode time goes
         self._prepare_weights()
 
     @torch.no_grad()
@@ -139,15 +162,20 @@ class EarlyExitDecoder:
             row_ids = list(range(n))  # active-row index of each running row
 
             for layer, block in enumerate(self.blocks):
-                h = self._block(block, layer, h, rows, cache, cross, t)
+                with self._section("decoder layers"):
+                    h = self._block(block, layer, h, rows, cache, cross, t)
                 if layer == L - 1:
-                    logits = lm_head(ln_f(h[:, 0]))
+                    with self._section("final head"):
+                        logits = lm_head(ln_f(h[:, 0]))
+                        conf, pred = F.softmax(logits.float(), dim=-1).max(dim=-1)
+                        conf_list, pred_list = conf.tolist(), pred.tolist()
                 elif check_exits and layer in self.exit_after:
-                    logits = self.model.exits[str(layer + 1)](h[:, 0])
+                    with self._section("exit heads"):
+                        logits = self.model.exits[str(layer + 1)](h[:, 0])
+                        conf, pred = F.softmax(logits.float(), dim=-1).max(dim=-1)
+                        conf_list, pred_list = conf.tolist(), pred.tolist()
                 else:
                     continue
-                conf, pred = F.softmax(logits.float(), dim=-1).max(dim=-1)
-                conf_list, pred_list = conf.tolist(), pred.tolist()
                 final_layer = layer == L - 1
                 for i, r in enumerate(row_ids):
                     if not (final_layer or records_exits[r]):
@@ -169,7 +197,8 @@ class EarlyExitDecoder:
                 next_tokens[leave_rows] = pred[leaving]
                 if layer == L - 1:
                     break
-                self._propagate(h[leaving, 0], layer, leave_rows, cache, t)
+                with self._section("state propagation"):
+                    self._propagate(h[leaving, 0], layer, leave_rows, cache, t)
                 stay = ~leaving
                 rows = active_index[stay]
                 h = h[stay]
@@ -197,6 +226,9 @@ class EarlyExitDecoder:
                 alive = [alive[r] for r in keep]
             tokens = next_tokens
         return traces
+
+    def _section(self, name: str):
+        return self.timer(name) if self.timer is not None else _NO_TIMING
 
     def _block(self, block, layer: int, h: torch.Tensor, rows: torch.Tensor | None, cache: torch.Tensor,
                cross: torch.Tensor, t: int) -> torch.Tensor:

@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from capeen.cli import UserError
+from capeen.errors import UserError
 from models.scene import (
     BACKGROUND_WORDS,
     COLOURS,

@@ -50,7 +50,7 @@ def resolve_dataset_json(path: Path) -> Path:
     return path / "dataset.json" if path.is_dir() else path
 
 
-def _pixel_cache(json_path: Path, split: str, size: int, records: list) -> np.ndarray:
+def pixel_cache(json_path: Path, split: str, size: int, records: list) -> np.ndarray:
     fingerprint = hashlib.sha1(json_path.read_bytes()).hexdigest()[:12]
     cache = json_path.parent / "cache" / f"{split}-{size}px-{fingerprint}.npy"
     if cache.exists():
@@ -72,7 +72,7 @@ def load_split(json_path: Path, split: str, tokenizer: WordTokenizer, image_size
     records = records_for_split(load_karpathy(json_path), split)
     if not records:
         raise ValueError(f"{json_path}: no images in split {split!r}")
-    pixels = torch.from_numpy(_pixel_cache(json_path, split, image_size, records))
+    pixels = torch.from_numpy(pixel_cache(json_path, split, image_size, records))
     if limit is not None:
         records, pixels = records[:limit], pixels[:limit]
     most = max(len(r.captions) for r in records)

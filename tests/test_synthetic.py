@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from capeen.cli import UserError, main
+from capeen.cli import main
+from capeen.errors import UserError
 from models.scene import COLOURS, SHAPES, ground_truth, parse_caption, scene_accuracy, scene_correct
 from models.synthetic import _BASE_RGB, BACKGROUNDS, captions_for, draw_example, generate_dataset, render_scene
 

@@ -1,0 +1,150 @@
+"""`capeen bench`: what early exit buys over the decoders a user would otherwise run.
+
+Three ways to caption the same images with the same weights:
+  (a) Hugging Face `VisionEncoderDecoderModel.generate()`, greedy (our checkpoint converted in memory),
+  (b) our decoder at full depth,
+  (c) our decoder with early exit at the calibrated threshold.
+Latency per caption at batch 1 and throughput at larger batches are measured with the three interleaved batch by
+batch, so that machine noise hits them alike. A profile splits (c)'s decode time into decoder layers, exit heads,
+state propagation, the final head and the rest (Python bookkeeping, embedding, cache handling).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from models.decoding import FULL_DEPTH, SectionTimer
+from models.engine import CaptionEngine
+from models.hf_export import to_hf_vision_encoder_decoder
+from models.preprocess import normalize
+
+
+@dataclass
+class Method:
+    name: str
+    run: Callable[[torch.Tensor], list[list[int]]]  # pixels -> generated token ids per image
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def methods(engine: CaptionEngine, threshold: float) -> list[Method]:
+    hf = to_hf_vision_encoder_decoder(engine.model)
+    max_new = engine.config.n_positions - 1
+    eos = engine.config.eos_token_id
+
+    @torch.inference_mode()
+    def run_hf(pixels: torch.Tensor) -> list[list[int]]:
+        out = hf.generate(pixel_values=pixels, max_new_tokens=max_new, do_sample=False, num_beams=1)
+        ids = []
+        for row in out[:, 1:].tolist():  # drop the decoder start token
+            ids.append(row[: row.index(eos) + 1] if eos in row else row)
+        return ids
+
+    def ours(t: float) -> Callable[[torch.Tensor], list[list[int]]]:
+        return lambda pixels: [r.trace.token_ids for r in engine.caption_pixels(pixels, t).results]
+
+    return [
+        Method("hf-generate", run_hf),
+        Method("capeen-full", ours(FULL_DEPTH)),
+        Method(f"capeen-early-exit@{threshold:g}", ours(threshold)),
+    ]
+
+
+def measure(engine: CaptionEngine, pixels_uint8: torch.Tensor, batch_size: int, method_list: Sequence[Method],
+            warmup: int = 2) -> dict[str, dict]:
+    """Seconds per batch for every method, interleaved (rotating order) over the images."""
+    device = engine.device
+    times: dict[str, list[float]] = {m.name: [] for m in method_list}
+    outputs: dict[str, list[list[int]]] = {m.name: [] for m in method_list}
+    batches = [pixels_uint8[i:i + batch_size] for i in range(0, len(pixels_uint8) - batch_size + 1, batch_size)]
+    for b, raw in enumerate(batches):
+        pixels = normalize(raw.to(device), engine.dtype)
+        order = list(method_list[b % len(method_list):]) + list(method_list[: b % len(method_list)])
+        for method in order:
+            _sync(device)
+            start = time.perf_counter()
+            ids = method.run(pixels)
+            _sync(device)
+            elapsed = time.perf_counter() - start
+            if b >= warmup:
+                times[method.name].append(elapsed)
+                outputs[method.name].extend(ids)
+    report = {}
+    for name, samples in times.items():
+        total = sum(samples)
+        images = len(samples) * batch_size
+        report[name] = {
+            "batch_size": batch_size,
+            "batches": len(samples),
+            "ms_per_caption": 1000 * total / images,
+            "p50_batch_ms": 1000 * statistics.median(samples),
+            "captions_per_s": images / total,
+            "tokens": outputs[name],
+        }
+    return report
+
+
+def agreement(report: dict[str, dict], a: str, b: str) -> float:
+    """Share of captions two methods produced token for token identically."""
+    pairs = list(zip(report[a]["tokens"], report[b]["tokens"]))
+    return sum(x == y for x, y in pairs) / max(1, len(pairs))
+
+
+def profile_early_exit(engine: CaptionEngine, pixels_uint8: torch.Tensor, threshold: float) -> dict[str, float]:
+    """Where batch-1 decode time goes, in ms per caption, for the early-exit decoder."""
+    timer = SectionTimer(synchronize=lambda: _sync(engine.device))
+    total = 0.0
+    engine.decoder.timer = timer
+    try:
+        for i in range(len(pixels_uint8)):
+            out = engine.caption_pixels(normalize(pixels_uint8[i:i + 1].to(engine.device), engine.dtype), threshold)
+            total += out.timings.decode_s
+    finally:
+        engine.decoder.timer = None
+    n = len(pixels_uint8)
+    profile = {name: 1000 * seconds / n for name, seconds in sorted(timer.seconds.items())}
+    profile["other (Python, embeddings, cache bookkeeping)"] = 1000 * total / n - sum(profile.values())
+    profile["total decode"] = 1000 * total / n
+    return profile
+
+
+def head_cost(engine: CaptionEngine, position: int = 12, repeats: int = 2000) -> dict[str, float]:
+    """Microseconds, batch 1, for one decoder layer step as the decode loop runs it (KV cache at `position`)
+    against one exit check (LayerNorm + projection to the vocabulary + max softmax)."""
+    cfg, dec = engine.config, engine.decoder
+    hd = cfg.n_embd // cfg.n_head
+    patches = (cfg.image_size // cfg.patch_size) ** 2 + 1
+    kw = dict(device=engine.device, dtype=engine.dtype)
+    cache = torch.randn(cfg.n_layer, 2, 1, cfg.n_head, cfg.n_positions, hd, **kw)
+    cross = torch.randn(cfg.n_layer, 2, 1, cfg.n_head, patches, hd, **kw)
+    h = torch.randn(1, 1, cfg.n_embd, **kw)
+    block = dec.blocks[0]
+    head = engine.model.exits[str(cfg.exit_layers[0])]
+
+    def layer() -> None:
+        dec._block(block, 0, h, None, cache, cross, position)
+
+    def exit_check() -> None:
+        torch.softmax(head(h[:, 0]).float(), dim=-1).max(dim=-1)[0].item()
+
+    def timeit(fn) -> float:
+        with torch.inference_mode():
+            for _ in range(50):
+                fn()
+            _sync(engine.device)
+            start = time.perf_counter()
+            for _ in range(repeats):
+                fn()
+            _sync(engine.device)
+        return 1e6 * (time.perf_counter() - start) / repeats
+
+    layer_us, head_us = timeit(layer), timeit(exit_check)
+    return {"decoder_layer_us": layer_us, "exit_check_us": head_us, "ratio": head_us / layer_us}

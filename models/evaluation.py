@@ -1,0 +1,200 @@
+"""Caption quality and measured decode speed, full depth against early exit, in one interleaved run.
+
+Quality comes from pycocoevalcap (BLEU-1..4, ROUGE-L, CIDEr-D; METEOR when Java is present). Speed is
+wall-clock time: for every batch, the full-depth decode and each early-exit setting run back to back in a
+rotating order, so that a slow spell of the machine hits all of them alike.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image, ImageFilter
+from pycocoevalcap.bleu.bleu import Bleu
+from pycocoevalcap.cider.cider import Cider
+from pycocoevalcap.rouge.rouge import Rouge
+from tqdm import tqdm
+
+from models.decoding import FULL_DEPTH, DecodeTrace
+from models.engine import CaptionEngine
+from models.preprocess import normalize
+from models.scene import scene_accuracy
+
+DEFAULT_SWEEP = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.925, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999)
+
+
+# ----- distortions ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Distortion:
+    """`none`, `noise:SIGMA` (Gaussian pixel noise, 0-255 scale) or `blur:RADIUS` (Gaussian blur, pixels)."""
+
+    kind: str = "none"
+    amount: float = 0.0
+
+    @classmethod
+    def parse(cls, text: str) -> "Distortion":
+        if text in ("", "none", "clean"):
+            return cls()
+        kind, _, value = text.partition(":")
+        if kind not in ("noise", "blur") or not value:
+            raise ValueError(f"bad distortion {text!r}: use none, noise:SIGMA or blur:RADIUS")
+        try:
+            amount = float(value)
+        except ValueError:
+            raise ValueError(f"bad distortion {text!r}: {value!r} is not a number") from None
+        if not 0 <= amount <= 255:
+            raise ValueError(f"bad distortion {text!r}: amount must be in [0, 255]")
+        return cls(kind, amount)
+
+    def __str__(self) -> str:
+        return "none" if self.kind == "none" else f"{self.kind}:{self.amount:g}"
+
+    def apply(self, pixels: torch.Tensor, seed: int = 0) -> torch.Tensor:
+        """Distort uint8 (N, 3, H, W) images; deterministic for a given seed."""
+        if self.kind == "none" or self.amount == 0:
+            return pixels
+        if self.kind == "noise":
+            rng = np.random.default_rng(seed)
+            noisy = pixels.numpy().astype(np.float32) + rng.normal(0, self.amount, pixels.shape).astype(np.float32)
+            return torch.from_numpy(np.clip(np.rint(noisy), 0, 255).astype(np.uint8))
+        blurred = [
+            np.asarray(Image.fromarray(image.permute(1, 2, 0).numpy()).filter(ImageFilter.GaussianBlur(self.amount)))
+            for image in pixels
+        ]
+        return torch.from_numpy(np.stack(blurred).transpose(0, 3, 1, 2).copy())
+
+
+# ----- metrics ----------------------------------------------------------------------------------------------
+def caption_metrics(hypotheses: Sequence[str], references: Sequence[Sequence[str]], meteor: bool = False) -> dict:
+    """Corpus metrics with pycocoevalcap. Captions are already lower-case words separated by spaces."""
+    res = {i: [h if h.strip() else "<empty>"] for i, h in enumerate(hypotheses)}
+    gts = {i: [r for r in refs] for i, refs in enumerate(references)}
+    scores: dict[str, float] = {}
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    for n, value in enumerate(bleu, start=1):
+        scores[f"bleu{n}"] = float(value)
+    scores["rougeL"] = float(Rouge().compute_score(gts, res)[0])
+    scores["ciderD"] = float(Cider().compute_score(gts, res)[0])
+    if meteor and shutil.which("java"):
+        from pycocoevalcap.meteor.meteor import Meteor
+
+        scorer = Meteor()
+        try:
+            scores["meteor"] = float(scorer.compute_score(gts, res)[0])
+        finally:
+            scorer.meteor_p.kill()
+    return scores
+
+
+# ----- interleaved decoding ---------------------------------------------------------------------------------
+@dataclass
+class EvalSet:
+    pixels: torch.Tensor  # uint8 (N, 3, S, S)
+    references: list[list[str]]  # raw reference captions per image
+    objects: list[list[dict]] | None = None
+
+    def __len__(self) -> int:
+        return self.pixels.shape[0]
+
+
+@dataclass
+class DecodeRun:
+    threshold: float
+    captions: list[str] = field(default_factory=list)
+    traces: list[DecodeTrace] = field(default_factory=list)
+    encode_s: float = 0.0
+    decode_s: float = 0.0
+
+
+def decode_interleaved(engine: CaptionEngine, data: EvalSet, thresholds: Sequence[float], batch_size: int = 1,
+                       distortion: Distortion = Distortion(), seed: int = 0, progress: bool = True) -> list[DecodeRun]:
+    """Caption every image once per threshold, alternating the settings batch by batch."""
+    runs = [DecodeRun(threshold=t) for t in thresholds]
+    order = list(range(len(runs)))
+    batches = range(0, len(data), batch_size)
+    for b, start in enumerate(tqdm(batches, desc=f"decoding ({distortion})", unit="batch", disable=not progress)):
+        raw = distortion.apply(data.pixels[start:start + batch_size], seed=seed + start)
+        pixels = normalize(raw.to(engine.device), engine.dtype)
+        rotation = order[b % len(order):] + order[: b % len(order)]
+        for i in rotation:
+            run = runs[i]
+            out = engine.caption_pixels(pixels, run.threshold)
+            run.encode_s += out.timings.encode_s
+            run.decode_s += out.timings.decode_s
+            run.captions.extend(r.caption for r in out.results)
+            run.traces.extend(r.trace for r in out.results)
+    return runs
+
+
+def summarize(run: DecodeRun, full: DecodeRun, data: EvalSet, n_layer: int, meteor: bool = False) -> dict:
+    """Quality, depth and measured speed of one setting, with speedups relative to the full-depth run."""
+    steps = sum(len(t.exit_layers) for t in run.traces)
+    computed = sum(t.layers_computed() for t in run.traces)
+    n = len(run.captions)
+    summary = {
+        "threshold": None if run.threshold > 1 else run.threshold,
+        **caption_metrics(run.captions, data.references, meteor=meteor),
+        "mean_exit_layer": computed / max(1, steps),
+        "layers_saved": 1.0 - computed / max(1, steps * n_layer),
+        "decode_ms_per_caption": 1000 * run.decode_s / n,
+        "total_ms_per_caption": 1000 * (run.decode_s + run.encode_s) / n,
+        "decoder_speedup": full.decode_s / run.decode_s,
+        "end_to_end_speedup": (full.decode_s + full.encode_s) / (run.decode_s + run.encode_s),
+        "tokens_per_caption": steps / n,
+    }
+    if data.objects is not None:
+        summary["scene_accuracy"] = scene_accuracy(run.captions, data.objects)
+    return summary
+
+
+def evaluate_thresholds(engine: CaptionEngine, data: EvalSet, thresholds: Sequence[float], batch_size: int = 1,
+                        distortion: Distortion = Distortion(), meteor: bool = False, seed: int = 0,
+                        progress: bool = True) -> dict:
+    """Full depth plus each threshold, interleaved; returns {"full": summary, "thresholds": [summary, ...]}."""
+    runs = decode_interleaved(engine, data, [FULL_DEPTH, *thresholds], batch_size, distortion, seed, progress)
+    full = runs[0]
+    n_layer = engine.config.n_layer
+    return {
+        "distortion": str(distortion),
+        "images": len(data),
+        "batch_size": batch_size,
+        "full": summarize(full, full, data, n_layer, meteor),
+        "thresholds": [summarize(run, full, data, n_layer, meteor) for run in runs[1:]],
+    }
+
+
+def exit_agreement(engine: CaptionEngine, data: EvalSet, batch_size: int = 32) -> dict[int, float]:
+    """Per exit: the share of tokens whose argmax equals the final layer's greedy token (full-depth decode)."""
+    agree: dict[int, int] = {}
+    total = 0
+    for start in range(0, len(data), batch_size):
+        pixels = normalize(data.pixels[start:start + batch_size].to(engine.device), engine.dtype)
+        for result in engine.caption_pixels(pixels, FULL_DEPTH, observe_exits=True).results:
+            for points, preds in zip(result.trace.exit_points, result.trace.exit_predictions):
+                final = preds[-1]
+                for layer, pred in zip(points[:-1], preds[:-1]):
+                    agree[layer] = agree.get(layer, 0) + int(pred == final)
+                total += 1
+    return {layer: count / max(1, total) for layer, count in sorted(agree.items())}
+
+
+def load_eval_set(dataset: str, split: str, image_size: int, limit: int | None = None) -> EvalSet:
+    """A split of a Karpathy-format data set as uint8 pixels plus references (and scene objects when known)."""
+    from models.dataset import load_karpathy, records_for_split
+    from models.training_data import pixel_cache, resolve_dataset_json
+
+    json_path = resolve_dataset_json(dataset)
+    records = records_for_split(load_karpathy(json_path), split)
+    if not records:
+        raise ValueError(f"{json_path}: no images in split {split!r}")
+    pixels = torch.from_numpy(pixel_cache(json_path, split, image_size, records))
+    if limit is not None:
+        records, pixels = records[:limit], pixels[:limit]
+    references = [[" ".join(words) for words in record.captions] for record in records]
+    objects = [record.objects for record in records] if all(r.objects is not None for r in records) else None
+    return EvalSet(pixels=pixels, references=references, objects=objects)
+

@@ -1,0 +1,59 @@
+"""The service's A-CAPEEN bandit: one policy chosen by the settings, its metrics, its snapshot and its reset.
+
+The policy itself (bandit/) is thread-safe; this wrapper only swaps it whole on reset, so requests that
+selected an arm before the reset update the fresh policy (same grid, so their arm is still valid).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from bandit import Arm, Policy, load_or_new
+from models.decoding import DecodeTrace
+from service.metrics import ServingMetrics
+
+log = logging.getLogger(__name__)
+
+
+def arm_label(arm: Arm) -> str:
+    return f"{arm.threshold:g}"
+
+
+class AdaptiveThreshold:
+    def __init__(self, factory: Callable[[], Policy], metrics: ServingMetrics, state_path: Path | None) -> None:
+        """A fresh policy, or the one in the snapshot at `state_path` if usable (a bad one is set aside)."""
+        self._factory = factory
+        self._metrics = metrics
+        self.state_path = state_path
+        if state_path is None:
+            self.policy = factory()
+        else:
+            loaded = load_or_new(state_path, factory)
+            self.policy = loaded.policy
+            if loaded.restored:
+                log.info("bandit restored from %s (%d requests learnt)", state_path, self.policy.rounds)
+        self._show_best()
+
+    def save(self) -> None:
+        if self.state_path is not None:
+            self.policy.save(self.state_path)
+            log.info("bandit snapshot written to %s (%d requests learnt)", self.state_path, self.policy.rounds)
+
+    def reset(self) -> None:
+        self.policy = self._factory()
+        self._show_best()
+
+    def select(self) -> Arm:
+        return self.policy.select()
+
+    def update(self, arm: Arm, trace: DecodeTrace) -> None:
+        """Learn from one request's own trace."""
+        reward = self.policy.update(arm, trace)
+        self._metrics.arm_pulls.labels(arm=arm_label(arm)).inc()
+        self._metrics.bandit_reward.observe(reward)
+        self._show_best()
+
+    def _show_best(self) -> None:
+        self._metrics.bandit_threshold.set(self.policy.best().threshold)

@@ -1,0 +1,57 @@
+"""The FastAPI application: `create_app(settings)` wires settings, metrics, middleware, errors and routers.
+
+The lifespan does the slow and stateful parts: it loads (unless given an engine) and warms the model,
+restores the bandit and starts the batcher before the server takes requests, and at shutdown drains the
+queue and writes the bandit snapshot. The model loop lives in service.batcher, apart from HTTP.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib.metadata import version
+
+from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
+
+from models.engine import CaptionEngine
+from service.errors import install_error_handlers
+from service.metrics import HttpMetrics
+from service.middleware import BodyLimit, RequestContext
+from service.routes import bandit, caption, health, model
+from service.runtime import start_runtime
+from service.settings import Settings
+from service.uploads import FORM_OVERHEAD_BYTES, upload_limit_detail
+
+DESCRIPTION = """Image captioning with early-exit decoding (CAPEEN) and a per-request threshold bandit (A-CAPEEN).
+
+Every error is JSON `{"error": kind, "detail": message}`."""
+
+
+def create_app(settings: Settings | None = None, engine: CaptionEngine | None = None) -> FastAPI:
+    """The app; `engine` is an already loaded one (the CLI loads it first to report a bad checkpoint in one line)."""
+    settings = settings or Settings()
+    registry = CollectorRegistry()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        runtime = start_runtime(settings, registry, engine)
+        app.state.runtime = runtime
+        try:
+            yield
+        finally:
+            await runtime.close()
+
+    app = FastAPI(title="CAPEEN captioning service", version=version("capeen"), description=DESCRIPTION,
+                  lifespan=lifespan)
+    app.state.settings = settings
+    app.state.registry = registry
+    app.state.http_metrics = HttpMetrics(registry)
+    install_error_handlers(app)
+    # The last added middleware is the outermost: the request context times everything, the limit included.
+    app.add_middleware(BodyLimit, limit=settings.max_upload_bytes + FORM_OVERHEAD_BYTES,
+                       detail=upload_limit_detail(settings.max_upload_bytes))
+    app.add_middleware(RequestContext, metrics=app.state.http_metrics)
+    for router in (caption.router, health.router, model.router, bandit.router):
+        app.include_router(router)
+    return app

@@ -1,0 +1,203 @@
+"""Dynamic batching: concurrent requests share one engine call, each with its own threshold.
+
+Requests wait in a bounded queue. A single worker task takes the first one and gathers more until the
+batch holds `max_batch_size`, `max_wait_s` has passed, or no other request is on its way (being uploaded or
+decoded: see `incoming`), so a lone request never waits for company that is not coming. It runs the engine
+in one dedicated thread so the event loop keeps accepting and answering requests meanwhile (as TGI's and
+vLLM's routers keep HTTP apart from the model loop). Each request's future gets its own result.
+
+Back-pressure and abandonment:
+* a full queue refuses at once (`QueueFull`: 503 upstream) instead of letting latency grow without bound;
+* a request whose deadline passes, or whose client goes away, stops waiting and cancels its future; the
+  worker skips cancelled futures when it forms a batch, and drops results nobody waits for, so neither
+  ever stalls it;
+* `close()` refuses new requests, lets the worker finish everything queued, then stops it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from itertools import groupby
+
+import torch
+
+from bandit import Arm
+from models.engine import BatchOutput, CaptionEngine, CaptionResult
+from service.metrics import ServingMetrics
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    """The queue holds `queue_size` requests already."""
+
+
+class ShuttingDown(Exception):
+    """The batcher is draining and takes no new requests."""
+
+
+class DeadlineExceeded(Exception):
+    """The request's deadline passed before its caption was ready."""
+
+
+class Abandoned(Exception):
+    """The caller stopped waiting (its client disconnected)."""
+
+
+class EngineFailed(Exception):
+    """The engine raised while decoding the batch this request was in."""
+
+
+@dataclass
+class Job:
+    pixels: torch.Tensor  # (1, 3, H, W), already on the engine's device
+    threshold: float
+    max_tokens: int
+    arm: Arm | None  # the bandit arm that chose `threshold`; None unless adaptive
+    future: asyncio.Future[Outcome]
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    result: CaptionResult
+    queue_s: float
+    encode_s: float  # of the whole batch the request was decoded in
+    decode_s: float
+
+
+_STOP = object()  # queued by close(): the worker ends after what is ahead of it
+
+
+class Batcher:
+    def __init__(self, engine: CaptionEngine, metrics: ServingMetrics, on_decoded: Callable[[Job, CaptionResult], None],
+                 *, max_batch_size: int, max_wait_s: float, queue_size: int) -> None:
+        """`on_decoded` runs in the engine thread for every decoded request, wanted or not (metrics, bandit)."""
+        self.engine = engine
+        self.metrics = metrics
+        self.on_decoded = on_decoded
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_s
+        self._queue: asyncio.Queue[Job | object] = asyncio.Queue(maxsize=queue_size)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="capeen-engine")
+        self._worker: asyncio.Task[None] | None = None
+        self._closing = False
+        self._incoming = 0
+
+    @property
+    def running(self) -> bool:
+        return self._worker is not None and not self._worker.done() and not self._closing
+
+    def depth(self) -> int:
+        return self._queue.qsize()
+
+    @contextmanager
+    def incoming(self) -> Iterator[None]:
+        """Marks a request whose upload is being read and decoded: it will be queued in a moment, so a batch
+        being formed waits for it (up to `max_wait_s`) instead of leaving without it."""
+        self._incoming += 1
+        try:
+            yield
+        finally:
+            self._incoming -= 1
+
+    def start(self) -> None:
+        self._worker = asyncio.get_running_loop().create_task(self._work(), name="capeen-batcher")
+
+    async def close(self) -> None:
+        """Refuse new requests, decode those queued, stop the worker and its thread."""
+        self._closing = True
+        if self._worker is not None and not self._worker.done():
+            await self._queue.put(_STOP)
+            await self._worker
+        self._executor.shutdown(wait=True)
+
+    async def caption(self, pixels: torch.Tensor, threshold: float, max_tokens: int, arm: Arm | None, *,
+                      timeout: float, abandoned: Callable[[], Awaitable[object]]) -> Outcome:
+        """Queue one image and wait for its caption, for at most `timeout` seconds and only until the awaitable
+        that `abandoned()` returns completes (the client went away)."""
+        if self._closing:
+            raise ShuttingDown("the service is shutting down")
+        if timeout <= 0:
+            raise DeadlineExceeded("the request's deadline passed before it was queued")
+        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        try:
+            self._queue.put_nowait(Job(pixels, threshold, max_tokens, arm, future))
+        except asyncio.QueueFull:
+            raise QueueFull(f"{self._queue.maxsize} requests are already waiting") from None
+        watcher = asyncio.ensure_future(abandoned())
+        try:
+            done, _ = await asyncio.wait({future, watcher}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+            future.cancel()  # unless answered already: the worker skips it, or drops its result
+        if future in done:
+            return future.result()
+        if watcher in done:
+            raise Abandoned("the client went away")
+        raise DeadlineExceeded(f"no caption within the deadline ({timeout:.3g} s left when queued)")
+
+    async def _work(self) -> None:
+        loop = asyncio.get_running_loop()
+        stop = False
+        while not stop:
+            batch, stop = await self._collect(loop)
+            wanted = [job for job in batch if not job.future.done()]
+            # one engine call per max_tokens value: a batch decodes to a single length limit
+            for _, group in groupby(sorted(wanted, key=lambda job: job.max_tokens), key=lambda job: job.max_tokens):
+                await self._decode(loop, list(group))
+
+    async def _collect(self, loop: asyncio.AbstractEventLoop) -> tuple[list[Job], bool]:
+        """The next batch, and whether the stop marker came after it."""
+        first = await self._queue.get()
+        if first is _STOP:
+            return [], True
+        batch = [first]
+        closes_at = loop.time() + self.max_wait_s
+        while len(batch) < self.max_batch_size:
+            try:
+                item = self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                remaining = closes_at - loop.time()
+                if remaining <= 0 or not self._incoming:  # nobody on the way: waiting would only add latency
+                    break
+                try:
+                    item = await asyncio.wait_for(self._queue.get(), remaining)
+                except asyncio.TimeoutError:  # TimeoutError itself from Python 3.11 on
+                    break
+            if item is _STOP:
+                return batch, True
+            batch.append(item)
+        return batch, False
+
+    async def _decode(self, loop: asyncio.AbstractEventLoop, jobs: list[Job]) -> None:
+        started = time.perf_counter()
+        self.metrics.batch_size.observe(len(jobs))
+        for job in jobs:
+            self.metrics.queue_duration.observe(started - job.enqueued)
+        try:
+            output = await loop.run_in_executor(self._executor, self._run, jobs)
+        except Exception as exc:  # a failing batch answers its requests with 500 and the worker goes on
+            log.exception("engine failed on a batch of %d", len(jobs))
+            for job in jobs:
+                if not job.future.done():
+                    job.future.set_exception(EngineFailed(f"{type(exc).__name__}: {exc}"))
+            return
+        for job, result in zip(jobs, output.results, strict=True):
+            if not job.future.done():
+                job.future.set_result(Outcome(result, queue_s=started - job.enqueued,
+                                              encode_s=output.timings.encode_s, decode_s=output.timings.decode_s))
+
+    def _run(self, jobs: list[Job]) -> BatchOutput:
+        """In the engine thread: one engine call, then `on_decoded` for each request."""
+        output = self.engine.caption_pixels(torch.cat([job.pixels for job in jobs]), [job.threshold for job in jobs],
+                                            max_tokens=jobs[0].max_tokens)
+        for job, result in zip(jobs, output.results, strict=True):
+            self.on_decoded(job, result)
+        return output

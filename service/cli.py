@@ -1,0 +1,54 @@
+"""`capeen serve`: flags over `CAPEEN_*` settings, the checkpoint loaded up front, then one uvicorn process.
+
+The model is loaded before uvicorn starts so that a bad checkpoint or an unavailable device is one line on
+stderr and exit status 2 (`UserError`), not a lifespan traceback. One process only: the batcher is what
+shares the model between concurrent requests, and more processes would each hold a copy and fight for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import TYPE_CHECKING
+
+from capeen.errors import UserError
+
+if TYPE_CHECKING:
+    from service.settings import Settings
+
+_FLAGS = ("host", "port", "checkpoint", "device", "half")
+# uvicorn's grace period for in-flight requests at shutdown, beyond the request deadline
+_SHUTDOWN_GRACE_S = 5.0
+
+
+def load_settings(args: argparse.Namespace) -> Settings:
+    """Settings from the environment, with the flags that were given on top."""
+    from pydantic import ValidationError
+
+    from service.settings import Settings
+
+    overrides = {name: getattr(args, name) for name in _FLAGS if getattr(args, name, None) is not None}
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(f"CAPEEN_{'.'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors())
+        raise UserError(f"bad setting: {problems}") from None
+
+
+def serve_main(args: argparse.Namespace) -> int:
+    settings = load_settings(args)  # before importing torch: a bad setting is reported at once
+
+    import uvicorn
+
+    from models.checkpoint import CheckpointError
+    from models.engine import CaptionEngine
+    from service.app import create_app
+
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        engine = CaptionEngine.from_checkpoint(settings.checkpoint, device=settings.device, half=settings.half)
+    except (CheckpointError, ValueError) as exc:
+        raise UserError(str(exc)) from None
+    uvicorn.run(create_app(settings, engine), host=settings.host, port=settings.port, log_level=settings.log_level,
+                timeout_graceful_shutdown=int(settings.request_timeout_s + _SHUTDOWN_GRACE_S))
+    return 0

@@ -1,0 +1,87 @@
+"""Every error the service sends is JSON `{"error": <kind>, "detail": <one line>}` and is counted by kind.
+
+Clients branch on `error` (a stable machine-readable kind) and show `detail`. FastAPI's own errors (422
+validation, 404, 405) and anything unexpected (500) are rewritten into the same shape by the handlers
+installed here, so no route ever answers in another format.
+"""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException
+
+# Kinds of the errors FastAPI and Starlette raise themselves, by status (ours carry their kind).
+_STATUS_KINDS = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 422: "invalid_request"}
+
+# What each error status means, with its kinds, for the OpenAPI schema.
+_DESCRIPTIONS = {
+    400: "the body is not valid multipart (bad_request)",
+    401: "no admin bearer token (unauthorized)",
+    403: "a wrong admin token (forbidden)",
+    413: "an upload over CAPEEN_MAX_UPLOAD_BYTES (upload_too_large) or an image over CAPEEN_MAX_PIXELS (too_large)",
+    415: "not an image, or an image kind that cannot be decoded (not_image, unsupported)",
+    422: "a missing field or bad option (invalid_request), or a truncated or empty image (truncated, empty)",
+    503: "not ready yet, or the queue is full (not_ready, queue_full, shutting_down); retry after Retry-After seconds",
+    504: "no caption within CAPEEN_REQUEST_TIMEOUT_S (timeout)",
+}
+
+
+class ErrorBody(BaseModel):
+    error: str = Field(description="machine-readable kind, e.g. not_image, queue_full, invalid_request")
+    detail: str = Field(description="what went wrong, in one line")
+
+
+class ServiceError(HTTPException):
+    """An HTTP error with its kind. A Starlette HTTPException, so FastAPI lets it through while parsing a body."""
+
+    def __init__(self, status_code: int, error: str, detail: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(status_code=status_code, detail=detail, headers=headers)
+        self.error = error
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict]:
+    """OpenAPI entries for error statuses of a route, all with the ErrorBody schema."""
+    return {status: {"model": ErrorBody, "description": _DESCRIPTIONS[status]} for status in statuses}
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def error_response(request: Request, status: int, error: str, detail: str,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    request.app.state.http_metrics.errors.labels(kind=error).inc()
+    return JSONResponse(ErrorBody(error=error, detail=_one_line(detail)).model_dump(), status_code=status,
+                        headers=headers)
+
+
+def _validation_detail(exc: RequestValidationError) -> str:
+    """`image: Field required; mode: Input should be 'adaptive', 'fixed' or 'full'`: every problem, one line."""
+    parts = []
+    for problem in exc.errors():
+        where = ".".join(str(part) for part in problem.get("loc", ()) if part not in ("body", "query", "header"))
+        parts.append(f"{where}: {problem.get('msg', 'invalid')}" if where else str(problem.get("msg", "invalid")))
+    return "; ".join(parts) or "invalid request"
+
+
+async def _on_http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    error = getattr(exc, "error", None) or _STATUS_KINDS.get(exc.status_code, "http_error")
+    return error_response(request, exc.status_code, error, str(exc.detail), exc.headers)
+
+
+async def _on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return error_response(request, 422, "invalid_request", _validation_detail(exc))
+
+
+async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+    # Starlette re-raises the exception after this response is sent, so the server logs its traceback.
+    return error_response(request, 500, "internal", "internal error; the server log has the details")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(HTTPException, _on_http_error)
+    app.add_exception_handler(RequestValidationError, _on_validation_error)
+    app.add_exception_handler(Exception, _on_unexpected)

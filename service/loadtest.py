@@ -1,0 +1,379 @@
+"""Load benchmark of the HTTP service on loopback: `capeen bench-serve` (or `python -m service.loadtest`).
+
+It starts `capeen serve` itself, twice, so that the only difference is the batching: once with dynamic
+batching (CAPEEN_MAX_BATCH_SIZE, default 16) and once with batch-1 serving (max_batch_size=1). The client
+sends the same request stream (synthetic scenes from the training distribution, JPEG, cycled) to both and
+measures, as the issue asks:
+
+1. captions/s at concurrency 16 with batching vs batch-1 serving;
+2. p50/p95/p99 latency at concurrency 1, 4 and 16 (closed loop: each client sends its next request when
+   the previous one is answered);
+3. twice the saturating load (open loop: requests arrive at 2x the captions/s measured at concurrency 16,
+   whatever the answers): counts of 200, 503 (back-pressure), 504 and other 5xx;
+4. the server's resident memory (from /proc) over a soak at concurrency 16.
+
+The client shares the machine with the server, as a sidecar would. The Markdown tables go to stdout.
+The scene renderer is imported where it is used: `capeen` imports this module to build its parser, and
+`capeen --help` should not pay for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from capeen.errors import UserError
+
+CONNECT_ERROR = 0  # status recorded for a request that got no HTTP answer at all
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", help="checkpoint directory (default: the shipped one)")
+    parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"],
+                        help="device of the servers (default cpu, the host the benchmark is specified for)")
+    parser.add_argument("--mode", default="fixed", choices=["adaptive", "fixed", "full"],
+                        help="decoding mode of every request (fixed: the calibrated threshold, the same work "
+                             "for both servers)")
+    parser.add_argument("--max-batch-size", type=int, default=16, help="batch limit of the batching server")
+    parser.add_argument("--concurrency", default="1,4,16", help="closed-loop client counts for latency")
+    parser.add_argument("--requests", type=int, default=400, help="requests per closed-loop measurement")
+    parser.add_argument("--overload-factor", type=float, default=2.0, help="offered load / saturating throughput")
+    parser.add_argument("--overload-s", type=float, default=30.0, help="seconds of open-loop overload")
+    parser.add_argument("--soak-s", type=float, default=300.0, help="seconds of the memory soak")
+    parser.add_argument("--images", type=int, default=64, help="distinct images in the request stream")
+    parser.add_argument("--image-size", type=int, default=192, help="side of the uploaded images, in pixels")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+# --------------------------------------------------------------------------------------------- measurements
+
+
+@dataclass
+class Run:
+    """The answers to one measurement: status and latency of each request, and its wall time."""
+
+    statuses: list[int] = field(default_factory=list)
+    latencies: list[float] = field(default_factory=list)
+    wall_s: float = 0.0
+    mean_batch: float | None = None
+
+    def record(self, status: int, latency: float) -> None:
+        self.statuses.append(status)
+        self.latencies.append(latency)
+
+    @property
+    def captions_per_s(self) -> float:
+        return self.statuses.count(200) / self.wall_s if self.wall_s else 0.0
+
+    def percentile_ms(self, q: float) -> float:
+        ok = sorted(lat for lat, status in zip(self.latencies, self.statuses, strict=True) if status == 200)
+        if not ok:
+            return float("nan")
+        return 1000.0 * ok[min(len(ok) - 1, round(q / 100 * (len(ok) - 1)))]
+
+
+class Connections:
+    """Keep-alive HTTP/1.1 connections to one server, for pre-encoded requests.
+
+    Hand-rolled on asyncio streams because the client shares the CPU with the server: a general-purpose
+    client spends more CPU per request than the server's HTTP layer, and would measure itself at 2x load.
+    """
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+
+    def get(self, path: str) -> bytes:
+        return f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\n\r\n".encode()
+
+    def post_image(self, data: bytes, mode: str) -> bytes:
+        boundary = "capeen-load-boundary"
+        body = (f'--{boundary}\r\nContent-Disposition: form-data; name="mode"\r\n\r\n{mode}\r\n'
+                f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="scene.jpg"\r\n'
+                "Content-Type: image/jpeg\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+        head = (f"POST /caption HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\n"
+                f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {len(body)}\r\n\r\n")
+        return head.encode() + body
+
+    async def send(self, request: bytes) -> tuple[int, bytes]:
+        """(status, body); status CONNECT_ERROR when the connection failed before a whole answer came."""
+        while self._idle:  # a kept-alive connection the server has closed since (idle timeout) answers nothing
+            reader, writer = self._idle.pop()
+            if not reader.at_eof():
+                break
+            writer.close()
+        else:
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+            except OSError:
+                return CONNECT_ERROR, b""
+        try:
+            writer.write(request)
+            await writer.drain()
+            status = int((await reader.readline()).split()[1])
+            headers = {}
+            while (line := await reader.readline()) not in (b"\r\n", b""):
+                name, _, value = line.decode("latin-1").partition(":")
+                headers[name.strip().lower()] = value.strip().lower()
+            body = await reader.readexactly(int(headers.get("content-length", "0")))
+        except (OSError, ValueError, IndexError, asyncio.IncompleteReadError):
+            writer.close()
+            return CONNECT_ERROR, b""
+        if headers.get("connection") == "close":
+            writer.close()
+        else:
+            self._idle.append((reader, writer))
+        return status, body
+
+    def close(self) -> None:
+        while self._idle:
+            self._idle.pop()[1].close()
+
+
+class Target:
+    """One `capeen serve` process on a free loopback port."""
+
+    def __init__(self, args: argparse.Namespace, max_batch_size: int) -> None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        self.http = Connections(port)
+        command = [str(Path(sys.executable).with_name("capeen")), "serve", "--host", "127.0.0.1",
+                   "--port", str(port), "--device", args.device]
+        if args.checkpoint:
+            command += ["--checkpoint", args.checkpoint]
+        env = {**os.environ, "CAPEEN_MAX_BATCH_SIZE": str(max_batch_size), "CAPEEN_LOG_LEVEL": "warning"}
+        self.process = subprocess.Popen(command, env=env)
+
+    def rss_mib(self) -> float:
+        with open(f"/proc/{self.process.pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        raise RuntimeError("no VmRSS line")
+
+    async def wait_ready(self, timeout_s: float = 600.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise UserError(f"capeen serve exited with status {self.process.returncode}")
+            if (await self.http.send(self.http.get("/readyz")))[0] == 200:
+                return
+            await asyncio.sleep(0.2)
+        raise UserError(f"capeen serve was not ready within {timeout_s:.0f} s")
+
+    async def batch_totals(self) -> tuple[float, float]:
+        """(images, engine calls) so far, from the server's capeen_batch_size histogram."""
+        values = {}
+        for line in (await self.http.send(self.http.get("/metrics")))[1].decode().splitlines():
+            name, _, value = line.partition(" ")
+            if name in ("capeen_batch_size_sum", "capeen_batch_size_count"):
+                values[name] = float(value)
+        return values.get("capeen_batch_size_sum", 0.0), values.get("capeen_batch_size_count", 0.0)
+
+    def stop(self) -> None:
+        self.http.close()
+        self.process.terminate()
+        try:
+            self.process.wait(60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+class Stream:
+    """The request stream: the same images in the same order for every measurement."""
+
+    def __init__(self, target: Target, images: list[bytes], mode: str) -> None:
+        self.target = target
+        self.requests = [target.http.post_image(data, mode) for data in images]
+        self.sent = 0
+
+    async def send(self, run: Run) -> None:
+        request = self.requests[self.sent % len(self.requests)]
+        self.sent += 1
+        started = time.perf_counter()
+        status, _ = await self.target.http.send(request)
+        run.record(status, time.perf_counter() - started)
+
+
+async def closed_loop(stream: Stream, concurrency: int, requests: int) -> Run:
+    run = Run()
+    stream.sent = 0
+    left = requests
+
+    async def client() -> None:
+        nonlocal left
+        while left > 0:
+            left -= 1
+            await stream.send(run)
+
+    images_before, calls_before = await stream.target.batch_totals()
+    started = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    run.wall_s = time.perf_counter() - started
+    images_after, calls_after = await stream.target.batch_totals()
+    if calls_after > calls_before:
+        run.mean_batch = (images_after - images_before) / (calls_after - calls_before)
+    return run
+
+
+async def open_loop(stream: Stream, rate: float, duration_s: float, seed: int) -> tuple[Run, float]:
+    """Poisson arrivals at `rate` per second for `duration_s`, each sent whatever the others' fate; also
+    returns the arrival rate achieved (below `rate` if the client could not keep up)."""
+    run = Run()
+    arrivals = random.Random(seed)
+    tasks = []
+    started = time.perf_counter()
+    next_at = started
+    while next_at - started < duration_s:
+        await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
+        tasks.append(asyncio.ensure_future(stream.send(run)))
+        next_at += arrivals.expovariate(rate)
+    achieved = len(tasks) / (time.perf_counter() - started)
+    await asyncio.gather(*tasks)
+    run.wall_s = time.perf_counter() - started
+    return run, achieved
+
+
+async def soak(stream: Stream, concurrency: int, duration_s: float) -> tuple[Run, list[float]]:
+    """Closed loop for `duration_s`, the server's RSS sampled every second."""
+    run = Run()
+    samples = [stream.target.rss_mib()]
+    stop_at = time.monotonic() + duration_s
+
+    async def client() -> None:
+        while time.monotonic() < stop_at:
+            await stream.send(run)
+
+    async def sampler() -> None:
+        while time.monotonic() < stop_at:
+            await asyncio.sleep(1.0)
+            samples.append(stream.target.rss_mib())
+
+    started = time.perf_counter()
+    await asyncio.gather(sampler(), *(client() for _ in range(concurrency)))
+    run.wall_s = time.perf_counter() - started
+    samples.append(stream.target.rss_mib())
+    return run, samples
+
+
+# --------------------------------------------------------------------------------------------------- report
+
+
+def _latency_row(label: str, concurrency: int, run: Run) -> str:
+    batch = f"{run.mean_batch:.1f}" if run.mean_batch is not None else "-"
+    failed = len(run.statuses) - run.statuses.count(200)
+    return (f"| {label} | {concurrency} | {len(run.statuses)} | {failed} | {run.captions_per_s:.1f} | {batch} | "
+            f"{run.percentile_ms(50):.0f} | {run.percentile_ms(95):.0f} | {run.percentile_ms(99):.0f} |")
+
+
+def report(args: argparse.Namespace, batched: dict[int, Run], single: Run, overloaded: tuple[Run, float, float],
+           soak_run: Run, rss: list[float]) -> str:
+    top = max(batched)
+    overload, offered, achieved = overloaded
+    counts = Counter(overload.statuses)
+    other_5xx = sum(n for status, n in counts.items() if status >= 500 and status not in (503, 504))
+    half = rss[len(rss) // 2:]
+    lines = [
+        f"Load benchmark: checkpoint `{args.checkpoint or 'default'}`, device {args.device}, {os.cpu_count()} CPU "
+        f"cores, mode={args.mode}, {args.images} distinct {args.image_size}x{args.image_size} JPEG scenes.",
+        "",
+        "| serving | concurrency | requests | not 200 | captions/s | mean batch | p50 ms | p95 ms | p99 ms |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        *(_latency_row(f"dynamic batching (max {args.max_batch_size})", c, run) for c, run in sorted(batched.items())),
+        _latency_row("batch-1 (max_batch_size=1)", top, single),
+        "",
+        f"Dynamic batching vs batch-1 at concurrency {top}: "
+        f"**{batched[top].captions_per_s / max(single.captions_per_s, 1e-9):.2f}x** captions/s.",
+        "",
+        "| overload | target rate | achieved rate | seconds | requests | 200 | 503 | 504 | other 5xx | no answer "
+        "| p50 ms of 200s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"| {args.overload_factor:g}x saturation | {offered:.1f}/s | {achieved:.1f}/s | {overload.wall_s:.0f} "
+        f"| {len(overload.statuses)} "
+        f"| {counts[200]} | {counts[503]} | {counts[504]} | {other_5xx} | {counts[CONNECT_ERROR]} "
+        f"| {overload.percentile_ms(50):.0f} |",
+        "",
+        "| soak | seconds | requests | captions/s | RSS start MiB | RSS end MiB | RSS max MiB "
+        "| second-half range MiB |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"| concurrency {top} | {soak_run.wall_s:.0f} | {len(soak_run.statuses)} | {soak_run.captions_per_s:.1f} "
+        f"| {rss[0]:.1f} | {rss[-1]:.1f} | {max(rss):.1f} | {max(half) - min(half):.1f} |",
+    ]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------------ main
+
+
+def _images(args: argparse.Namespace) -> list[bytes]:
+    from models.synthetic import draw_example
+
+    out = []
+    for index in range(args.images):
+        image = draw_example(args.seed, "test", index, args.image_size)[0]
+        buffer = io.BytesIO()
+        image.convert("RGB").save(buffer, format="JPEG", quality=90)
+        out.append(buffer.getvalue())
+    return out
+
+
+async def _benchmark(args: argparse.Namespace, concurrency: list[int]) -> str:
+    images = _images(args)
+    top = max(concurrency)
+    target = Target(args, args.max_batch_size)
+    try:
+        await target.wait_ready()
+        stream = Stream(target, images, args.mode)
+        await closed_loop(stream, top, min(args.requests, 64))  # warm-up
+        batched = {c: await closed_loop(stream, c, args.requests) for c in concurrency}
+        offered = args.overload_factor * batched[top].captions_per_s
+        overload, achieved = await open_loop(stream, offered, args.overload_s, args.seed)
+        soak_run, rss = await soak(stream, top, args.soak_s)
+    finally:
+        target.stop()
+    target = Target(args, 1)
+    try:
+        await target.wait_ready()
+        stream = Stream(target, images, args.mode)
+        await closed_loop(stream, top, min(args.requests, 64))
+        single = await closed_loop(stream, top, args.requests)
+    finally:
+        target.stop()
+    return report(args, batched, single, (overload, offered, achieved), soak_run, rss)
+
+
+def bench_serve_main(args: argparse.Namespace) -> int:
+    try:
+        concurrency = sorted({int(c) for c in args.concurrency.split(",")})
+    except ValueError:
+        raise UserError(f"--concurrency must be comma-separated integers, got {args.concurrency!r}") from None
+    if not concurrency or concurrency[0] < 1 or args.requests < 1 or args.images < 1:
+        raise UserError("--concurrency, --requests and --images must be positive")
+    print(asyncio.run(_benchmark(args, concurrency)))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m service.loadtest", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    try:
+        return bench_serve_main(parser.parse_args(argv))
+    except UserError as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""Prometheus metrics of the service, in base units, all prefixed `capeen_`.
+
+Each app has a registry of its own, so /metrics shows exactly the service's figures and two apps in one
+process (as in the tests) never collide. The HTTP metrics exist from the app's creation; the serving
+metrics need the model (the exit-layer histogram has one bucket per decoder layer) and are created when the
+lifespan has loaded it. `docs/service.md` explains each metric and the PromQL for speedup.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from models.decoding import DecodeTrace
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# A request's reward is a mean of C_i - C_1 - mu * p_i / L: mostly small, below zero when depth did not pay.
+REWARD_BUCKETS = (-0.2, -0.1, -0.05, -0.02, 0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
+
+
+class HttpMetrics:
+    """What every route reports: requests, their duration and error responses by kind."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter("capeen_requests", "HTTP requests answered, by route template and status code",
+                                ["route", "status"], registry=registry)
+        self.duration = Histogram("capeen_request_duration_seconds", "time from a request's arrival to its "
+                                  "response, by route template", ["route"], buckets=LATENCY_BUCKETS,
+                                  registry=registry)
+        self.errors = Counter("capeen_errors", "error responses by kind (the `error` field of the body)", ["kind"],
+                              registry=registry)
+
+
+def _batch_buckets(max_batch_size: int) -> list[float]:
+    sizes = {1, max_batch_size}
+    size = 2
+    while size < max_batch_size:
+        sizes.add(size)
+        size *= 2
+    return sorted(float(s) for s in sizes)
+
+
+class ServingMetrics:
+    """The batcher's, the decoder's and the bandit's figures."""
+
+    def __init__(self, registry: CollectorRegistry, *, n_layer: int, max_batch_size: int) -> None:
+        self.n_layer = n_layer
+        self.queue_duration = Histogram("capeen_queue_duration_seconds", "time a caption request waited in the "
+                                        "queue before its batch started", buckets=LATENCY_BUCKETS, registry=registry)
+        self.batch_size = Histogram("capeen_batch_size", "images per engine call",
+                                    buckets=_batch_buckets(max_batch_size), registry=registry)
+        self.queue_depth = Gauge("capeen_queue_depth", "caption requests waiting for a batch", registry=registry)
+        self.tokens = Counter("capeen_tokens_generated", "decoding steps run, end-of-caption token included",
+                              registry=registry)
+        self.token_exit_layer = Histogram("capeen_token_exit_layer", "1-based decoder layer each generated token "
+                                          "left at (one observation per token)",
+                                          buckets=[float(layer) for layer in range(1, n_layer + 1)],
+                                          registry=registry)
+        self.layers_computed = Counter("capeen_decoder_layers_computed", "decoder layers computed over all tokens",
+                                       registry=registry)
+        self.layers_full = Counter("capeen_decoder_layers_full", "decoder layers a full-depth decode of the same "
+                                   "tokens would have computed", registry=registry)
+        self.arm_pulls = Counter("capeen_bandit_arm_pulls", "adaptive requests decoded with each arm (threshold)",
+                                 ["arm"], registry=registry)
+        self.bandit_threshold = Gauge("capeen_bandit_threshold", "threshold of the arm the bandit rates best now",
+                                      registry=registry)
+        self.bandit_reward = Histogram("capeen_bandit_reward", "reward of each adaptive request",
+                                       buckets=REWARD_BUCKETS, registry=registry)
+        self.model = Info("capeen_model", "the loaded model", registry=registry)
+
+    def track_queue(self, depth: Callable[[], int]) -> None:
+        """Read the queue depth at scrape time, so it is never stale."""
+        self.queue_depth.set_function(depth)
+
+    def observe_trace(self, trace: DecodeTrace) -> None:
+        for layer in trace.exit_layers:
+            self.token_exit_layer.observe(layer)
+        self.tokens.inc(len(trace.exit_layers))
+        self.layers_computed.inc(sum(trace.exit_layers))
+        self.layers_full.inc(self.n_layer * len(trace.exit_layers))
+
+    def describe_model(self, info: Mapping[str, object]) -> None:
+        self.model.info({key: str(value) for key, value in info.items()})

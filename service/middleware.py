@@ -1,0 +1,84 @@
+"""Two pure ASGI middlewares (not BaseHTTPMiddleware, which would buffer and detach the request body).
+
+* `RequestContext`: gives each request an id and an arrival time (its deadline and `total_ms` start there),
+  echoes the id in `X-Request-ID`, and counts and times every response by route template.
+* `BodyLimit`: refuses a body over the limit without reading it: a too large Content-Length fails the first
+  read, and a body without one fails as soon as the bytes received pass the limit.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.errors import ServiceError
+from service.metrics import HttpMetrics
+
+_CLIENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def _request_id(headers: Headers) -> str:
+    """The client's X-Request-ID when it is a sane token (for tracing across services), else a new one."""
+    given = headers.get("x-request-id", "")
+    return given if _CLIENT_ID.fullmatch(given) else uuid.uuid4().hex
+
+
+class RequestContext:
+    def __init__(self, app: ASGIApp, metrics: HttpMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        request_id = _request_id(Headers(scope=scope))
+        scope.setdefault("state", {}).update(request_id=request_id, started=started)
+        status = 500  # what the client gets if the app raises before responding
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", request_id.encode())]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")  # the template: bounded label values
+            self.metrics.requests.labels(route=route, status=str(status)).inc()
+            self.metrics.duration.labels(route=route).observe(time.perf_counter() - started)
+
+
+class BodyLimit:
+    def __init__(self, app: ASGIApp, limit: int, detail: str) -> None:
+        self.app = app
+        self.limit = limit
+        self.detail = detail
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = Headers(scope=scope).get("content-length", "")
+        too_large = declared.isdigit() and int(declared) > self.limit
+        received = 0
+
+        async def limited_receive() -> Message:
+            # Raised inside the route's body parsing, which FastAPI passes on as an HTTP error: a JSON 413.
+            nonlocal received
+            if too_large:
+                raise ServiceError(413, "upload_too_large", self.detail)
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                raise ServiceError(413, "upload_too_large", self.detail)
+            return message
+
+        await self.app(scope, limited_receive, send)

@@ -1,0 +1,1 @@
+"""The HTTP routes, one router per concern; `service.app` includes them all."""

@@ -1,0 +1,105 @@
+"""POST /caption: one uploaded image in, its caption and how deep each word was decoded out."""
+
+from __future__ import annotations
+
+import time
+from enum import Enum
+from functools import partial
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, Request, UploadFile
+from starlette.concurrency import run_in_threadpool
+
+from service.batcher import Abandoned, DeadlineExceeded, EngineFailed, QueueFull, ShuttingDown
+from service.dependencies import RETRY_AFTER, RuntimeDep
+from service.errors import ServiceError, error_responses
+from service.runtime import Runtime
+from service.schemas import CaptionResponse, Timings
+from service.uploads import image_pixels, read_upload
+
+router = APIRouter(tags=["caption"])
+
+
+class Mode(str, Enum):
+    adaptive = "adaptive"  # the bandit picks the threshold
+    fixed = "fixed"  # the given threshold, else the calibrated one
+    full = "full"  # every decoder layer
+
+
+# How a request that did not get its caption is answered: status, error kind, headers.
+_BATCH_ERRORS: dict[type[Exception], tuple[int, str, dict[str, str] | None]] = {
+    QueueFull: (503, "queue_full", RETRY_AFTER),
+    ShuttingDown: (503, "shutting_down", RETRY_AFTER),
+    DeadlineExceeded: (504, "timeout", None),
+    Abandoned: (499, "client_closed", None),  # nginx's code; nobody reads it, the metrics do
+    EngineFailed: (500, "engine_failed", None),
+}
+
+
+async def _until_disconnected(request: Request) -> None:
+    """Returns when the client closes the connection (the body has been read, so nothing else can arrive)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _fixed_threshold(runtime: Runtime, mode: Mode, threshold: float | None) -> float | None:
+    """The threshold of mode fixed or full; None for adaptive, where the bandit chooses."""
+    if mode is Mode.adaptive:
+        return None
+    try:
+        return runtime.engine.threshold_for(mode.value, threshold)
+    except ValueError as exc:  # fixed mode on a checkpoint without a calibrated threshold
+        raise ServiceError(422, "invalid_request", str(exc)) from None
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000.0, 3)
+
+
+@router.post("/caption", response_model=CaptionResponse, responses=error_responses(400, 413, 415, 422, 503, 504),
+             summary="caption an image (JPEG, PNG, WebP, BMP, GIF: first frame)")
+async def caption(
+    request: Request,
+    runtime: RuntimeDep,
+    image: Annotated[UploadFile, File(description="the image file")],
+    mode: Annotated[Mode, Form(description="adaptive: the bandit picks the threshold; fixed: `threshold`, "
+                                           "default the calibrated one; full: every decoder layer")] = Mode.adaptive,
+    threshold: Annotated[float | None, Form(gt=0.0, le=1.0, description="confidence threshold of mode=fixed")] = None,
+    max_tokens: Annotated[int | None, Form(ge=1, description="longest caption in tokens (default and cap: "
+                                                                "GET /v1/model's max_tokens)")] = None,
+) -> CaptionResponse:
+    settings = runtime.settings
+    if threshold is not None and mode is not Mode.fixed:
+        raise ServiceError(422, "invalid_request", f"threshold applies to mode=fixed only, not to mode={mode.value}")
+    if max_tokens is not None and max_tokens > runtime.max_tokens:
+        raise ServiceError(422, "invalid_request", f"max_tokens must be at most {runtime.max_tokens}")
+    fixed = _fixed_threshold(runtime, mode, threshold)
+    with runtime.batcher.incoming():
+        data = await read_upload(image, settings.max_upload_bytes)
+        pixels = await run_in_threadpool(image_pixels, runtime.engine, data, settings.max_pixels)
+    arm = runtime.bandit.select() if fixed is None else None  # as late as possible: the freshest statistics
+    chosen = fixed if arm is None else arm.threshold
+
+    started: float = request.state.started
+    remaining = settings.request_timeout_s - (time.perf_counter() - started)
+    try:
+        outcome = await runtime.batcher.caption(pixels, chosen, max_tokens or runtime.max_tokens, arm,
+                                                timeout=remaining, abandoned=partial(_until_disconnected, request))
+    except tuple(_BATCH_ERRORS) as exc:
+        status, kind, headers = _BATCH_ERRORS[type(exc)]
+        raise ServiceError(status, kind, str(exc), headers=headers) from None
+
+    result = outcome.result
+    return CaptionResponse(
+        caption=result.caption,
+        tokens=result.tokens,
+        exit_layers=result.exit_layers,
+        mean_exit_layer=result.mean_exit_layer,
+        threshold=result.threshold,
+        arm=None if arm is None else arm.index,
+        policy=None if arm is None else runtime.bandit.policy.name,
+        timings=Timings(queue_ms=_ms(outcome.queue_s), encode_ms=_ms(outcome.encode_s),
+                        decode_ms=_ms(outcome.decode_s), total_ms=_ms(time.perf_counter() - started)),
+        model=runtime.engine.name,
+        request_id=request.state.request_id,
+    )

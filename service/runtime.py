@@ -1,0 +1,96 @@
+"""What the lifespan builds and tears down: the warmed engine, the bandit, the batcher and their metrics.
+
+The routes reach all of it through `app.state.runtime` (service.dependencies); until it exists, and again
+once shutdown has begun, the service is not ready.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from PIL import Image
+from prometheus_client import CollectorRegistry
+
+from bandit import make_policy
+from models.engine import CaptionEngine, CaptionResult
+from service.adaptive import AdaptiveThreshold
+from service.batcher import Batcher, Job
+from service.metrics import ServingMetrics
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def exit_positions(engine: CaptionEngine) -> list[int]:
+    """1-based layers a token can leave at: every exit head and the final layer."""
+    return sorted({*engine.config.exit_layers, engine.config.n_layer})
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    engine: CaptionEngine
+    metrics: ServingMetrics
+    bandit: AdaptiveThreshold
+    batcher: Batcher
+    max_tokens: int  # longest caption a request may ask for, and the default
+
+    @property
+    def ready(self) -> bool:
+        return self.batcher.running
+
+    def describe_model(self) -> dict[str, object]:
+        """The loaded model, as GET /v1/model and the capeen_model_info metric show it."""
+        config = self.engine.config
+        return {
+            "name": self.engine.name,
+            "layers": config.n_layer,
+            "exits": exit_positions(self.engine),
+            "calibrated_threshold": self.engine.calibrated_threshold,
+            "device": str(self.engine.device),
+            "dtype": str(self.engine.dtype).removeprefix("torch."),
+            "vocab_size": config.vocab_size,
+            "image_size": config.image_size,
+            "max_tokens": self.max_tokens,
+        }
+
+    async def close(self) -> None:
+        """Graceful stop: refuse new requests, decode the queued ones, keep what the bandit learnt."""
+        await self.batcher.close()
+        self.bandit.save()
+
+
+def _record(metrics: ServingMetrics, bandit: AdaptiveThreshold, job: Job, result: CaptionResult) -> None:
+    metrics.observe_trace(result.trace)
+    if job.arm is not None:
+        bandit.update(job.arm, result.trace)
+
+
+def start_runtime(settings: Settings, registry: CollectorRegistry, engine: CaptionEngine | None = None) -> Runtime:
+    """Load (unless given) and warm the engine, restore the bandit and start the batcher; needs a running loop."""
+    torch.set_num_threads(settings.torch_threads)
+    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < settings.max_pixels:
+        # Pillow's own decompression-bomb guard would otherwise cap CAPEEN_MAX_PIXELS at its default
+        Image.MAX_IMAGE_PIXELS = settings.max_pixels
+    if engine is None:
+        engine = CaptionEngine.from_checkpoint(settings.checkpoint, device=settings.device, half=settings.half)
+    engine.warmup()
+    config = engine.config
+    metrics = ServingMetrics(registry, n_layer=config.n_layer, max_batch_size=settings.max_batch_size)
+    factory = partial(make_policy, settings.policy, exit_positions=exit_positions(engine), num_layers=config.n_layer,
+                      calibrated=engine.calibrated_threshold, mu=settings.bandit_mu)
+    bandit = AdaptiveThreshold(factory, metrics, settings.bandit_state)
+    batcher = Batcher(engine, metrics, partial(_record, metrics, bandit), max_batch_size=settings.max_batch_size,
+                      max_wait_s=settings.max_wait_ms / 1000, queue_size=settings.queue_size)
+    metrics.track_queue(batcher.depth)
+    model_limit = config.n_positions - 1
+    runtime = Runtime(settings, engine, metrics, bandit, batcher,
+                      max_tokens=min(settings.max_tokens or model_limit, model_limit))
+    metrics.describe_model(runtime.describe_model())
+    batcher.start()
+    log.info("ready: %s on %s (%s), policy %s", engine.name, engine.device, runtime.describe_model()["dtype"],
+             settings.policy)
+    return runtime

@@ -1,0 +1,56 @@
+"""Response bodies of the routes; as pydantic models they make the OpenAPI schema exact."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class Timings(BaseModel):
+    queue_ms: float = Field(description="time waiting in the queue for a batch")
+    encode_ms: float = Field(description="image encoder time of the batch the request was decoded in")
+    decode_ms: float = Field(description="caption decoding time of that batch")
+    total_ms: float = Field(description="from the request's arrival to the response")
+
+
+class CaptionResponse(BaseModel):
+    caption: str
+    tokens: list[str] = Field(description="the caption's words")
+    exit_layers: list[int] = Field(description="1-based decoder layer each word left at, aligned with tokens")
+    mean_exit_layer: float = Field(description="mean exit layer over every decoding step, end token included")
+    threshold: float | None = Field(description="confidence threshold decoded with; null for mode=full")
+    arm: int | None = Field(description="index of the bandit arm (GET /v1/bandit) for mode=adaptive, else null")
+    policy: str | None = Field(description="bandit policy for mode=adaptive, else null")
+    timings: Timings
+    model: str = Field(description="name of the checkpoint")
+    request_id: str = Field(description="also in the X-Request-ID response header")
+
+
+class Status(BaseModel):
+    status: str
+
+
+class ModelInfo(BaseModel):
+    name: str
+    layers: int = Field(description="decoder layers")
+    exits: list[int] = Field(description="1-based layers a token can leave at, the final layer included")
+    calibrated_threshold: float | None
+    device: str
+    dtype: str
+    vocab_size: int
+    image_size: int = Field(description="side of the square the encoder sees, in pixels")
+    max_tokens: int = Field(description="longest caption a request may ask for")
+
+
+class ArmStats(BaseModel):
+    arm: int
+    threshold: float
+    pulls: int = Field(description="adaptive requests decoded with this threshold")
+    observations: int = Field(description="rewards learnt for it, side observations included")
+    mean_reward: float | None = Field(description="the policy's current estimate; null before any observation")
+
+
+class BanditState(BaseModel):
+    policy: str
+    rounds: int = Field(description="adaptive requests learnt from")
+    arms: list[ArmStats]
+    best: ArmStats = Field(description="the arm with the highest estimated reward")

@@ -1,0 +1,57 @@
+"""Every knob of the service, read from `CAPEEN_*` environment variables (pydantic-settings).
+
+One object carries them from `capeen serve` (whose flags override the environment) to the app, so a
+deployment is configured the same way whether it runs in a container, under systemd or in a test.
+The field descriptions are the settings table of the README.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from bandit import DEFAULT_MU, POLICIES
+
+MiB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CAPEEN_", extra="ignore")
+
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port")
+    checkpoint: Path | None = Field(None, description="checkpoint directory; unset: the shipped default")
+    device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto: CUDA when available, else CPU")
+    half: bool = Field(False, description="half precision (bf16, else fp16) on CUDA; ignored on CPU")
+    max_batch_size: int = Field(16, ge=1, description="most requests decoded together in one batch")
+    max_wait_ms: float = Field(20.0, ge=0, description="longest a batch waits for requests still being decoded "
+                               "(it never waits when none is, so a lone request goes at once)")
+    queue_size: int = Field(64, ge=1, description="requests that may wait for the model; more get 503")
+    request_timeout_s: float = Field(30.0, gt=0, description="deadline of a request from its arrival; past it: 504")
+    max_upload_bytes: int = Field(10 * MiB, ge=1, description="largest image file accepted, in bytes; more: 413")
+    max_pixels: int = Field(40_000_000, ge=1,
+                            description="largest image accepted, in pixels, read from its header; more: 413")
+    max_tokens: int | None = Field(None, ge=1, description="longest caption in tokens, and the cap of the max_tokens "
+                                   "option; unset: the model's limit")
+    policy: str = Field("d-ucb", description="bandit policy of mode=adaptive: ucb1, sw-ucb or d-ucb (discounted "
+                        "UCB: follows drifting traffic with O(arms) state)")
+    bandit_state: Path | None = Field(None, description="JSON snapshot of the bandit, restored at start and "
+                                      "written at shutdown; unset: learning starts afresh at each start")
+    bandit_mu: float = Field(DEFAULT_MU, ge=0, description="the bandit's price of running the whole decoder, "
+                             "in units of confidence")
+    admin_token: SecretStr | None = Field(None, description="bearer token that POST /v1/bandit/reset requires; "
+                                          "unset: no token needed")
+    torch_threads: int = Field(1, ge=1, description="torch intra-op threads; one is fastest for this small decoder "
+                               "on a few CPU cores and avoids OpenMP stalls next to other processes")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
+        "info", description="log level of the service and uvicorn")
+
+    @field_validator("policy")
+    @classmethod
+    def _known_policy(cls, value: str) -> str:
+        if value not in POLICIES:
+            raise ValueError(f"unknown policy {value!r}; choose one of {', '.join(sorted(POLICIES))}")
+        return value

@@ -1,0 +1,48 @@
+"""An uploaded file -> the engine's pixel tensor, with every way that can fail mapped to an HTTP error."""
+
+from __future__ import annotations
+
+import torch
+from fastapi import UploadFile
+
+from models.engine import CaptionEngine
+from models.images import ImageError, load_image
+from service.errors import ServiceError
+
+CHUNK_BYTES = 1024 * 1024
+# The request body holds the file plus multipart framing and the small option fields.
+FORM_OVERHEAD_BYTES = 64 * 1024
+
+IMAGE_ERROR_STATUS = {
+    "too_large": 413,  # more pixels than CAPEEN_MAX_PIXELS, found from the header before decoding
+    "not_image": 415,
+    "unsupported": 415,
+    "empty": 422,
+    "truncated": 422,
+    "unreadable": 422,
+}
+
+
+def upload_limit_detail(limit: int) -> str:
+    return f"the upload is larger than {limit} bytes (CAPEEN_MAX_UPLOAD_BYTES)"
+
+
+async def read_upload(upload: UploadFile, limit: int) -> bytes:
+    """The file's bytes; 413 as soon as more than `limit` arrive (never reads more than limit + 1)."""
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await upload.read(min(CHUNK_BYTES, limit + 1 - size)):
+        size += len(chunk)
+        if size > limit:
+            raise ServiceError(413, "upload_too_large", upload_limit_detail(limit))
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def image_pixels(engine: CaptionEngine, data: bytes, max_pixels: int) -> torch.Tensor:
+    """Decode and preprocess one image (CPU work: the routes run it in a worker thread)."""
+    try:
+        image = load_image(data, max_pixels=max_pixels)
+    except ImageError as exc:
+        raise ServiceError(IMAGE_ERROR_STATUS[exc.kind], exc.kind, str(exc)) from None
+    return engine.pixels([image])

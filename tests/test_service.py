@@ -1,0 +1,371 @@
+"""The HTTP service against a real uvicorn server on a loopback port: uploads, options, every error path,
+concurrent requests answered each with its own caption, the bandit routes and the metrics.
+
+Also home of the helpers the other service test modules share (`running_server`, `SlowEngine`, images).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import socket
+import struct
+import threading
+import time
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import httpx
+import numpy as np
+import pytest
+import uvicorn
+from fastapi import FastAPI
+from PIL import Image
+
+from models.engine import CaptionEngine
+from models.images import load_image
+from service.app import create_app
+from service.settings import Settings
+
+ADMIN_TOKEN = "s3cret-token"
+UPLOAD_LIMIT = 256 * 1024
+
+
+# ------------------------------------------------------------------------------------------------ shared helpers
+
+
+@dataclass
+class Server:
+    url: str
+    app: FastAPI
+    uvicorn: uvicorn.Server
+    thread: threading.Thread
+
+    def stop(self) -> None:
+        """What SIGTERM does: stop listening, finish in-flight requests, run the lifespan's shutdown."""
+        self.uvicorn.should_exit = True
+        self.thread.join(60)
+        assert not self.thread.is_alive(), "the server did not shut down"
+
+
+@contextmanager
+def running_server(settings: Settings, engine: CaptionEngine | None = None) -> Iterator[Server]:
+    """`create_app(settings, engine)` served by uvicorn in a thread, on a loopback port bound beforehand."""
+    app = create_app(settings, engine)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=30)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while not server.started:
+        assert thread.is_alive(), "the server failed to start"
+        assert time.monotonic() < deadline, "the server did not start in time"
+        time.sleep(0.02)
+    running = Server(f"http://127.0.0.1:{sock.getsockname()[1]}", app, server, thread)
+    try:
+        yield running
+    finally:
+        if thread.is_alive():
+            running.stop()
+        sock.close()
+
+
+class SlowEngine:
+    """A real engine whose batches take `delay` seconds longer: a model that cannot keep up."""
+
+    def __init__(self, engine: CaptionEngine, delay: float) -> None:
+        self._engine = engine
+        self.delay = delay
+
+    def __getattr__(self, name: str):
+        return getattr(self._engine, name)
+
+    def caption_pixels(self, *args, **kwargs):
+        time.sleep(self.delay)
+        return self._engine.caption_pixels(*args, **kwargs)
+
+
+def encode(image: Image.Image, fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def noise_image(seed: int, size: tuple[int, int] = (40, 32)) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def upload(data: bytes, name: str = "image.png", content_type: str = "image/png") -> dict:
+    return {"image": (name, data, content_type)}
+
+
+def metric_value(text: str, sample: str) -> float:
+    """The value of one exposition line, e.g. `capeen_requests_total{route="/caption",status="200"}`; 0 if absent."""
+    for line in text.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def assert_error(response: httpx.Response, status: int, error: str) -> None:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error", "detail"} and body["error"] == error, body
+    assert body["detail"] and "\n" not in body["detail"]
+
+
+@pytest.fixture(scope="session", name="tiny_engine")
+def tiny_engine_fixture(tiny_checkpoint) -> CaptionEngine:
+    """The tiny model, loaded once; other service test modules import this fixture."""
+    return CaptionEngine.from_checkpoint(tiny_checkpoint, device="cpu")
+
+
+# ------------------------------------------------------------------------------------------------ the server
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoint, tmp_path_factory) -> Iterator[Server]:
+    """Loads the checkpoint itself in the lifespan, as `capeen serve` without a preloaded engine would."""
+    settings = Settings(checkpoint=tiny_checkpoint, max_batch_size=8, max_wait_ms=20, max_upload_bytes=UPLOAD_LIMIT,
+                        max_pixels=4_000_000, admin_token=ADMIN_TOKEN, log_level="warning",
+                        bandit_state=tmp_path_factory.mktemp("bandit") / "bandit.json")
+    with running_server(settings) as running:
+        yield running
+
+
+@pytest.fixture()
+def client(server: Server) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        yield http
+
+
+# ------------------------------------------------------------------------------------------------ success
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "GIF", "BMP"])
+def test_caption_each_format(client: httpx.Client, fmt: str) -> None:
+    response = client.post("/caption", files=upload(encode(noise_image(1), fmt), f"x.{fmt.lower()}", "image/*"))
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert set(body) == {"caption", "tokens", "exit_layers", "mean_exit_layer", "threshold", "arm", "policy",
+                         "timings", "model", "request_id"}
+    assert set(body["timings"]) == {"queue_ms", "encode_ms", "decode_ms", "total_ms"}
+    assert body["timings"]["total_ms"] >= body["timings"]["queue_ms"] >= 0
+    assert len(body["tokens"]) == len(body["exit_layers"]) and all(1 <= x <= 4 for x in body["exit_layers"])
+    assert 1 <= body["mean_exit_layer"] <= 4
+    assert body["model"] == "tiny-test" and body["policy"] == "d-ucb" and isinstance(body["arm"], int)
+    assert body["request_id"] == response.headers["x-request-id"]
+    arms = client.get("/v1/bandit").json()["arms"]
+    assert body["threshold"] == arms[body["arm"]]["threshold"]
+
+
+@pytest.mark.parametrize(
+    ("mode", "fmt"),
+    [("L", "PNG"), ("P", "GIF"), ("RGBA", "PNG"), ("LA", "PNG"), ("CMYK", "JPEG"), ("I;16", "PNG"), ("1", "BMP")],
+)
+def test_caption_any_pillow_mode(client: httpx.Client, mode: str, fmt: str) -> None:
+    image = noise_image(8).convert("L").convert(mode) if mode != "I;16" else Image.new("I;16", (40, 32), 30000)
+    assert client.post("/caption", files=upload(encode(image, fmt))).status_code == 200
+
+
+def test_exif_orientation_is_honoured(client: httpx.Client, tiny_engine: CaptionEngine) -> None:
+    """A photo stored sideways with EXIF orientation 6 is captioned like the upright picture."""
+    upright = noise_image(9, (40, 24))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    buffer = io.BytesIO()
+    upright.transpose(Image.Transpose.ROTATE_90).save(buffer, format="PNG", exif=exif)
+    sideways = client.post("/caption", files=upload(buffer.getvalue()), data={"mode": "fixed"}).json()
+    want = tiny_engine.caption([upright], 0.6).results[0]
+    assert (sideways["tokens"], sideways["exit_layers"]) == (want.tokens, want.exit_layers)
+    stored = tiny_engine.caption([upright.transpose(Image.Transpose.ROTATE_90)], 0.6).results[0]
+    assert (stored.tokens, stored.exit_layers) != (want.tokens, want.exit_layers), "pick an image that tells"
+
+
+def test_modes_and_max_tokens(client: httpx.Client) -> None:
+    image = upload(encode(noise_image(2)))
+    full = client.post("/caption", files=image, data={"mode": "full"}).json()
+    assert full["threshold"] is None and full["arm"] is None and full["policy"] is None
+    assert set(full["exit_layers"]) <= {4} and full["mean_exit_layer"] == 4.0
+    assert client.post("/caption", files=image, data={"mode": "fixed"}).json()["threshold"] == 0.6  # calibrated
+    assert client.post("/caption", files=image, data={"mode": "fixed", "threshold": "0.5"}).json()["threshold"] == 0.5
+    short = client.post("/caption", files=image, data={"mode": "fixed", "max_tokens": "2"}).json()
+    assert len(short["tokens"]) <= 2
+
+
+def test_request_id_is_echoed(client: httpx.Client) -> None:
+    response = client.post("/caption", files=upload(encode(noise_image(3))), headers={"X-Request-ID": "trace-42"})
+    assert response.json()["request_id"] == response.headers["x-request-id"] == "trace-42"
+    assert client.get("/healthz", headers={"X-Request-ID": "bad id\twith spaces"}).headers["x-request-id"] != ""
+
+
+def test_concurrent_requests_each_get_their_own_caption(server: Server, tiny_engine: CaptionEngine) -> None:
+    images = [encode(noise_image(100 + i)) for i in range(12)]
+    thresholds = [0.5, 0.6, 0.7] * 4  # per-request thresholds, decoded side by side in shared batches
+    before = httpx.get(f"{server.url}/metrics").text
+
+    async def send_all() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+            return await asyncio.gather(*(
+                http.post("/caption", files=upload(data), data={"mode": "fixed", "threshold": str(t)},
+                          headers={"X-Request-ID": f"req-{i}"})
+                for i, (data, t) in enumerate(zip(images, thresholds, strict=True))))
+
+    responses = asyncio.run(send_all())
+    expected = [tiny_engine.caption([load_image(data)], t).results[0]
+                for data, t in zip(images, thresholds, strict=True)]
+    assert len({tuple(r.tokens) for r in expected}) > 3, "the images must get different captions to tell them apart"
+    for i, (response, want) in enumerate(zip(responses, expected, strict=True)):
+        body = response.json()
+        assert body["request_id"] == f"req-{i}"
+        assert (body["tokens"], body["exit_layers"], body["threshold"]) == (want.tokens, want.exit_layers,
+                                                                             thresholds[i])
+    after = httpx.get(f"{server.url}/metrics").text
+    batches = metric_value(after, "capeen_batch_size_count") - metric_value(before, "capeen_batch_size_count")
+    assert batches < 12, "concurrent requests should have shared batches"
+
+
+# ------------------------------------------------------------------------------------------------ errors
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A PNG header that claims width x height pixels, with no pixel data: a decompression bomb's calling card."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"") + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize(
+    ("data", "status", "error"),
+    [
+        (b"this is plain text, not a picture", 415, "not_image"),
+        (encode(noise_image(4))[:60], 422, "truncated"),
+        (b"", 422, "empty"),
+        (_png_claiming(30_000, 30_000), 413, "too_large"),
+    ],
+    ids=["not-image", "truncated", "empty", "pixel-bomb"],
+)
+def test_bad_images(client: httpx.Client, data: bytes, status: int, error: str) -> None:
+    assert_error(client.post("/caption", files=upload(data)), status, error)
+
+
+def test_upload_over_limit_streamed_without_length(client: httpx.Client) -> None:
+    boundary = "capeen-boundary"
+    head = (f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="big.png"\r\n'
+            "Content-Type: image/png\r\n\r\n").encode()
+
+    def body() -> Iterator[bytes]:  # a generator: sent chunked, with no Content-Length
+        yield head
+        for _ in range(UPLOAD_LIMIT // 16384 + 8):
+            yield b"\0" * 16384
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    response = client.post("/caption", content=body(),
+                           headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert_error(response, 413, "upload_too_large")
+
+
+def test_upload_over_limit_refused_from_content_length(server: Server) -> None:
+    """Only the headers and a sliver of the promised 1 GB are sent: the 413 must come without the rest."""
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        conn.sendall(b"POST /caption HTTP/1.1\r\nHost: test\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                     b"Content-Length: 1000000000\r\n\r\n--b\r\n")
+        reply = b""
+        while b"\r\n\r\n" not in reply or not reply.rstrip().endswith(b"}"):
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
+    assert b'"upload_too_large"' in reply
+
+
+@pytest.mark.parametrize(
+    ("files", "data", "mentions"),
+    [
+        (None, {"mode": "fixed"}, "image"),
+        ("image", {"mode": "sideways"}, "mode"),
+        ("image", {"mode": "fixed", "threshold": "0"}, "threshold"),
+        ("image", {"mode": "fixed", "threshold": "1.5"}, "threshold"),
+        ("image", {"mode": "fixed", "threshold": "high"}, "threshold"),
+        ("image", {"mode": "fixed", "threshold": "nan"}, "threshold"),
+        ("image", {"mode": "adaptive", "threshold": "0.7"}, "threshold"),
+        ("image", {"max_tokens": "0"}, "max_tokens"),
+        ("image", {"max_tokens": "100000"}, "max_tokens"),
+        ("image", {"max_tokens": "many"}, "max_tokens"),
+        ("text", {}, "image"),
+    ],
+)
+def test_bad_options(client: httpx.Client, files, data: dict, mentions: str) -> None:
+    if files == "image":
+        files = upload(encode(noise_image(5)))
+    elif files == "text":  # the image sent as a plain form field, not a file
+        data = {"image": "not a file"}
+        files = {"other": ("x.txt", b"x", "text/plain")}
+    response = client.post("/caption", files=files, data=data)
+    assert_error(response, 422, "invalid_request")
+    assert mentions in response.json()["detail"]
+
+
+def test_unknown_route_and_method(client: httpx.Client) -> None:
+    assert_error(client.get("/nothing-here"), 404, "not_found")
+    assert_error(client.get("/caption"), 405, "method_not_allowed")
+
+
+def test_bandit_reset_needs_the_admin_token(client: httpx.Client) -> None:
+    client.post("/caption", files=upload(encode(noise_image(6))))  # adaptive: the bandit learns
+    assert client.get("/v1/bandit").json()["rounds"] > 0
+    missing = client.post("/v1/bandit/reset")
+    assert_error(missing, 401, "unauthorized")
+    assert missing.headers["www-authenticate"] == "Bearer"
+    assert_error(client.post("/v1/bandit/reset", headers={"Authorization": "Bearer wrong"}), 403, "forbidden")
+    assert_error(client.post("/v1/bandit/reset", headers={"Authorization": "Basic eDp5"}), 401, "unauthorized")
+    assert client.get("/v1/bandit").json()["rounds"] > 0
+    reset = client.post("/v1/bandit/reset", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+    assert reset.status_code == 200 and reset.json()["rounds"] == 0
+    assert all(arm["pulls"] == 0 and arm["mean_reward"] is None for arm in reset.json()["arms"])
+
+
+# ------------------------------------------------------------------------------------------------ other routes
+
+
+def test_health_model_and_bandit_routes(client: httpx.Client) -> None:
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/readyz").json() == {"status": "ready"}
+    assert client.get("/v1/model").json() == {
+        "name": "tiny-test", "layers": 4, "exits": [1, 2, 3, 4], "calibrated_threshold": 0.6, "device": "cpu",
+        "dtype": "float32", "vocab_size": 29, "image_size": 32, "max_tokens": 15}
+    bandit = client.get("/v1/bandit").json()
+    assert bandit["policy"] == "d-ucb"
+    thresholds = [arm["threshold"] for arm in bandit["arms"]]
+    assert 0.6 in thresholds and thresholds == sorted(thresholds)
+    assert [arm["arm"] for arm in bandit["arms"]] == list(range(len(thresholds)))
+    assert bandit["best"] in bandit["arms"]
+
+
+def test_metrics_exposition(client: httpx.Client) -> None:
+    client.post("/caption", files=upload(encode(noise_image(7))))
+    client.post("/caption", files=upload(b"not an image"))
+    text = client.get("/metrics").text
+    for name in ("capeen_requests_total", "capeen_request_duration_seconds_bucket",
+                 "capeen_queue_duration_seconds_bucket", "capeen_batch_size_bucket", "capeen_queue_depth",
+                 "capeen_tokens_generated_total",
+                 "capeen_token_exit_layer_bucket", "capeen_decoder_layers_computed_total",
+                 "capeen_decoder_layers_full_total", "capeen_bandit_arm_pulls_total", "capeen_bandit_threshold",
+                 "capeen_bandit_reward_bucket", "capeen_errors_total", "capeen_model_info"):
+        assert f"\n{name}" in text, name
+    assert metric_value(text, 'capeen_requests_total{route="/caption",status="415"}') >= 1
+    assert metric_value(text, 'capeen_errors_total{kind="not_image"}') >= 1
+    tokens = metric_value(text, "capeen_tokens_generated_total")
+    assert metric_value(text, "capeen_token_exit_layer_count") == tokens > 0
+    assert metric_value(text, 'capeen_token_exit_layer_bucket{le="4.0"}') == tokens
+    computed = metric_value(text, "capeen_decoder_layers_computed_total")
+    assert metric_value(text, "capeen_decoder_layers_full_total") == 4 * tokens >= computed > 0
+    assert 'capeen_model_info{' in text and 'name="tiny-test"' in text

@@ -1,0 +1,203 @@
+"""The service under pressure and across its lifetime: an overfilled queue answers every request exactly once,
+a vanished client does not stall the worker, readiness before start-up, graceful shutdown keeps the bandit
+and a restart restores it, and `capeen serve` reports bad configuration in one line."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import pytest
+
+from service.app import create_app
+from service.settings import Settings
+from tests.test_service import (
+    SlowEngine,
+    assert_error,
+    encode,
+    metric_value,
+    noise_image,
+    running_server,
+    tiny_engine_fixture,  # noqa: F401  (the tiny_engine fixture)
+    upload,
+)
+
+
+def test_readyz_is_503_before_the_lifespan_has_run(tiny_checkpoint) -> None:
+    app = create_app(Settings(checkpoint=tiny_checkpoint))  # no lifespan: nothing loaded or warmed
+
+    async def probe() -> tuple[httpx.Response, httpx.Response, httpx.Response]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://app") as http:
+            return (await http.get("/healthz"), await http.get("/readyz"),
+                    await http.post("/caption", files=upload(encode(noise_image(0)))))
+
+    alive, ready, caption = asyncio.run(probe())
+    assert alive.status_code == 200
+    assert_error(ready, 503, "not_ready")
+    assert ready.headers["retry-after"] == "1"
+    assert_error(caption, 503, "not_ready")
+
+
+def test_overfilled_queue_answers_every_request_exactly_once(tiny_engine) -> None:
+    """One request decodes at a time (0.3 s each) and two may wait; 24 arrive at once with a 0.75 s deadline."""
+    settings = Settings(max_batch_size=1, max_wait_ms=0, queue_size=2, request_timeout_s=0.75, log_level="warning")
+    total = 24
+    with running_server(settings, SlowEngine(tiny_engine, 0.3)) as server:
+        async def burst() -> list[httpx.Response]:
+            limits = httpx.Limits(max_connections=total)
+            async with httpx.AsyncClient(base_url=server.url, timeout=30, limits=limits) as http:
+                return await asyncio.gather(*(
+                    http.post("/caption", files=upload(encode(noise_image(i))), data={"mode": "fixed"},
+                              headers={"X-Request-ID": f"load-{i}"})
+                    for i in range(total)))
+
+        responses = asyncio.run(burst())
+        statuses = Counter(r.status_code for r in responses)
+        assert set(statuses) <= {200, 503, 504}, statuses
+        assert statuses[200] >= 1 and statuses[503] >= 1 and statuses[504] >= 1, statuses
+        for i, response in enumerate(responses):
+            assert response.headers["x-request-id"] == f"load-{i}"
+            if response.status_code == 200:
+                assert response.json()["request_id"] == f"load-{i}"
+            elif response.status_code == 503:
+                assert_error(response, 503, "queue_full")
+                assert response.headers["retry-after"] == "1"
+            else:
+                assert_error(response, 504, "timeout")
+
+        # The server answered each request once, and the worker is free again afterwards.
+        with httpx.Client(base_url=server.url, timeout=30) as http:
+            text = http.get("/metrics").text
+            answered = {code: metric_value(text, f'capeen_requests_total{{route="/caption",status="{code}"}}')
+                        for code in (200, 503, 504)}
+            assert answered == {code: float(statuses[code]) for code in (200, 503, 504)}
+            assert metric_value(text, "capeen_queue_depth") == 0
+            assert http.post("/caption", files=upload(encode(noise_image(99)))).status_code == 200
+
+
+def test_a_client_that_leaves_does_not_stall_the_worker(tiny_engine) -> None:
+    settings = Settings(max_batch_size=1, queue_size=8, log_level="warning")
+    with running_server(settings, SlowEngine(tiny_engine, 0.4)) as server:
+        images = [encode(noise_image(i)) for i in range(3)]
+        with httpx.Client(base_url=server.url, timeout=0.15) as impatient:
+            for data in images:  # each gives up long before its caption is ready
+                with pytest.raises(httpx.TimeoutException):
+                    impatient.post("/caption", files=upload(data))
+        with httpx.Client(base_url=server.url, timeout=30) as http:
+            started = time.monotonic()
+            assert http.post("/caption", files=upload(encode(noise_image(7)))).status_code == 200
+            # at most the one batch already running is finished first; abandoned queued ones are skipped
+            assert time.monotonic() - started < 3 * 0.4 + 0.5
+            deadline = time.monotonic() + 5
+            while metric_value(http.get("/metrics").text, 'capeen_requests_total{route="/caption",status="499"}') < 3:
+                assert time.monotonic() < deadline, "the abandoned requests were not noticed"
+                time.sleep(0.05)
+
+
+def test_a_lone_request_does_not_wait_for_company(tiny_engine) -> None:
+    """A batch waits up to max_wait_ms only for requests already being decoded; with none, it leaves at once."""
+    settings = Settings(max_wait_ms=3000, log_level="warning")
+    with running_server(settings, tiny_engine) as server, httpx.Client(base_url=server.url, timeout=30) as http:
+        started = time.monotonic()
+        assert http.post("/caption", files=upload(encode(noise_image(1)))).status_code == 200
+        assert time.monotonic() - started < 1.0
+
+
+class FailingOnce:
+    """An engine whose next batch raises, as a GPU out of memory would."""
+
+    def __init__(self, engine) -> None:
+        self._engine = engine
+        self.fail = True
+
+    def __getattr__(self, name: str):
+        return getattr(self._engine, name)
+
+    def caption_pixels(self, *args, **kwargs):
+        if self.fail:
+            self.fail = False
+            raise RuntimeError("out of memory")
+        return self._engine.caption_pixels(*args, **kwargs)
+
+
+def test_a_failing_batch_is_a_500_and_the_worker_goes_on(tiny_engine) -> None:
+    settings = Settings(log_level="warning")
+    with running_server(settings, FailingOnce(tiny_engine)) as server, \
+            httpx.Client(base_url=server.url, timeout=30) as http:
+        failed = http.post("/caption", files=upload(encode(noise_image(1))))
+        assert_error(failed, 500, "engine_failed")
+        assert "out of memory" in failed.json()["detail"]
+        assert http.post("/caption", files=upload(encode(noise_image(1)))).status_code == 200
+
+
+def test_graceful_shutdown_drains_and_keeps_the_bandit(tiny_engine, tmp_path) -> None:
+    state = tmp_path / "bandit.json"
+    settings = Settings(bandit_state=state, max_batch_size=1, log_level="warning")
+    results: list[int] = []
+
+    def ask(url: str, seed: int) -> None:
+        results.append(httpx.post(f"{url}/caption", files=upload(encode(noise_image(seed))), timeout=30).status_code)
+
+    with running_server(settings, SlowEngine(tiny_engine, 0.5)) as server:
+        senders = [threading.Thread(target=ask, args=(server.url, seed)) for seed in range(3)]
+        for sender in senders:
+            sender.start()
+        batcher = server.app.state.runtime.batcher
+        deadline = time.monotonic() + 10
+        while batcher.depth() < 2:  # all three are in: one decoding, two queued
+            assert time.monotonic() < deadline, "the requests did not arrive"
+            time.sleep(0.01)
+        server.stop()  # as on SIGTERM: the queued requests are still answered
+        for sender in senders:
+            sender.join(30)
+    assert results == [200, 200, 200]
+    snapshot = json.loads(state.read_text())
+    assert snapshot["state"]["rounds"] == 3 and snapshot["policy"] == "d-ucb"
+
+    with running_server(settings, tiny_engine) as restarted:
+        bandit = httpx.get(f"{restarted.url}/v1/bandit").json()
+    assert bandit["rounds"] == 3 and sum(arm["pulls"] for arm in bandit["arms"]) == 3
+
+
+def _serve(*args: str, **env: str) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", **env}
+    capeen = Path(sys.executable).with_name("capeen")  # the console script (`python -m capeen.cli` would
+    # load capeen.cli twice, as __main__ too, and its UserError would not be the one service.cli raises)
+    return subprocess.run([str(capeen), "serve", *args], capture_output=True, text=True, timeout=120, env=environment)
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "says"),
+    [
+        (("--checkpoint", "/no/such/checkpoint", "--device", "cpu"), {}, "/no/such/checkpoint"),
+        ((), {"CAPEEN_PORT": "eighty"}, "CAPEEN_PORT"),
+        ((), {"CAPEEN_POLICY": "greedy"}, "CAPEEN_POLICY"),
+    ],
+    ids=["bad-checkpoint", "bad-port", "bad-policy"],
+)
+def test_serve_reports_bad_configuration_in_one_line(args, env, says) -> None:
+    done = _serve(*args, **env)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("capeen serve: error:"), done.stderr
+    assert says in done.stderr and "Traceback" not in done.stderr
+
+
+def test_load_benchmark_runs(tiny_checkpoint, capsys) -> None:
+    """A seconds-long run of the load benchmark (BENCHMARKS.md has the 5-minute one with the shipped model)."""
+    from service.loadtest import main
+
+    assert main(["--checkpoint", str(tiny_checkpoint), "--concurrency", "1,4", "--requests", "24", "--images", "8",
+                 "--image-size", "48", "--overload-s", "1", "--soak-s", "1"]) == 0
+    table = capsys.readouterr().out
+    for row in ("| dynamic batching (max 16) | 1 |", "| dynamic batching (max 16) | 4 |",
+                "| batch-1 (max_batch_size=1) | 4 |", "| 2x saturation |", "| concurrency 4 |"):
+        assert row in table, table
+    assert "| 24 | 0 |" in table  # every closed-loop request answered 200
