@@ -20,6 +20,7 @@ import time
 from collections import defaultdict
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -71,6 +72,27 @@ class SectionTimer:
 _NO_TIMING = nullcontext()
 
 
+class LayerWeights(NamedTuple):
+    ln1_w: torch.Tensor
+    ln1_b: torch.Tensor
+    attn_w: torch.Tensor
+    attn_b: torch.Tensor
+    attn_proj_w: torch.Tensor
+    attn_proj_b: torch.Tensor
+    lnx_w: torch.Tensor
+    lnx_b: torch.Tensor
+    q_w: torch.Tensor
+    q_b: torch.Tensor
+    cross_proj_w: torch.Tensor
+    cross_proj_b: torch.Tensor
+    ln2_w: torch.Tensor
+    ln2_b: torch.Tensor
+    fc_w: torch.Tensor
+    fc_b: torch.Tensor
+    mlp_proj_w: torch.Tensor
+    mlp_proj_b: torch.Tensor
+
+
 class EarlyExitDecoder:
     """Greedy decoding for a `CapeenModel` with per-sequence confidence thresholds."""
 
@@ -101,6 +123,20 @@ class EarlyExitDecoder:
         self.prop_weight = torch.cat(folded_w, dim=1).contiguous()  # (d, L * 2d)
         self.prop_bias = torch.cat(folded_b).contiguous()
         self.eps = self.config.layer_norm_epsilon
+        self.layer_weights = [
+            LayerWeights(
+                b.ln_1.weight, b.ln_1.bias, b.attn.c_attn.weight, b.attn.c_attn.bias, b.attn.c_proj.weight,
+                b.attn.c_proj.bias, b.ln_cross_attn.weight, b.ln_cross_attn.bias, b.crossattention.q_attn.weight,
+                b.crossattention.q_attn.bias, b.crossattention.c_proj.weight, b.crossattention.c_proj.bias,
+                b.ln_2.weight, b.ln_2.bias, b.mlp.c_fc.weight, b.mlp.c_fc.bias, b.mlp.c_proj.weight, b.mlp.c_proj.bias,
+            )
+            for b in self.blocks
+        ]
+        decoder = self.model.decoder
+        self.heads = {layer: (head.ln.weight, head.ln.bias, head.proj.weight)
+                      for layer, head in ((int(k), v) for k, v in self.model.exits.items())}
+        self.heads[self.n_layer] = (decoder.transformer.ln_f.weight, decoder.transformer.ln_f.bias,
+                                    decoder.lm_head.weight)
 
     def refresh(self) -> None:
         """Call after changing the model's weights in place (or its device/dtype)."""
@@ -133,7 +169,6 @@ class EarlyExitDecoder:
             else [float(thresholds)] * batch
         if len(thresholds_list) != batch:
             raise ValueError(f"got {len(thresholds_list)} thresholds for {batch} images")
-        thr = torch.tensor(thresholds_list, dtype=torch.float64, device=device)
         L, H, hd = self.n_layer, self.n_head, self.d // self.n_head
 
         # cross-attention keys/values of every layer, in one product: (L, 2, B, H, P, hd)
@@ -147,96 +182,92 @@ class EarlyExitDecoder:
         alive = list(range(batch))  # original row of each active row
         tokens = torch.full((batch,), cfg.bos_token_id, dtype=torch.long, device=device)
         wte, wpe = self.model.decoder.transformer.wte.weight, self.model.decoder.transformer.wpe.weight
-        ln_f, lm_head = self.model.decoder.transformer.ln_f, self.model.decoder.lm_head
 
         for t in range(max_tokens):
             n = len(alive)
-            h = (wte[tokens] + wpe[t]).unsqueeze(1)  # (n, 1, d)
-            records_exits = [observe_exits or thresholds_list[row] <= 1.0 for row in alive]
+            h = wte[tokens] + wpe[t]  # (n, d)
+            row_thr = [thresholds_list[row] for row in alive]
+            records_exits = [observe_exits or thr_r <= 1.0 for thr_r in row_thr]
             check_exits = any(records_exits)
             rows = None  # None: all active rows are still running at this layer
-            next_tokens = torch.empty(n, dtype=torch.long, device=device)
+            row_ids = list(range(n))  # active-row index of each running row
+            next_list = [0] * n
             step_conf: list[list[float]] = [[] for _ in range(n)]
             step_points: list[list[int]] = [[] for _ in range(n)]
             step_preds: list[list[int]] = [[] for _ in range(n)]
-            row_ids = list(range(n))  # active-row index of each running row
 
-            for layer, block in enumerate(self.blocks):
+            for layer in range(L):
                 with self._section("decoder layers"):
-                    h = self._block(block, layer, h, rows, cache, cross, t)
-                if layer == L - 1:
-                    with self._section("final head"):
-                        logits = lm_head(ln_f(h[:, 0]))
-                        conf, pred = F.softmax(logits.float(), dim=-1).max(dim=-1)
-                        conf_list, pred_list = conf.tolist(), pred.tolist()
-                elif check_exits and layer in self.exit_after:
-                    with self._section("exit heads"):
-                        logits = self.model.exits[str(layer + 1)](h[:, 0])
-                        conf, pred = F.softmax(logits.float(), dim=-1).max(dim=-1)
-                        conf_list, pred_list = conf.tolist(), pred.tolist()
-                else:
-                    continue
+                    h = self._block(layer, h, rows, cache, cross, t)
                 final_layer = layer == L - 1
-                for i, r in enumerate(row_ids):
-                    if not (final_layer or records_exits[r]):
-                        continue  # a full-depth row of a mixed batch: as if decoded alone, no exits evaluated
-                    step_conf[r].append(conf_list[i])
-                    step_points[r].append(layer + 1)
-                    step_preds[r].append(pred_list[i])
-                if final_layer:
-                    leaving = torch.ones_like(conf, dtype=torch.bool)
-                elif observe_exits:
+                if not final_layer and not (check_exits and layer in self.exit_after):
                     continue
+                with self._section("final head" if final_layer else "exit heads"):
+                    conf, pred = self._head(layer + 1, h)
+                    conf_list, pred_list = conf.tolist(), pred.tolist()
+                stay = []
+                for i, r in enumerate(row_ids):
+                    if final_layer or records_exits[r]:  # a full-depth row of a mixed batch evaluates no exits
+                        step_conf[r].append(conf_list[i])
+                        step_points[r].append(layer + 1)
+                        step_preds[r].append(pred_list[i])
+                    if final_layer or (not observe_exits and conf_list[i] >= row_thr[r]):
+                        next_list[r] = pred_list[i]
+                    else:
+                        stay.append(i)
+                if final_layer or len(stay) == len(row_ids):
+                    continue
+                if stay:
+                    keep_index = torch.tensor(stay, device=device)
+                    leave_mask = torch.ones(len(row_ids), dtype=torch.bool, device=device)
+                    leave_mask[keep_index] = False
+                    with self._section("state propagation"):
+                        active = torch.arange(n, device=device) if rows is None else rows
+                        self._propagate(h[leave_mask], layer, active[leave_mask], cache, t)
+                    rows, h = active[keep_index], h[keep_index]
+                    row_ids = [row_ids[i] for i in stay]
                 else:
-                    running_thr = thr if rows is None else thr[rows]
-                    leaving = conf >= running_thr
-                    if not bool(leaving.any()):
-                        continue
-                active_index = torch.arange(n, device=device) if rows is None else rows
-                leave_rows = active_index[leaving]
-                next_tokens[leave_rows] = pred[leaving]
-                if layer == L - 1:
-                    break
-                with self._section("state propagation"):
-                    self._propagate(h[leaving, 0], layer, leave_rows, cache, t)
-                stay = ~leaving
-                rows = active_index[stay]
-                h = h[stay]
-                row_ids = [r for r, s in zip(row_ids, stay.tolist()) if s]
+                    with self._section("state propagation"):
+                        active = torch.arange(n, device=device) if rows is None else rows
+                        self._propagate(h, layer, active, cache, t)
+                    break  # every row has left: the remaining layers are not computed at all
 
+            keep = []
             for r in range(n):
                 trace = traces[alive[r]]
                 trace.exit_confidences.append(step_conf[r])
                 trace.exit_points.append(step_points[r])
-                trace.exit_layers.append(step_points[r][-1] if not observe_exits else L)
+                trace.exit_layers.append(L if observe_exits else step_points[r][-1])
                 if observe_exits:
                     trace.exit_predictions.append(step_preds[r])
-            next_list = next_tokens.tolist()
-            keep = []
-            for r, token in enumerate(next_list):
-                traces[alive[r]].token_ids.append(token)
-                if token != cfg.eos_token_id:
+                trace.token_ids.append(next_list[r])
+                if next_list[r] != cfg.eos_token_id:
                     keep.append(r)
             if not keep:
                 break
             if len(keep) < n:  # finished captions leave the batch
                 index = torch.tensor(keep, device=device)
-                cache, cross, thr = cache.index_select(2, index), cross.index_select(2, index), thr[index]
-                next_tokens = next_tokens[index]
+                cache, cross = cache.index_select(2, index), cross.index_select(2, index)
                 alive = [alive[r] for r in keep]
-            tokens = next_tokens
+                next_list = [next_list[r] for r in keep]
+            tokens = torch.tensor(next_list, dtype=torch.long, device=device)
         return traces
 
     def _section(self, name: str):
         return self.timer(name) if self.timer is not None else _NO_TIMING
 
-    def _block(self, block, layer: int, h: torch.Tensor, rows: torch.Tensor | None, cache: torch.Tensor,
+    def _block(self, layer: int, h: torch.Tensor, rows: torch.Tensor | None, cache: torch.Tensor,
                cross: torch.Tensor, t: int) -> torch.Tensor:
-        """One decoder layer for the running rows, writing this position's keys/values into the cache."""
-        n, H, d = h.shape[0], self.n_head, self.d
+        """One decoder layer for the running rows (h: (n, d)), writing position t's keys/values into the cache.
+
+        Plain tensor ops on pre-extracted weights: at batch 1 a layer is a few microseconds of arithmetic, so
+        module-call overhead would otherwise be a large share of the time.
+        """
+        w = self.layer_weights[layer]
+        n, H, d, eps = h.shape[0], self.n_head, self.d, self.eps
         hd = d // H
-        qkv = block.attn.c_attn(F.layer_norm(h, (d,), block.ln_1.weight, block.ln_1.bias, self.eps))
-        q, kv = qkv[:, 0, :d], qkv[:, 0, d:].view(n, 2, H, hd).transpose(0, 1)  # (2, n, H, hd)
+        qkv = torch.addmm(w.attn_b, F.layer_norm(h, (d,), w.ln1_w, w.ln1_b, eps), w.attn_w)
+        q, kv = qkv[:, :d], qkv[:, d:].view(n, 2, H, hd).transpose(0, 1)  # (2, n, H, hd)
         layer_cache = cache[layer]  # (2, B, H, T, hd)
         if rows is None:
             layer_cache[:, :, :, t] = kv
@@ -249,11 +280,19 @@ class EarlyExitDecoder:
             layer_cross = cross[layer].index_select(1, rows)
             cross_k, cross_v = layer_cross[0], layer_cross[1]
         attn = F.scaled_dot_product_attention(q.view(n, H, 1, hd), keys, values)
-        h = h + block.attn.c_proj(attn.view(n, 1, d))
-        x = F.layer_norm(h, (d,), block.ln_cross_attn.weight, block.ln_cross_attn.bias, self.eps)
-        q_cross = block.crossattention.q_attn(x).view(n, H, 1, hd)
-        h = h + block.crossattention.c_proj(F.scaled_dot_product_attention(q_cross, cross_k, cross_v).view(n, 1, d))
-        return h + block.mlp(F.layer_norm(h, (d,), block.ln_2.weight, block.ln_2.bias, self.eps))
+        h = torch.addmm(h + w.attn_proj_b, attn.view(n, d), w.attn_proj_w)
+        x = F.layer_norm(h, (d,), w.lnx_w, w.lnx_b, eps)
+        q_cross = torch.addmm(w.q_b, x, w.q_w).view(n, H, 1, hd)
+        attn = F.scaled_dot_product_attention(q_cross, cross_k, cross_v)
+        h = torch.addmm(h + w.cross_proj_b, attn.view(n, d), w.cross_proj_w)
+        x = F.gelu(torch.addmm(w.fc_b, F.layer_norm(h, (d,), w.ln2_w, w.ln2_b, eps), w.fc_w), approximate="tanh")
+        return torch.addmm(h + w.mlp_proj_b, x, w.mlp_proj_w)
+
+    def _head(self, layer: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Confidence (max softmax probability) and argmax of the exit after 1-based `layer` (n_layer: final)."""
+        ln_w, ln_b, proj = self.heads[layer]
+        logits = F.linear(F.layer_norm(h, (self.d,), ln_w, ln_b, self.eps), proj)
+        return F.softmax(logits.float(), dim=-1).max(dim=-1)
 
     def _propagate(self, hidden: torch.Tensor, layer: int, rows: torch.Tensor, cache: torch.Tensor, t: int) -> None:
         """Fill the K/V cache of layers after `layer` (0-based) at position t from the exited hidden state."""
