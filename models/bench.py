@@ -125,15 +125,15 @@ def head_cost(engine: CaptionEngine, position: int = 12, repeats: int = 2000) ->
     kw = dict(device=engine.device, dtype=engine.dtype)
     cache = torch.randn(cfg.n_layer, 2, 1, cfg.n_head, cfg.n_positions, hd, **kw)
     cross = torch.randn(cfg.n_layer, 2, 1, cfg.n_head, patches, hd, **kw)
-    h = torch.randn(1, 1, cfg.n_embd, **kw)
-    block = dec.blocks[0]
-    head = engine.model.exits[str(cfg.exit_layers[0])]
+    h = torch.randn(1, cfg.n_embd, **kw)
+    first_exit = dec.exits[0] if dec.exits else cfg.n_layer
 
     def layer() -> None:
-        dec._block(block, 0, h, None, cache, cross, position)
+        dec._block(0, h, None, cache, cross, position)
 
     def exit_check() -> None:
-        torch.softmax(head(h[:, 0]).float(), dim=-1).max(dim=-1)[0].item()
+        conf, pred = dec._head(first_exit, h)
+        conf.tolist(), pred.tolist()
 
     def timeit(fn) -> float:
         with torch.inference_mode():

@@ -151,12 +151,15 @@ def calibrate_main(args) -> int:
     full = result.details["full_depth"]
     print(f"full depth: CIDEr-D {full['ciderD']:.3f}  BLEU-4 {full['bleu4']:.3f}")
     for entry in result.sweep:
-        print(f"threshold {entry['threshold']:<6g} CIDEr-D {entry['ciderD']:.3f}  BLEU-4 {entry['bleu4']:.3f}  "
-              f"mean exit layer {entry['mean_exit_layer']:.2f}  decoder speedup {entry['decoder_speedup']:.2f}x")
+        exits = ",".join(map(str, entry["exit_layers"]))
+        print(f"exits {exits:<26} threshold {entry['threshold']:<6g} CIDEr-D {entry['ciderD']:.3f}  BLEU-4 {entry['bleu4']:.3f}  "
+              f"mean exit layer {entry['mean_exit_layer']:.2f}  cost {entry['cost_layers_per_token']:.2f} layers/token  "
+              f"decoder speedup {entry['decoder_speedup']:.2f}x")
     if result.threshold is None:
         print(f"no threshold keeps CIDEr-D >= {args.quality:g} x full depth; the checkpoint stays uncalibrated")
         return 1
-    print(f"calibrated threshold {result.threshold:g} written to {engine.checkpoint.path / 'thresholds.json'}")
+    print(f"calibrated threshold {result.threshold:g} with exits {result.details['exit_layers']} "
+          f"written to {engine.checkpoint.path / 'thresholds.json'}")
     return 0
 
 

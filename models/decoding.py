@@ -19,6 +19,7 @@ import math
 import time
 from collections import defaultdict
 from contextlib import contextmanager, nullcontext
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -96,11 +97,11 @@ class LayerWeights(NamedTuple):
 class EarlyExitDecoder:
     """Greedy decoding for a `CapeenModel` with per-sequence confidence thresholds."""
 
-    def __init__(self, model: CapeenModel) -> None:
+    def __init__(self, model: CapeenModel, exits: Sequence[int] | None = None) -> None:
         self.model = model
         self.config = config = model.config
         self.blocks = list(model.decoder.transformer.h)
-        self.exit_after = {layer - 1 for layer in config.exit_layers}  # 0-based block indices
+        self.exits = self.check_exits(exits)  # the exits consulted by default (a subset of those trained)
         self.n_layer, self.d, self.n_head = config.n_layer, config.n_embd, config.n_head
         self.timer: SectionTimer | None = None  # set to profile where decode time goes
         self._prepare_weights()
@@ -138,6 +139,16 @@ class EarlyExitDecoder:
         self.heads[self.n_layer] = (decoder.transformer.ln_f.weight, decoder.transformer.ln_f.bias,
                                     decoder.lm_head.weight)
 
+    def check_exits(self, exits: Sequence[int] | None) -> tuple[int, ...]:
+        """Validate a set of 1-based exit layers to consult; None means every exit the model has."""
+        if exits is None:
+            return tuple(self.config.exit_layers)
+        chosen = tuple(sorted(set(int(e) for e in exits)))
+        unknown = [e for e in chosen if e not in self.config.exit_layers]
+        if unknown:
+            raise ValueError(f"exit layers {unknown} have no trained head (the model has {self.config.exit_layers})")
+        return chosen
+
     def refresh(self) -> None:
         """Call after changing the model's weights in place (or its device/dtype)."""
         self._prepare_weights()
@@ -150,13 +161,17 @@ class EarlyExitDecoder:
         thresholds: list[float] | torch.Tensor | float = FULL_DEPTH,
         max_tokens: int | None = None,
         observe_exits: bool = False,
+        exits: Sequence[int] | None = None,
     ) -> list[DecodeTrace]:
         """Greedy-decode one caption per image.
 
         `thresholds` is one value per row (or one for all); `FULL_DEPTH` (or anything above 1) runs every layer
         without evaluating exits. With `observe_exits`, every exit is evaluated and recorded but no token leaves
         early: the full-depth caption plus what each exit would have said (for analysis and calibration).
+        `exits` picks which trained exits are consulted (default: the decoder's `exits`): consulting fewer costs
+        fewer checks, and skipping an over-confident shallow exit can keep quality.
         """
+        exit_after = {layer - 1 for layer in (self.exits if exits is None else self.check_exits(exits))}
         cfg = self.config
         batch = encoder_states.shape[0]
         device, dtype = encoder_states.device, encoder_states.dtype
@@ -200,7 +215,7 @@ class EarlyExitDecoder:
                 with self._section("decoder layers"):
                     h = self._block(layer, h, rows, cache, cross, t)
                 final_layer = layer == L - 1
-                if not final_layer and not (check_exits and layer in self.exit_after):
+                if not final_layer and not (check_exits and layer in exit_after):
                     continue
                 with self._section("final head" if final_layer else "exit heads"):
                     conf, pred = self._head(layer + 1, h)

@@ -79,7 +79,8 @@ class CaptionEngine:
         self.model = checkpoint.model.to(self.device, self.dtype).eval()
         self.tokenizer = checkpoint.tokenizer
         self.config = self.model.config
-        self.decoder = EarlyExitDecoder(self.model)
+        # a calibration may have chosen to consult only some of the trained exits (see models.calibration)
+        self.decoder = EarlyExitDecoder(self.model, exits=checkpoint.thresholds.details.get("exit_layers"))
 
     @classmethod
     def from_checkpoint(cls, path: Path | str | None = None, device: str = "auto", half: bool = False) -> "CaptionEngine":
@@ -88,6 +89,11 @@ class CaptionEngine:
     @property
     def calibrated_threshold(self) -> float | None:
         return self.checkpoint.thresholds.threshold
+
+    @property
+    def exit_layers(self) -> tuple[int, ...]:
+        """The exits consulted when decoding with a threshold (1-based layers; the last layer always ends)."""
+        return self.decoder.exits
 
     @property
     def name(self) -> str:
@@ -116,13 +122,15 @@ class CaptionEngine:
 
     @torch.inference_mode()
     def caption_pixels(self, pixel_values: torch.Tensor, thresholds: list[float] | float,
-                       max_tokens: int | None = None, observe_exits: bool = False) -> BatchOutput:
+                       max_tokens: int | None = None, observe_exits: bool = False,
+                       exits: tuple[int, ...] | None = None) -> BatchOutput:
         """Caption a batch of preprocessed images, each with its own threshold (`FULL_DEPTH`: every layer)."""
         start = time.perf_counter()
         states = self.encode(pixel_values)
         _synchronize(self.device)
         encoded = time.perf_counter()
-        traces = self.decoder.decode(states, thresholds, max_tokens=max_tokens, observe_exits=observe_exits)
+        traces = self.decoder.decode(states, thresholds, max_tokens=max_tokens, observe_exits=observe_exits,
+                                     exits=exits)
         _synchronize(self.device)
         done = time.perf_counter()
         results = []

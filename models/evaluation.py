@@ -104,16 +104,20 @@ class EvalSet:
 @dataclass
 class DecodeRun:
     threshold: float
+    exits: tuple[int, ...] | None = None  # exits consulted (None: the engine's default set)
     captions: list[str] = field(default_factory=list)
     traces: list[DecodeTrace] = field(default_factory=list)
     encode_s: float = 0.0
     decode_s: float = 0.0
 
 
-def decode_interleaved(engine: CaptionEngine, data: EvalSet, thresholds: Sequence[float], batch_size: int = 1,
+Setting = tuple[float, tuple[int, ...] | None]  # (threshold, exits consulted)
+
+
+def decode_interleaved(engine: CaptionEngine, data: EvalSet, settings: Sequence[Setting], batch_size: int = 1,
                        distortion: Distortion = Distortion(), seed: int = 0, progress: bool = True) -> list[DecodeRun]:
-    """Caption every image once per threshold, alternating the settings batch by batch."""
-    runs = [DecodeRun(threshold=t) for t in thresholds]
+    """Caption every image once per setting, alternating the settings batch by batch."""
+    runs = [DecodeRun(threshold=t, exits=exits) for t, exits in settings]
     order = list(range(len(runs)))
     batches = range(0, len(data), batch_size)
     for b, start in enumerate(tqdm(batches, desc=f"decoding ({distortion})", unit="batch", disable=not progress)):
@@ -122,7 +126,7 @@ def decode_interleaved(engine: CaptionEngine, data: EvalSet, thresholds: Sequenc
         rotation = order[b % len(order):] + order[: b % len(order)]
         for i in rotation:
             run = runs[i]
-            out = engine.caption_pixels(pixels, run.threshold)
+            out = engine.caption_pixels(pixels, run.threshold, exits=run.exits)
             run.encode_s += out.timings.encode_s
             run.decode_s += out.timings.decode_s
             run.captions.extend(r.caption for r in out.results)
@@ -137,6 +141,7 @@ def summarize(run: DecodeRun, full: DecodeRun, data: EvalSet, n_layer: int, mete
     n = len(run.captions)
     summary = {
         "threshold": None if run.threshold > 1 else run.threshold,
+        "exit_layers": None if run.threshold > 1 else list(run.exits or ()),
         **caption_metrics(run.captions, data.references, meteor=meteor),
         "mean_exit_layer": computed / max(1, steps),
         "layers_saved": 1.0 - computed / max(1, steps * n_layer),
@@ -145,6 +150,8 @@ def summarize(run: DecodeRun, full: DecodeRun, data: EvalSet, n_layer: int, mete
         "decoder_speedup": full.decode_s / run.decode_s,
         "end_to_end_speedup": (full.decode_s + full.encode_s) / (run.decode_s + run.encode_s),
         "tokens_per_caption": steps / n,
+        # heads evaluated per token, the final one included: the other cost of early exit besides layers
+        "heads_per_token": sum(len(points) for t in run.traces for points in t.exit_points) / max(1, steps),
     }
     if data.objects is not None:
         summary["scene_accuracy"] = scene_accuracy(run.captions, data.objects)
@@ -153,9 +160,14 @@ def summarize(run: DecodeRun, full: DecodeRun, data: EvalSet, n_layer: int, mete
 
 def evaluate_thresholds(engine: CaptionEngine, data: EvalSet, thresholds: Sequence[float], batch_size: int = 1,
                         distortion: Distortion = Distortion(), meteor: bool = False, seed: int = 0,
-                        progress: bool = True) -> dict:
-    """Full depth plus each threshold, interleaved; returns {"full": summary, "thresholds": [summary, ...]}."""
-    runs = decode_interleaved(engine, data, [FULL_DEPTH, *thresholds], batch_size, distortion, seed, progress)
+                        progress: bool = True, exit_sets: Sequence[tuple[int, ...]] | None = None) -> dict:
+    """Full depth plus each (exit set, threshold), interleaved; {"full": summary, "thresholds": [summary, ...]}.
+
+    `exit_sets` defaults to the engine's own exits only.
+    """
+    sets = list(exit_sets) if exit_sets else [tuple(engine.exit_layers)]
+    settings = [(FULL_DEPTH, None)] + [(t, exits) for exits in sets for t in thresholds]
+    runs = decode_interleaved(engine, data, settings, batch_size, distortion, seed, progress)
     full = runs[0]
     n_layer = engine.config.n_layer
     return {
@@ -173,7 +185,8 @@ def exit_agreement(engine: CaptionEngine, data: EvalSet, batch_size: int = 32) -
     total = 0
     for start in range(0, len(data), batch_size):
         pixels = normalize(data.pixels[start:start + batch_size].to(engine.device), engine.dtype)
-        for result in engine.caption_pixels(pixels, FULL_DEPTH, observe_exits=True).results:
+        out = engine.caption_pixels(pixels, FULL_DEPTH, observe_exits=True, exits=engine.config.exit_layers)
+        for result in out.results:
             for points, preds in zip(result.trace.exit_points, result.trace.exit_predictions):
                 final = preds[-1]
                 for layer, pred in zip(points[:-1], preds[:-1]):

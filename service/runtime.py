@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 def exit_positions(engine: CaptionEngine) -> list[int]:
     """1-based layers a token can leave at: every exit head and the final layer."""
-    return sorted({*engine.config.exit_layers, engine.config.n_layer})
+    return sorted({*engine.exit_layers, engine.config.n_layer})
 
 
 @dataclass
