@@ -45,11 +45,18 @@ class Thresholds:
     @classmethod
     def from_dict(cls, data: dict) -> "Thresholds":
         threshold = data.get("threshold")
-        if threshold is not None and not (isinstance(threshold, (int, float)) and 0.0 < threshold <= 1.0):
+        if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
+                                      or not 0.0 < threshold <= 1.0):
             raise ValueError(f'"threshold" must be a number in (0, 1], got {threshold!r}')
+        sweep = data.get("sweep", [])
+        if not isinstance(sweep, list) or not all(isinstance(entry, dict) for entry in sweep):
+            raise ValueError('"sweep" must be a list of objects')
+        exits = data.get("exit_layers")
+        if exits is not None and (not isinstance(exits, list) or not exits
+                                  or not all(isinstance(e, int) and not isinstance(e, bool) for e in exits)):
+            raise ValueError(f'"exit_layers" must be a non-empty list of layer numbers, got {exits!r}')
         rest = {k: v for k, v in data.items() if k not in ("threshold", "sweep")}
-        return cls(threshold=None if threshold is None else float(threshold), sweep=list(data.get("sweep", [])),
-                   details=rest)
+        return cls(threshold=None if threshold is None else float(threshold), sweep=sweep, details=rest)
 
 
 @dataclass
@@ -119,7 +126,7 @@ def load_checkpoint(directory: Path | str | None = None, device: str | torch.dev
         tokenizer = WordTokenizer.load(directory / VOCAB_FILE)
     except FileNotFoundError:
         raise CheckpointError(f"{directory / VOCAB_FILE}: missing") from None
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, OSError) as exc:
         raise CheckpointError(f"{directory / VOCAB_FILE}: {exc}") from None
     if len(tokenizer) != config.vocab_size:
         raise CheckpointError(
@@ -131,6 +138,10 @@ def load_checkpoint(directory: Path | str | None = None, device: str | torch.dev
         thresholds = Thresholds.from_dict(_read_json(thresholds_path)) if thresholds_path.exists() else Thresholds()
     except ValueError as exc:
         raise CheckpointError(f"{thresholds_path}: {exc}") from None
+    untrained = sorted(set(thresholds.details.get("exit_layers") or []) - set(config.exit_layers))
+    if untrained:
+        raise CheckpointError(f"{thresholds_path}: exit_layers {untrained} have no trained exit head "
+                              f"(config.json has {config.exit_layers})")
 
     weights_path = directory / WEIGHTS_FILE
     if not weights_path.is_file():

@@ -79,7 +79,8 @@ def caption_main(args) -> int:
         try:
             images.append((path, load_image(Path(path))))
         except (ImageError, OSError) as exc:
-            print(f"capeen caption: {path}: {exc}", file=sys.stderr)
+            message = str(exc) if str(path) in str(exc) else f"{path}: {exc}"
+            print(f"capeen caption: {message}", file=sys.stderr)
             failures += 1
     for start in range(0, len(images), args.batch_size):
         chunk = images[start:start + args.batch_size]
@@ -141,11 +142,12 @@ def calibrate_main(args) -> int:
     _set_threads(args)
     if not 0 < args.quality <= 1:
         raise UserError(f"--quality must be in (0, 1], got {args.quality}")
+    grid = _thresholds(args.thresholds)
     engine = _engine(args)
     if engine.checkpoint.path is None:
         raise UserError("calibration needs a checkpoint directory to write thresholds.json into")
     data = _eval_set(args, engine, args.split)
-    result = calibrate(engine, data, _thresholds(args.thresholds), quality_fraction=args.quality,
+    result = calibrate(engine, data, grid, quality_fraction=args.quality,
                        batch_size=args.batch_size, split=args.split)
     save_thresholds(engine.checkpoint.path, result)
     full = result.details["full_depth"]
@@ -172,6 +174,7 @@ def evaluate_main(args) -> int:
         distortions = [Distortion.parse(d) for d in (args.distortion or ["none"])]
     except ValueError as exc:
         raise UserError(str(exc)) from None
+    sweep_grid = _thresholds(args.thresholds) if args.mode == "sweep" else []
     engines = [_engine(args)] + [_engine(argparse.Namespace(checkpoint=c, device=args.device)) for c in args.compare]
     reports = []
     for engine in engines:
@@ -184,7 +187,7 @@ def evaluate_main(args) -> int:
             except ValueError as exc:
                 raise UserError(str(exc)) from None
         else:
-            grid = _thresholds(args.thresholds)
+            grid = sweep_grid
         for distortion in distortions:
             report = evaluate_thresholds(engine, data, grid, batch_size=args.batch_size, distortion=distortion,
                                          meteor=args.meteor)

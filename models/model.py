@@ -46,6 +46,14 @@ class CapeenConfig:
     eos_token_id: int = 2
 
     def __post_init__(self) -> None:
+        sizes = ("image_size", "patch_size", "encoder_hidden", "encoder_layers", "encoder_heads",
+                 "encoder_intermediate", "vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner")
+        for name in sizes:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.exit_layers, (list, tuple)):
+            raise ValueError(f"exit_layers must be a list of layer numbers, got {self.exit_layers!r}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
         if self.image_size % self.patch_size:

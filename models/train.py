@@ -201,7 +201,7 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(loss=f"{parts['loss'].item():.3f}")
             if self.step % opts.eval_every == 0 or self.step == opts.steps:
-                record = {"step": self.step, "loss": float(parts["loss"]), **self.validate(),
+                record = {"step": self.step, "loss": parts["loss"].item(), **self.validate(),
                           "elapsed_s": round(time.time() - started, 1)}
                 self.history.append(record)
                 bar.write(json.dumps(record))

@@ -1,0 +1,320 @@
+"""The `capeen` command line, driven in-process through `capeen.cli.main` (and once as `python -m capeen`).
+
+Users see exit codes and stderr: 0 on success, 1 when some images could not be captioned, 2 for a usage problem,
+and every expected failure is ONE line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from capeen.cli import main
+from models.synthetic import generate_dataset
+from models.tokenizer import SPECIALS
+from tests.conftest import make_tiny_checkpoint
+
+N_LAYER = 4  # tests.conftest.tiny_config
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    paths = {}
+    for name, size in [("a.png", (48, 40)), ("b.png", (32, 32)), ("c.jpg", (64, 20))]:
+        paths[name] = root / name
+        Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(paths[name])
+    png = paths["a.png"].read_bytes()
+    paths["empty.png"] = root / "empty.png"
+    paths["empty.png"].write_bytes(b"")
+    paths["notes.txt"] = root / "notes.txt"
+    paths["notes.txt"].write_text("this is not an image\n")
+    paths["truncated.png"] = root / "truncated.png"
+    paths["truncated.png"].write_bytes(png[: len(png) // 2])
+    paths["header-only.png"] = root / "header-only.png"
+    paths["header-only.png"].write_bytes(png[:12])
+    paths["missing.png"] = root / "missing.png"
+    paths["a-directory.png"] = root / "a-directory.png"
+    paths["a-directory.png"].mkdir()
+    return paths
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli-data") / "shapes"
+    generate_dataset(out, 2, 4, 4, seed=1, image_size=32, workers=1)
+    return out
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def screen(err: str) -> list[str]:
+    """The non-blank stderr lines a terminal ends up showing (progress bars redraw themselves with \\r)."""
+    return [shown for line in err.split("\n") if (shown := line.rsplit("\r", 1)[-1]).strip()]
+
+
+def assert_one_line_error(err: str, *fragments: str) -> str:
+    lines = screen(err)
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]
+
+
+# ----- caption: success -----------------------------------------------------------------------------------------
+def test_caption_json_lists_caption_tokens_exit_layers_and_confidences(capsys, tiny_checkpoint, images):
+    rc, out, err = run(capsys, "caption", images["a.png"], images["b.png"], images["c.jpg"],
+                       "--checkpoint", tiny_checkpoint, "--json", "--device", "cpu")
+    assert rc == 0 and err == ""
+    items = json.loads(out)
+    assert [item["image"] for item in items] == [str(images[n]) for n in ("a.png", "b.png", "c.jpg")]
+    for item in items:
+        assert isinstance(item["caption"], str)
+        assert len(item["tokens"]) == len(item["exit_layers"]) == len(item["confidences"]) >= 1
+        assert item["threshold"] == 0.6  # the checkpoint's calibrated threshold
+        assert set(item["exit_layers"]) <= {1, 2, 3, N_LAYER}
+        for layer, confidence in zip(item["exit_layers"], item["confidences"]):
+            assert 0.0 <= confidence <= 1.0
+            if layer < N_LAYER:  # a token only leaves early when its exit is confident enough
+                assert confidence >= 0.6 - 1e-4
+        # the caption is the tokens without special tokens
+        assert item["caption"] == " ".join(t for t in item["tokens"] if t not in SPECIALS)
+    assert any(layer < N_LAYER for item in items for layer in item["exit_layers"]), "no token exited early"
+
+
+def test_caption_full_mode_runs_every_layer(capsys, tiny_checkpoint, images):
+    rc, out, _ = run(capsys, "caption", images["a.png"], images["b.png"], "--checkpoint", tiny_checkpoint,
+                     "--json", "--mode", "full", "--device", "cpu")
+    assert rc == 0
+    for item in json.loads(out):
+        assert item["threshold"] is None
+        assert item["exit_layers"] == [N_LAYER] * len(item["tokens"])
+
+
+def test_caption_threshold_and_max_tokens_options(capsys, tiny_checkpoint, images):
+    rc, out, _ = run(capsys, "caption", images["a.png"], "--checkpoint", tiny_checkpoint, "--json",
+                     "--threshold", "1.0", "--max-tokens", "3", "--device", "cpu")
+    assert rc == 0
+    (item,) = json.loads(out)
+    assert item["threshold"] == 1.0 and 1 <= len(item["tokens"]) <= 3
+
+
+def test_caption_plain_output(capsys, tiny_checkpoint, images):
+    rc, out, _ = run(capsys, "caption", images["a.png"], "--checkpoint", tiny_checkpoint, "--device", "cpu")
+    rc_json, out_json, _ = run(capsys, "caption", images["a.png"], "--checkpoint", tiny_checkpoint, "--json",
+                               "--device", "cpu")
+    assert rc == rc_json == 0
+    assert out.rstrip("\n") == json.loads(out_json)[0]["caption"]  # deterministic, caption only
+    rc, out, _ = run(capsys, "caption", images["a.png"], images["b.png"], "--checkpoint", tiny_checkpoint,
+                     "--device", "cpu", "--batch-size", "1")
+    lines = out.splitlines()
+    assert rc == 0 and len(lines) == 2
+    assert lines[0].startswith(f"{images['a.png']}\t") and lines[1].startswith(f"{images['b.png']}\t")
+
+
+def test_caption_is_the_same_in_any_batch(capsys, tiny_checkpoint, images):
+    args = ["caption", images["a.png"], images["b.png"], images["c.jpg"], "--checkpoint", tiny_checkpoint,
+            "--json", "--device", "cpu"]
+    _, together, _ = run(capsys, *args, "--batch-size", "3")
+    _, alone, _ = run(capsys, *args, "--batch-size", "1")
+    strip = lambda items: [(i["tokens"], i["exit_layers"]) for i in json.loads(items)]  # noqa: E731
+    assert strip(together) == strip(alone)
+
+
+# ----- caption: failures ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bad", ["empty.png", "notes.txt", "truncated.png", "header-only.png", "missing.png",
+                                 "a-directory.png"])
+def test_unusable_image_is_one_line_and_exit_1_while_good_ones_are_captioned(capsys, tiny_checkpoint, images, bad):
+    rc, out, err = run(capsys, "caption", images["a.png"], images[bad], "--checkpoint", tiny_checkpoint,
+                       "--json", "--device", "cpu")
+    assert rc == 1
+    assert_one_line_error(err, "capeen caption:", str(images[bad]))
+    assert [item["image"] for item in json.loads(out)] == [str(images["a.png"])]
+
+
+def test_only_unusable_images_exit_1_with_a_line_each(capsys, tiny_checkpoint, images):
+    bad = ["empty.png", "notes.txt", "missing.png"]
+    rc, out, err = run(capsys, "caption", *(images[b] for b in bad), "--checkpoint", tiny_checkpoint, "--json")
+    lines = screen(err)
+    assert rc == 1 and json.loads(out) == []
+    assert len(lines) == 3 and "Traceback" not in err
+    for line, name in zip(lines, bad):
+        assert str(images[name]) in line
+
+
+@pytest.mark.parametrize("option, fragment", [
+    (["--threshold", "1.5"], "threshold"), (["--threshold", "0"], "threshold"), (["--threshold", "-0.2"], "threshold"),
+    (["--max-tokens", "0"], "--max-tokens"), (["--batch-size", "0"], "--batch-size"),
+])
+def test_bad_caption_options_exit_2_with_one_line(capsys, tiny_checkpoint, images, option, fragment):
+    rc, out, err = run(capsys, "caption", images["a.png"], "--checkpoint", tiny_checkpoint, *option)
+    assert rc == 2 and out == ""
+    assert_one_line_error(err, "capeen caption: error:", fragment)
+
+
+def test_missing_checkpoint_directory_exits_2(capsys, images, tmp_path):
+    rc, out, err = run(capsys, "caption", images["a.png"], "--checkpoint", tmp_path / "no-such-checkpoint")
+    assert rc == 2 and out == ""
+    assert_one_line_error(err, "capeen caption: error:", str(tmp_path / "no-such-checkpoint"))
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "truncated"])
+def test_checkpoint_with_broken_safetensors_exits_2(capsys, tiny_checkpoint, images, tmp_path, damage):
+    directory = shutil.copytree(tiny_checkpoint, tmp_path / "ck")
+    weights = directory / "model.safetensors"
+    if damage == "corrupt":
+        weights.write_bytes(os.urandom(2048))
+    else:
+        weights.write_bytes(weights.read_bytes()[:-100])
+    rc, out, err = run(capsys, "caption", images["a.png"], "--checkpoint", directory)
+    assert rc == 2 and out == ""
+    assert_one_line_error(err, "capeen caption: error:", str(weights))
+
+
+def test_uncalibrated_checkpoint_needs_a_threshold(capsys, images, tmp_path):
+    directory = make_tiny_checkpoint(tmp_path / "ck", threshold=None)
+    rc, _, err = run(capsys, "caption", images["a.png"], "--checkpoint", directory)
+    assert rc == 2
+    assert_one_line_error(err, "capeen caption: error:", "calibrate")
+    rc, out, _ = run(capsys, "caption", images["a.png"], "--checkpoint", directory, "--threshold", "0.5", "--json")
+    assert rc == 0 and json.loads(out)[0]["threshold"] == 0.5
+
+
+def test_image_error_line_names_the_file_once(capsys, tiny_checkpoint, images):
+    _, _, err = run(capsys, "caption", images["truncated.png"], "--checkpoint", tiny_checkpoint)
+    assert err.count(str(images["truncated.png"])) == 1
+
+
+@pytest.mark.parametrize("file, content", [
+    ("config.json", None),
+    ("thresholds.json", '{"threshold": 0.6, "exit_layers": 5}'),
+])
+def test_malformed_checkpoint_values_exit_2(capsys, tiny_checkpoint, images, tmp_path, file, content):
+    directory = shutil.copytree(tiny_checkpoint, tmp_path / "ck")
+    if content is None:
+        config = json.loads((directory / file).read_text())
+        config["model"]["n_head"] = 0
+        content = json.dumps(config)
+    (directory / file).write_text(content)
+    rc, _, err = run(capsys, "caption", images["a.png"], "--checkpoint", directory)
+    assert rc == 2
+    assert_one_line_error(err, "capeen caption: error:")
+
+
+# ----- other subcommands: errors --------------------------------------------------------------------------------
+def test_evaluate_bad_distortion(capsys, tiny_checkpoint, data):
+    rc, out, err = run(capsys, "evaluate", "--checkpoint", tiny_checkpoint, "--data", data, "--distortion", "foo")
+    assert rc == 2 and out == ""
+    assert_one_line_error(err, "capeen evaluate: error:", "'foo'")
+
+
+def test_evaluate_missing_data(capsys, tiny_checkpoint, tmp_path):
+    rc, _, err = run(capsys, "evaluate", "--checkpoint", tiny_checkpoint, "--data", tmp_path / "nothing")
+    assert rc == 2
+    assert_one_line_error(err, "capeen evaluate: error:", str(tmp_path / "nothing"))
+
+
+@pytest.mark.parametrize("quality", ["2", "0", "-0.5"])
+def test_calibrate_bad_quality(capsys, tiny_checkpoint, data, quality):
+    rc, out, err = run(capsys, "calibrate", "--checkpoint", tiny_checkpoint, "--data", data, "--quality", quality)
+    assert rc == 2 and out == ""
+    assert_one_line_error(err, "capeen calibrate: error:", "--quality")
+
+
+def test_calibrate_bad_thresholds(capsys, tiny_checkpoint, data, tmp_path):
+    directory = shutil.copytree(tiny_checkpoint, tmp_path / "ck")
+    for grid in ("0.5,abc", "0.5,1.5"):
+        rc, _, err = run(capsys, "calibrate", "--checkpoint", directory, "--data", data, "--thresholds", grid)
+        assert rc == 2
+        assert_one_line_error(err, "capeen calibrate: error:", "--thresholds")
+    assert (directory / "thresholds.json").read_text() == (tiny_checkpoint / "thresholds.json").read_text()
+
+
+def test_train_exits_without_init(capsys, data, tmp_path):
+    rc, _, err = run(capsys, "train", "--stage", "exits", "--data", data, "--out", tmp_path / "out",
+                     "--run-dir", tmp_path / "run")
+    assert rc == 2
+    assert_one_line_error(err, "capeen train: error:", "--init")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("config, fragment", [('{"n_layer": ', "--model-config"), ('[1]', "--model-config"),
+                                              ('{"bogus": 1}', "bogus")])
+def test_train_bad_model_config(capsys, data, tmp_path, config, fragment):
+    rc, _, err = run(capsys, "train", "--stage", "backbone", "--data", data, "--out", tmp_path / "out",
+                     "--run-dir", tmp_path / "run", "--model-config", config)
+    assert rc == 2
+    assert_one_line_error(err, "capeen train: error:", fragment)
+
+
+def test_train_missing_data(capsys, tmp_path):
+    rc, _, err = run(capsys, "train", "--stage", "backbone", "--data", tmp_path / "nowhere", "--out", tmp_path / "o")
+    assert rc == 2
+    assert_one_line_error(err, "capeen train: error:", str(tmp_path / "nowhere"))
+
+
+@pytest.mark.parametrize("option", [["--n-train", "-1"], ["--image-size", "8"], ["--seed", "-3"]])
+def test_data_bad_arguments(capsys, tmp_path, option):
+    rc, out, err = run(capsys, "data", "--out", tmp_path / "d", "--n-val", "0", "--n-test", "0", *option)
+    assert rc == 2 and out == ""
+    assert_one_line_error(err, "capeen data: error:", option[0])
+
+
+# ----- other subcommands: success on tiny data ------------------------------------------------------------------
+def test_calibrate_writes_thresholds_json_with_the_sweep(capsys, tiny_checkpoint, data, tmp_path):
+    directory = shutil.copytree(tiny_checkpoint, tmp_path / "ck")
+    rc, out, err = run(capsys, "calibrate", "--checkpoint", directory, "--data", data, "--limit", "3",
+                       "--thresholds", "0.4,0.8", "--quality", "0.5", "--batch-size", "3", "--device", "cpu")
+    written = json.loads((directory / "thresholds.json").read_text())
+    assert rc in (0, 1) and "Traceback" not in err
+    assert written["quality_fraction"] == 0.5 and written["images"] == 3 and written["calibration_split"] == "val"
+    assert {e["threshold"] for e in written["sweep"]} == {0.4, 0.8}
+    if rc == 0:
+        assert written["threshold"] in (0.4, 0.8) and "calibrated threshold" in out
+    else:
+        assert written["threshold"] is None
+
+
+def test_evaluate_writes_a_json_report(capsys, tiny_checkpoint, data, tmp_path):
+    report_path = tmp_path / "report.json"
+    rc, out, err = run(capsys, "evaluate", "--checkpoint", tiny_checkpoint, "--data", data, "--limit", "2",
+                       "--mode", "sweep", "--thresholds", "0.5,0.9", "--distortion", "none",
+                       "--distortion", "blur:1", "--agreement", "--json", report_path, "--device", "cpu")
+    assert rc == 0 and "Traceback" not in err
+    reports = json.loads(report_path.read_text())
+    assert [r["distortion"] for r in reports] == ["none", "blur:1"]
+    for report in reports:
+        assert report["images"] == 2 and report["checkpoint"] == "tiny-test"
+        assert report["full"]["mean_exit_layer"] == N_LAYER
+        assert [e["threshold"] for e in report["thresholds"]] == [0.5, 0.9]
+        assert sorted(report["exit_agreement"]) == ["1", "2", "3"]
+
+
+# ----- as a real process ----------------------------------------------------------------------------------------
+def test_python_m_capeen_caption_as_a_subprocess(tiny_checkpoint, images):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    proc = subprocess.run(
+        [sys.executable, "-m", "capeen", "caption", str(images["a.png"]), str(images["truncated.png"]),
+         "--checkpoint", str(tiny_checkpoint), "--json", "--device", "cpu"],
+        capture_output=True, text=True, env=env, cwd=REPO, timeout=120,
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert_one_line_error(proc.stderr, "capeen caption:", str(images["truncated.png"]))
+    (item,) = json.loads(proc.stdout)
+    assert item["image"] == str(images["a.png"])
+    assert len(item["tokens"]) == len(item["exit_layers"]) == len(item["confidences"])

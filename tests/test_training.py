@@ -1,0 +1,229 @@
+"""Two-stage training through `capeen train` on a tiny synthetic data set and a tiny model.
+
+What a user relies on: stage backbone learns; stage exits trains only the exit heads (with distillation, or CE
+only); --exit-aware trains exits as auxiliary losses; a stopped run resumes to exactly the same weights; run
+state and checkpoints are safetensors + JSON, never pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from capeen.cli import main
+from models.checkpoint import load_checkpoint
+from models.synthetic import generate_dataset
+from models.train import Trainer
+from models.training_data import build_tokenizer
+
+TINY = {"image_size": 32, "patch_size": 8, "encoder_hidden": 32, "encoder_layers": 1, "encoder_heads": 2,
+        "encoder_intermediate": 64, "n_positions": 32, "n_embd": 32, "n_layer": 4, "n_head": 2, "n_inner": 64,
+        "exit_layers": [1, 2, 3]}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data") / "shapes"
+    generate_dataset(out, 24, 8, 4, seed=0, image_size=32, workers=1)
+    return out
+
+
+def _train(data, out, run_dir, *extra) -> int:
+    return main(["train", "--data", str(data), "--out", str(out), "--run-dir", str(run_dir), "--device", "cpu",
+                 "--batch-size", "8", "--captions-per-image", "2", "--seed", "0", *map(str, extra)])
+
+
+def _meta(checkpoint_dir) -> dict:
+    return json.loads((checkpoint_dir / "config.json").read_text())
+
+
+def _weights(checkpoint_dir) -> dict[str, torch.Tensor]:
+    return load_file(str(checkpoint_dir / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def backbone(data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("backbone")
+    rc = _train(data, root / "ckpt", root / "run", "--stage", "backbone", "--steps", 40, "--lr", "3e-3",
+                "--warmup", 5, "--eval-every", 4, "--model-config", json.dumps(TINY))
+    assert rc == 0
+    return root / "ckpt", root / "run"
+
+
+@pytest.fixture(scope="module")
+def exits_distilled(data, backbone, tmp_path_factory):
+    root = tmp_path_factory.mktemp("exits")
+    rc = _train(data, root / "ckpt", root / "run", "--stage", "exits", "--init", backbone[0], "--steps", 12,
+                "--lr", "3e-3", "--warmup", 2, "--eval-every", 3)
+    assert rc == 0
+    return root / "ckpt"
+
+
+# ----- stage backbone -------------------------------------------------------------------------------------------
+def test_backbone_training_loss_falls(backbone):
+    history = _meta(backbone[0])["training"]["backbone"]["history"]
+    assert [r["step"] for r in history] == list(range(4, 41, 4))
+    first = sum(r["loss"] for r in history[:3]) / 3
+    last = sum(r["loss"] for r in history[-3:]) / 3
+    assert last < first - 0.3, (first, last)
+    assert history[-1]["val_final_ce"] < history[0]["val_final_ce"] - 0.3
+    # the plain backbone stage does not train or report the exits
+    assert all("val_exit_ce" not in r and "val_exit_kl" not in r for r in history)
+
+
+def test_backbone_checkpoint_loads_with_the_requested_config(backbone, data):
+    ckpt = load_checkpoint(backbone[0])
+    for key, value in TINY.items():
+        assert getattr(ckpt.model.config, key) == value
+    assert ckpt.tokenizer.words == build_tokenizer(data).words
+    assert ckpt.model.config.vocab_size == len(ckpt.tokenizer)
+    assert ckpt.thresholds.threshold is None  # new weights start uncalibrated
+    assert ckpt.name == "ckpt"
+    options = ckpt.meta["training"]["backbone"]
+    assert options["steps"] == 40 and options["stage"] == "backbone" and options["model_overrides"] == TINY
+
+
+def test_run_state_is_safetensors_and_json_only(backbone):
+    last = backbone[1] / "last"
+    assert sorted(p.name for p in last.iterdir()) == ["state.safetensors", "train_state.json"]
+    info = json.loads((last / "train_state.json").read_text())
+    assert info["step"] == 40
+    tensors = load_file(str(last / "state.safetensors"))
+    assert any(k.startswith("optim.") for k in tensors) and "rng.torch" in tensors
+    for path in [*last.iterdir(), *backbone[0].iterdir()]:
+        head = path.read_bytes()[:2]
+        assert head[:1] != b"\x80" and head != b"PK", f"{path} looks like a pickle / torch.save archive"
+
+
+# ----- stage exits ----------------------------------------------------------------------------------------------
+def _assert_only_exits_changed(before: dict, after: dict):
+    assert before.keys() == after.keys()
+    exit_keys = [k for k in before if k.startswith("exits.")]
+    assert exit_keys
+    for key in before:
+        if key.startswith("exits."):
+            continue
+        assert torch.equal(before[key], after[key]), f"stage exits changed backbone weight {key}"
+    # the heads start as copies of the final head; training must move them away from both start points
+    final_head = after["decoder.transformer.wte.weight"]
+    for layer in ("1", "2", "3"):
+        proj = after[f"exits.{layer}.proj.weight"]
+        assert not torch.equal(proj, before[f"exits.{layer}.proj.weight"])
+        assert not torch.allclose(proj, final_head, atol=1e-4)
+
+
+def test_stage_exits_freezes_backbone_and_trains_exits(backbone, exits_distilled):
+    _assert_only_exits_changed(_weights(backbone[0]), _weights(exits_distilled))
+
+
+def test_stage_exits_reports_distillation_and_keeps_backbone_history(exits_distilled):
+    meta = _meta(exits_distilled)
+    assert set(meta["training"]) == {"backbone", "exits"}
+    opts = meta["training"]["exits"]
+    history = opts["history"]
+    assert len(history) == 4
+    for record in history:
+        assert {"val_exit_ce", "val_exit_kl", "val_final_ce", "val_loss"} <= set(record)
+        expected = (1 - opts["alpha"]) * record["val_exit_ce"] + \
+            opts["alpha"] * opts["temperature"] ** 2 * record["val_exit_kl"]
+        assert record["val_loss"] == pytest.approx(expected, rel=1e-5)
+    assert history[-1]["val_loss"] < history[0]["val_loss"], history  # the exits learn
+    # the frozen backbone's own loss does not move
+    assert len({round(r["val_final_ce"], 6) for r in history}) == 1
+
+
+def test_stage_exits_ce_only(data, backbone, tmp_path):
+    assert _train(data, tmp_path / "ckpt", tmp_path / "run", "--stage", "exits", "--init", backbone[0],
+                  "--steps", 6, "--lr", "3e-3", "--warmup", 1, "--eval-every", 3, "--ce-only") == 0
+    _assert_only_exits_changed(_weights(backbone[0]), _weights(tmp_path / "ckpt"))
+    history = _meta(tmp_path / "ckpt")["training"]["exits"]["history"]
+    for record in history:
+        assert "val_exit_kl" not in record
+        assert record["val_loss"] == pytest.approx(record["val_exit_ce"], rel=1e-6)
+
+
+def test_backbone_exit_aware_reports_exit_ce(data, tmp_path):
+    assert _train(data, tmp_path / "ckpt", tmp_path / "run", "--stage", "backbone", "--steps", 6,
+                  "--warmup", 1, "--eval-every", 3, "--exit-aware", "--aux-weight", "0.5",
+                  "--model-config", json.dumps(TINY)) == 0
+    history = _meta(tmp_path / "ckpt")["training"]["backbone"]["history"]
+    assert len(history) == 2
+    for record in history:
+        assert record["val_loss"] == pytest.approx(record["val_final_ce"] + 0.5 * record["val_exit_ce"], rel=1e-5)
+    load_checkpoint(tmp_path / "ckpt")
+
+
+# ----- resume ---------------------------------------------------------------------------------------------------
+def _interrupt_after_first_save(monkeypatch):
+    original = Trainer._save_state
+
+    def save_then_stop(self, directory):
+        original(self, directory)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "_save_state", save_then_stop)
+
+
+def _refuse_unpickling(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("resuming must not unpickle")
+
+    for target, name in [(pickle, "load"), (pickle, "loads"), (pickle, "Unpickler"), (torch, "load")]:
+        monkeypatch.setattr(target, name, refuse)
+
+
+@pytest.mark.parametrize("how", ["interrupted", "extended"])
+def test_resumed_run_equals_uninterrupted_run(data, tmp_path, monkeypatch, capsys, how):
+    n = 8
+    common = ["--stage", "backbone", "--lr", "3e-3", "--eval-every", n // 2, "--model-config", json.dumps(TINY)]
+    # "extended": first run with --steps n/2, then --resume --steps n. The LR schedule depends on --steps after
+    # warm-up, so the warm-up covers the whole run to make both schedules identical.
+    common += ["--warmup", 3] if how == "interrupted" else ["--warmup", 100]
+    assert _train(data, tmp_path / "full", tmp_path / "run-full", "--steps", n, *common) == 0
+
+    if how == "interrupted":  # Ctrl-C right after the state of step n/2 was written
+        with monkeypatch.context() as m:
+            _interrupt_after_first_save(m)
+            assert _train(data, tmp_path / "half", tmp_path / "run-half", "--steps", n, *common) == 130
+        assert "interrupted" in capsys.readouterr().err
+        assert not (tmp_path / "half").exists()
+    else:
+        assert _train(data, tmp_path / "half", tmp_path / "run-half", "--steps", n // 2, *common) == 0
+    assert json.loads((tmp_path / "run-half" / "last" / "train_state.json").read_text())["step"] == n // 2
+
+    with monkeypatch.context() as m:
+        _refuse_unpickling(m)
+        assert _train(data, tmp_path / "resumed", tmp_path / "run-half", "--steps", n, "--resume", *common) == 0
+
+    full, resumed = _weights(tmp_path / "full"), _weights(tmp_path / "resumed")
+    assert full.keys() == resumed.keys()
+    for key in full:
+        assert torch.allclose(full[key], resumed[key], rtol=0, atol=1e-6), key
+    strip = lambda history: [{k: v for k, v in r.items() if k != "elapsed_s"} for r in history]  # noqa: E731
+    h_full = _meta(tmp_path / "full")["training"]["backbone"]["history"]
+    h_resumed = _meta(tmp_path / "resumed")["training"]["backbone"]["history"]
+    assert len(h_resumed) == len(h_full) == 2
+    for a, b in zip(strip(h_full), strip(h_resumed)):
+        assert a.keys() == b.keys() and a["step"] == b["step"]
+        for key in a:
+            assert a[key] == pytest.approx(b[key], abs=1e-6), key
+    load_checkpoint(tmp_path / "resumed")
+
+
+def test_resume_with_nothing_to_resume_is_a_one_line_error(data, tmp_path, capsys):
+    rc = _train(data, tmp_path / "ckpt", tmp_path / "run", "--stage", "backbone", "--steps", 2, "--resume",
+                "--model-config", json.dumps(TINY))
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "nothing to resume" in err and len(err.splitlines()) == 1
+
+
+def test_resume_refuses_state_of_another_model(data, backbone, tmp_path, capsys):
+    other = dict(TINY, n_layer=3, exit_layers=[1, 2])
+    rc = _train(data, tmp_path / "ckpt", backbone[1], "--stage", "backbone", "--steps", 44, "--resume",
+                "--model-config", json.dumps(other))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and "another model" in err[-1] and "Traceback" not in "\n".join(err)
