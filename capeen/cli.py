@@ -146,8 +146,17 @@ def _add_bench_serve(sub) -> None:
     p.set_defaults(func=_handler("service.loadtest:bench_serve_main"))
 
 
+def _add_bench_drift(sub) -> None:
+    from capeen.drift import add_arguments  # the standard library only at import time
+
+    p = sub.add_parser("bench-drift", help="A-CAPEEN on drifting traffic: the fixed threshold against UCB1, "
+                       "SW-UCB and D-UCB, per phase (CIDEr-D, mean exit layer, reward vs the best fixed arm)")
+    add_arguments(p)
+    p.set_defaults(func=_handler("capeen.drift:bench_drift_main"))
+
+
 SUBCOMMANDS = [_add_data, _add_train, _add_caption, _add_calibrate, _add_evaluate, _add_bench, _add_serve,
-               _add_bench_serve]
+               _add_bench_serve, _add_bench_drift]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,7 +3,7 @@
 Each app has a registry of its own, so /metrics shows exactly the service's figures and two apps in one
 process (as in the tests) never collide. The HTTP metrics exist from the app's creation; the serving
 metrics need the model (the exit-layer histogram has one bucket per decoder layer) and are created when the
-lifespan has loaded it. `docs/service.md` explains each metric and the PromQL for speedup.
+lifespan has loaded it. the README explains each metric and the PromQL for speedup.
 """
 
 from __future__ import annotations

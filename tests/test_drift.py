@@ -1,0 +1,178 @@
+"""`capeen bench-drift` end to end on a tiny random model and a tiny generated data set."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import pytest
+
+from capeen.drift import POLICY_NAMES, add_arguments, bench_drift_main, stream_order
+from capeen.errors import UserError
+from tests.conftest import make_tiny_checkpoint
+
+PHASE_LENGTH = 6
+PHASES = "none,noise:40,blur:1.5,none"
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    from models.synthetic import generate_dataset
+
+    out = tmp_path_factory.mktemp("drift-data")
+    generate_dataset(out, 8, 4, 24, 0, image_size=32, workers=1)
+    return out
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("drift-checkpoint"), threshold=0.6)
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory, tiny_data, checkpoint):
+    out = tmp_path_factory.mktemp("drift-out")
+    args = _args("--checkpoint", str(checkpoint), "--data", str(tiny_data), "--phase-length", str(PHASE_LENGTH),
+                 "--phases", PHASES, "--device", "cpu", "--json", str(out / "drift.json"),
+                 "--plot", str(out / "drift.png"), "--quiet", "--mu", "0.02")
+    assert bench_drift_main(args) == 0
+    return out, json.loads((out / "drift.json").read_text())
+
+
+def test_report_structure(report):
+    _, data = report
+    assert data["policies"] == list(POLICY_NAMES)
+    assert data["requests"] == PHASE_LENGTH * 4
+    assert [p["distortion"] for p in data["per_phase"]] == ["none", "noise:40", "blur:1.5", "none"]
+    assert data["exit_positions"] == [1, 2, 3, 4]
+    assert data["fixed_threshold"] == 0.6 and 0.6 in data["grid"]
+    for phase in data["per_phase"]:
+        assert set(phase["policies"]) == {*POLICY_NAMES, "best-fixed", "full-depth"}
+        for name in (*POLICY_NAMES, "best-fixed"):
+            row = phase["policies"][name]
+            assert row["requests"] == PHASE_LENGTH
+            assert math.isfinite(row["ciderD"]) and row["ciderD"] >= 0
+            assert 1.0 <= row["mean_exit_layer"] <= 4.0
+            assert math.isfinite(row["reward"])
+        assert phase["policies"]["full-depth"]["mean_exit_layer"] == 4.0
+        assert phase["best_fixed"]["threshold"] in data["grid"]
+    assert set(data["done_when"]) >= {"checked", "passed", "measure", "pct", "reward_ok", "quality_ok",
+                                      "distorted_phases"}
+    assert [p["distortion"] for p in data["done_when"]["distorted_phases"]] == ["noise:40", "blur:1.5"]
+
+
+def test_every_policy_saw_every_request(report):
+    _, data = report
+    for name in POLICY_NAMES:
+        stream = data["stream"][name]
+        assert len(stream["thresholds"]) == len(stream["rewards"]) == data["requests"]
+        assert all(t in data["grid"] for t in stream["thresholds"])
+    assert set(data["stream"]["fixed"]["thresholds"]) == {0.6}
+    # the bandits explore: more than one arm is tried
+    assert all(len(set(data["stream"][name]["thresholds"])) > 1 for name in ("ucb1", "sw-ucb", "d-ucb"))
+
+
+def test_percentages_against_best_fixed_arm(report):
+    _, data = report
+    for phase in data["per_phase"]:
+        arms = phase["fixed_arm_rewards"]
+        best = phase["best_fixed"]
+        assert best["reward"] == pytest.approx(max(arms.values()))
+        assert arms[f"{best['threshold']:g}"] == pytest.approx(best["reward"])
+        assert best["reward"] > 0, "the test's mu should leave the best arm a positive reward"
+        full = phase["full_depth_reward"]
+        assert phase["policies"]["full-depth"]["reward"] == pytest.approx(full)
+        assert phase["policies"]["full-depth"]["pct_of_gain"] == pytest.approx(0.0)
+        for name in (*POLICY_NAMES, "best-fixed"):
+            row = phase["policies"][name]
+            assert row["pct_of_best"] == pytest.approx(100.0 * row["reward"] / best["reward"])
+            assert row["pct_of_gain"] == pytest.approx(100.0 * (row["reward"] - full) / (best["reward"] - full))
+            assert row["regret"] == pytest.approx(best["reward"] - row["reward"])
+            for key in ("pct_of_best", "pct_of_gain", "pct_of_best_same_traces", "pct_of_gain_same_traces"):
+                assert math.isfinite(row[key])
+            # on the traces that define it, no fixed arm beats the best one
+            if name == "fixed":
+                assert row["pct_of_best_same_traces"] <= 100.0 + 1e-9
+        # the best fixed arm, read off the same traces, is exactly 100%
+        assert phase["policies"]["best-fixed"]["pct_of_best_same_traces"] == pytest.approx(100.0)
+        assert phase["policies"]["best-fixed"]["pct_of_gain_same_traces"] == pytest.approx(100.0)
+    total = sum(p["best_fixed"]["reward"] for p in data["per_phase"])
+    assert data["overall"]["best_fixed_per_phase_reward"] == pytest.approx(total)
+    for name in POLICY_NAMES:
+        row = data["overall"]["policies"][name]
+        assert row["pct_of_best"] == pytest.approx(100.0 * row["reward"] / total)
+        assert row["regret"] == pytest.approx(total - row["reward"])
+    check = data["done_when"]
+    assert check["measure"] == "pct_of_best"
+    assert check["pct"] == pytest.approx(data["overall"]["policies"][check["best_drift_aware"]]["pct_of_best"])
+
+
+def test_negative_rewards_fall_back_to_the_gain_share():
+    from capeen.drift import Yardstick
+
+    score = Yardstick(best=-2.0, full_depth=-6.0).score(-3.0, -2.0)
+    assert score["pct_of_best"] is None and score["pct_of_best_same_traces"] is None
+    assert score["pct_of_gain"] == pytest.approx(75.0) and score["pct_of_gain_same_traces"] == pytest.approx(100.0)
+    assert score["regret"] == pytest.approx(1.0)
+    assert Yardstick(best=1.0, full_depth=2.0).score(1.0, 1.0)["pct_of_gain"] is None
+
+
+def test_plot_written(report):
+    out, _ = report
+    png = (out / "drift.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+
+
+def test_same_stream_is_reproducible():
+    assert stream_order(10, 25, seed=3) == stream_order(10, 25, seed=3)
+    order = stream_order(10, 20, seed=3)
+    assert sorted(order[:10]) == list(range(10)) and order[10:] == order[:10]
+
+
+@pytest.mark.parametrize("flag, value", [
+    ("--phase-length", "0"), ("--phases", "none,fog:3"), ("--policies", "fixed,greedy"), ("--mu", "-1"),
+    ("--window", "0"), ("--gamma", "1.5"), ("--threads", "0"), ("--threshold", "1.5"), ("--seed", "-2"),
+    ("--policies", "ucb1,ucb1"),
+])
+def test_bad_options_are_user_errors(tiny_data, checkpoint, flag, value):
+    args = _args("--checkpoint", str(checkpoint), "--data", str(tiny_data), flag, value)
+    with pytest.raises(UserError) as info:
+        bench_drift_main(args)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_data_is_a_user_error(tmp_path, checkpoint):
+    with pytest.raises(UserError, match="not found"):
+        bench_drift_main(_args("--checkpoint", str(checkpoint), "--data", str(tmp_path / "nope")))
+
+
+def test_markdown_table(report):
+    from capeen.drift import format_table
+
+    _, data = report
+    table = format_table(data)
+    for phase, distortion in enumerate(["none", "noise:40", "blur:1.5", "none"], start=1):
+        for name in POLICY_NAMES:
+            assert f"| {phase}: {distortion} | {name} |" in table
+    assert "Verdict: " in table and "| per-phase best fixed |" in table
+
+
+def test_uncalibrated_checkpoint_needs_a_threshold(tmp_path, tiny_data):
+    uncalibrated = make_tiny_checkpoint(tmp_path / "ck", threshold=None)
+    base = ("--checkpoint", str(uncalibrated), "--data", str(tiny_data), "--device", "cpu", "--quiet",
+            "--phase-length", "2", "--phases", "none,noise:20")
+    with pytest.raises(UserError, match="calibrated threshold"):
+        bench_drift_main(_args(*base))
+    out = tmp_path / "r.json"
+    assert bench_drift_main(_args(*base, "--threshold", "0.7", "--policies", "fixed,sw-ucb", "--no-decode-best",
+                                  "--json", str(out))) == 0
+    data = json.loads(out.read_text())
+    assert data["fixed_threshold"] == 0.7 and 0.7 in data["grid"] and data["calibrated_threshold"] is None
+    assert set(data["per_phase"][0]["policies"]) == {"fixed", "sw-ucb", "full-depth"}
