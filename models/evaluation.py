@@ -197,16 +197,9 @@ def exit_agreement(engine: CaptionEngine, data: EvalSet, batch_size: int = 32) -
 
 def load_eval_set(dataset: str, split: str, image_size: int, limit: int | None = None) -> EvalSet:
     """A split of a Karpathy-format data set as uint8 pixels plus references (and scene objects when known)."""
-    from models.dataset import load_karpathy, records_for_split
-    from models.training_data import pixel_cache, resolve_dataset_json
+    from models.training_data import split_pixels
 
-    json_path = resolve_dataset_json(dataset)
-    records = records_for_split(load_karpathy(json_path), split)
-    if not records:
-        raise ValueError(f"{json_path}: no images in split {split!r}")
-    pixels = torch.from_numpy(pixel_cache(json_path, split, image_size, records))
-    if limit is not None:
-        records, pixels = records[:limit], pixels[:limit]
+    records, pixels = split_pixels(dataset, split, image_size, limit)
     references = [[" ".join(words) for words in record.captions] for record in records]
     objects = [record.objects for record in records] if all(r.objects is not None for r in records) else None
     return EvalSet(pixels=pixels, references=references, objects=objects)

@@ -66,15 +66,21 @@ def pixel_cache(json_path: Path, split: str, size: int, records: list) -> np.nda
     return pixels
 
 
-def load_split(json_path: Path, split: str, tokenizer: WordTokenizer, image_size: int, max_len: int,
-               limit: int | None = None) -> SplitTensors:
-    json_path = resolve_dataset_json(json_path)
+def split_pixels(dataset: Path | str, split: str, image_size: int, limit: int | None = None) -> tuple[list, torch.Tensor]:
+    """The records of one split (the first `limit`) and their pixels, uint8 (N, 3, S, S), cached on disk."""
+    json_path = resolve_dataset_json(dataset)
     records = records_for_split(load_karpathy(json_path), split)
     if not records:
         raise ValueError(f"{json_path}: no images in split {split!r}")
     pixels = torch.from_numpy(pixel_cache(json_path, split, image_size, records))
     if limit is not None:
         records, pixels = records[:limit], pixels[:limit]
+    return records, pixels
+
+
+def load_split(json_path: Path, split: str, tokenizer: WordTokenizer, image_size: int, max_len: int,
+               limit: int | None = None) -> SplitTensors:
+    records, pixels = split_pixels(json_path, split, image_size, limit)
     most = max(len(r.captions) for r in records)
     captions = torch.full((len(records), most, max_len), tokenizer.pad_id, dtype=torch.long)
     counts = torch.zeros(len(records), dtype=torch.long)
