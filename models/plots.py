@@ -14,7 +14,7 @@ def plot_sweeps(reports: list[dict], path: Path, metric: str = "ciderD") -> None
     """One curve per (checkpoint, distortion): CIDEr-D against measured decoder speedup, full depth at 1x."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for report in reports:
-        points = [report["full"], *report["thresholds"]]
+        points = sorted([report["full"], *report["thresholds"]], key=lambda p: p["decoder_speedup"])
         xs = [p["decoder_speedup"] for p in points]
         ys = [p[metric] for p in points]
         ax.plot(xs, ys, marker="o", markersize=3, label=f"{report['checkpoint']} / {report['distortion']}")
