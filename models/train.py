@@ -211,7 +211,11 @@ class Trainer:
 
     def export(self) -> Path:
         stages = dict(self.meta.get("training", {}))
-        stages[self.opts.stage] = {
+        # a run that continues an earlier one of the same stage is recorded beside it, not over it
+        key, n = self.opts.stage, 2
+        while key in stages:
+            key, n = f"{self.opts.stage}-{n}", n + 1
+        stages[key] = {
             **{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self.opts).items()
                if k not in ("resume", "run_dir", "out")},
             "history": self.history,
