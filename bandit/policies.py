@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 import os
+from abc import ABC, abstractmethod
 import threading
 from collections import deque
 from collections.abc import Mapping, Sequence
@@ -82,7 +83,7 @@ def default_grid(calibrated: float | None = None) -> tuple[float, ...]:
     return _grid([round(0.5 + 0.05 * k, 2) for k in range(10)] + [0.99], calibrated)
 
 
-class Policy:
+class Policy(ABC):
     """A UCB policy over thresholds; subclasses say how past rewards are remembered."""
 
     name: ClassVar[str]
@@ -118,25 +119,25 @@ class Policy:
 
     # --- what subclasses provide -------------------------------------------------------------------
 
+    @abstractmethod
     def _reset(self) -> None:
         """Start the remembered statistics empty."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _add(self, rewards: np.ndarray) -> None:
         """Remember one request's rewards (NaN: not observed). Called under the lock."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _estimates(self) -> tuple[np.ndarray, np.ndarray, float]:
         """Fresh arrays (means, counts) and the horizon H for the index. Called under the lock."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _state(self) -> dict[str, Any]:
         """The remembered statistics as JSON values."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _parse_state(self, state: Mapping[str, Any], rounds: int) -> dict[str, Any]:
         """Attribute values rebuilt from `_state()` output, not yet assigned; raises SnapshotError."""
-        raise NotImplementedError
 
     def _extra_config(self) -> dict[str, Any]:
         return {}
