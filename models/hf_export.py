@@ -7,7 +7,7 @@ pair of `load_state_dict` calls; it also proves the checkpoint is a plain GPT-2 
 
 from __future__ import annotations
 
-from transformers import GPT2Config, GPT2LMHeadModel, VisionEncoderDecoderConfig, VisionEncoderDecoderModel
+from transformers import GPT2Config, VisionEncoderDecoderConfig, VisionEncoderDecoderModel
 
 from models.model import CapeenModel
 

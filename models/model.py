@@ -268,9 +268,9 @@ class CapeenModel(nn.Module):
         return self.exits[str(layer)](hidden)
 
     def forward(
-        self, pixel_values: torch.Tensor, tokens: torch.Tensor, captions_per_image: int = 1
+        self, pixel_values: torch.Tensor, tokens: torch.Tensor, captions_per_image: int = 1, with_exits: bool = True
     ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """Teacher-forced logits: (final logits, {exit layer: logits}).
+        """Teacher-forced logits: (final logits, {exit layer: logits}; empty without `with_exits`).
 
         `tokens` holds `captions_per_image` captions for each image, grouped by image, so that the encoder and
         the cross-attention keys/values are computed once per image rather than once per caption.
@@ -283,7 +283,8 @@ class CapeenModel(nn.Module):
             ]
         states = self.decoder.hidden_states(tokens, cross)
         final = self.decoder.final_logits(states[-1])
-        exits = {layer: self.exits[str(layer)](states[layer - 1]) for layer in self.config.exit_layers}
+        exits = {layer: self.exits[str(layer)](states[layer - 1]) for layer in self.config.exit_layers} \
+            if with_exits else {}
         return final, exits
 
     def init_exits_from_final_head(self) -> None:

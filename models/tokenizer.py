@@ -41,13 +41,7 @@ class WordTokenizer:
 
     def decode(self, ids: Iterable[int]) -> list[str]:
         """Words up to the first EOS, without special tokens."""
-        out = []
-        for i in ids:
-            if i == self.eos_id:
-                break
-            if i >= len(SPECIALS):
-                out.append(self.words[i])
-        return out
+        return [word for word in self.words_until_eos(ids) if word not in SPECIALS]
 
     def words_until_eos(self, ids: Iterable[int]) -> list[str]:
         """Every generated token before the first EOS, special tokens shown as themselves (e.g. "<unk>")."""

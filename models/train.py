@@ -28,7 +28,7 @@ from tqdm import tqdm
 from models.checkpoint import Checkpoint, Thresholds, load_checkpoint, save_checkpoint
 from models.model import CapeenConfig, CapeenModel
 from models.preprocess import normalize
-from models.training_data import SplitTensors, build_tokenizer, load_split
+from models.training_data import build_tokenizer, load_split
 
 
 @dataclass
@@ -138,7 +138,9 @@ class Trainer:
                     final = self.model.decoder.final_logits(states[-1])
                 exits = {layer: self.model.exits[str(layer)](states[layer - 1]) for layer in self.config.exit_layers}
             else:
-                final, exits = self.model(pixels, inputs, captions_per_image=per_image)
+                # the paper's stage 1 trains no exits: their heads are not computed at all
+                final, exits = self.model(pixels, inputs, captions_per_image=per_image,
+                                          with_exits=self.opts.exit_aware)
 
         out = {"final_ce": caption_ce(final, targets, pad)}
         exit_ce = torch.stack([caption_ce(logits, targets, pad) for logits in exits.values()]).mean() if exits else None

@@ -1,6 +1,5 @@
 """The early-exit engine must compute exactly what the model defines, and skip what it says it skips."""
 
-import math
 
 import pytest
 import torch
