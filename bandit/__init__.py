@@ -8,22 +8,28 @@ confidence threshold; a token that leaves the decoder at exit i earns
 where C_i is the confidence (max softmax probability) at the exit the token left at, C_1 the confidence
 at the first exit, p_i the 1-based layer of that exit, L the number of decoder layers and mu the price
 of running the whole decoder in units of confidence (default 0.1). A request earns the mean of r over
-its tokens. reward.py explains the choice; policies.py the UCB1, sliding-window and discounted policies;
+its tokens. reward.py explains the choice; policies.py the UCB1, sliding-window and discounted policies
+and their index, whose exploration bonus scales with each arm's estimated reward variance;
 store.py the crash-safe snapshot; simulate.py the synthetic traffic used to measure regret.
 
 Pure Python and numpy: importing this package never imports torch or a web framework.
 """
 
 from bandit.policies import (
+    BONUSES,
+    DEFAULT_BONUS,
     DEFAULT_EXPLORATION,
     DEFAULT_GAMMA,
+    DEFAULT_MIN_STD,
     DEFAULT_WINDOW,
     POLICIES,
+    RANGE_EXPLORATION,
     UCB1,
     Arm,
     DiscountedUCB,
     Policy,
     SlidingWindowUCB,
+    default_exploration,
     default_grid,
     make_policy,
 )
@@ -31,11 +37,15 @@ from bandit.reward import DEFAULT_MU, ExitLayout, TraceLike, arm_rewards, reques
 from bandit.store import LoadResult, SnapshotError, load_or_new, write_json_atomic
 
 __all__ = [
+    "BONUSES",
+    "DEFAULT_BONUS",
     "DEFAULT_EXPLORATION",
     "DEFAULT_GAMMA",
+    "DEFAULT_MIN_STD",
     "DEFAULT_MU",
     "DEFAULT_WINDOW",
     "POLICIES",
+    "RANGE_EXPLORATION",
     "UCB1",
     "Arm",
     "DiscountedUCB",
@@ -46,6 +56,7 @@ __all__ = [
     "SnapshotError",
     "TraceLike",
     "arm_rewards",
+    "default_exploration",
     "default_grid",
     "load_or_new",
     "make_policy",

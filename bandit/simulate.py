@@ -1,6 +1,6 @@
 """Seeded simulators to measure the policies' regret without a model or a GPU.
 
-Two environments, both serving one request per step to a policy and reporting every arm's value on that
+Three environments, all serving one request per step to a policy and reporting every arm's value on that
 request (the truth regret is measured against):
 
 * `TraceEnvironment`: synthetic decode traces. Each token has a difficulty d ~ Beta(a, b); its confidence
@@ -13,7 +13,14 @@ request (the truth regret is measured against):
   the first token only; see reward.py).
 * `BernoulliEnvironment`: each arm pays 1 with a fixed probability that can switch between phases; the
   policy learns through `observe()` about the pulled arm only. Values are the expected rewards, so regret
-  is the pseudo-regret of the bandit literature. Fast, for the regret-shape tests.
+  is the pseudo-regret of the bandit literature. Fast, for the regret-shape tests. These runs use the range
+  index (`bonus="range"`): a reward of known range [0, 1] is its case, and a variance estimated from a few
+  0/1 rewards can be 0 (an arm that paid 0 twice would keep no bonus).
+* `GaussianEnvironment`: arm i pays N(mean_i, std_i^2), independently of the other arms, with means and
+  standard deviations that can switch between phases; the policy learns through `observe()` about the
+  pulled arm and, with side observations, every lower one. Values are the means (pseudo-regret). With
+  SHIPPED_MEANS / SHIPPED_STDS it mimics the small reward spread of the shipped model, the case the variance
+  index is for, and `small_spread_run` compares it there with the range index.
 
 `run` drives a policy for a number of steps; `RunResult.regret()` is the cumulative regret against the
 best fixed arm in hindsight (of the whole run, or of each phase) and `RunResult.detection_delay()` how long after a change the new best arm
@@ -118,6 +125,23 @@ class BernoulliEnvironment:
         return means
 
 
+class GaussianEnvironment:
+    """Arm i pays N(means[i], stds[i]^2); `schedule` is (steps, means, stds) triples, the last persists."""
+
+    def __init__(self, schedule: Sequence[tuple[int, Sequence[float], Sequence[float]]], seed: int) -> None:
+        self.schedule = [(steps, (np.asarray(means, dtype=float), np.asarray(stds, dtype=float)))
+                         for steps, means, stds in schedule]
+        self.rng = np.random.default_rng(seed)
+
+    def serve(self, step: int, arm: Arm, policy: Policy) -> np.ndarray:
+        means, stds = _phase_at(self.schedule, step)
+        draws = self.rng.normal(means, stds)
+        # The pulled arm and every lower one, as a decode tells; observe() keeps the lower ones only with
+        # side observations on.
+        policy.observe(arm, {i: float(draws[i]) for i in range(arm.index + 1)})
+        return means
+
+
 class UniformRandom(UCB1):
     """Baseline that pulls arms uniformly at random (it keeps UCB1's statistics, never uses them)."""
 
@@ -188,6 +212,21 @@ STATIONARY_MEANS = (0.2, 0.4, 0.5, 0.6, 0.7)
 CHANGE_BEFORE = (0.7, 0.5, 0.4, 0.3, 0.2)
 CHANGE_AFTER = (0.65, 0.5, 0.4, 0.8, 0.2)  # arm 3 becomes best; the old best stays second
 BERNOULLI_EXPLORATION = 2**-0.5  # sqrt(2) * 0.5, the sub-Gaussian scale of a Bernoulli reward
+BERNOULLI_INDEX = {"bonus": "range", "exploration": BERNOULLI_EXPLORATION}
+"""The index of the Bernoulli runs: the range bonus, c for rewards in [0, 1] (module docstring)."""
+SMALL_SPREAD_STD = 0.02
+"""Standard deviation of every arm in the Gaussian change scenario: the spread of the shipped model's rewards."""
+SMALL_SPREAD_SCALE = 0.1
+"""The Gaussian change scenario's means are CHANGE_BEFORE / CHANGE_AFTER times this: gaps of 0.005-0.05."""
+SHIPPED_MEANS = (-0.0414, -0.0444, -0.0459, -0.0472, -0.0485, -0.0500, -0.0513, -0.0537, -0.0567, -0.0613, -0.0669)
+SHIPPED_STDS = (0.0093, 0.0103, 0.0110, 0.0121, 0.0134, 0.0151, 0.0161, 0.0173, 0.0189, 0.0220, 0.0230)
+"""Mean and standard deviation of the per-request reward of thresholds 0.5, 0.55, ..., 0.95, 0.99 on the shipped
+model (mu 0.1): the first 250 requests (clean images) of `capeen bench-drift --phase-length 250`, read off the
+full-depth traces. The gaps between arms (0.003-0.026) are about the size of the spread."""
+SHIPPED_FULL_DEPTH = -0.0967
+"""Per-request reward of decoding at full depth on the same stream: F of bench-drift's % of gain."""
+BENCH_WINDOW, BENCH_GAMMA = 125, 0.992
+"""bench-drift's defaults for phases of 250 requests: half a phase, and gamma = 1 - 1 / window."""
 
 
 def label_grid(arms: int) -> list[float]:
@@ -199,9 +238,14 @@ def _layout_kwargs(layout: ExitLayout = PAPER_LAYOUT) -> dict[str, Any]:
     return {"exit_positions": layout.exit_positions, "num_layers": layout.num_layers}
 
 
-def trace_regret(name: str, side_observations: bool, schedule: Sequence[tuple[int, Phase]], seed: int) -> float:
-    """Final regret of policy `name` (default settings) on synthetic traces, per-phase best arm as yardstick."""
-    policy = make_policy(name, default_grid(0.8), side_observations=side_observations, **_layout_kwargs())
+def trace_regret(name: str, side_observations: bool, schedule: Sequence[tuple[int, Phase]], seed: int,
+                 **options: Any) -> float:
+    """Final regret of policy `name` on synthetic traces, per-phase best arm as yardstick.
+
+    Default settings unless `options` (make_policy's keywords, e.g. bonus="range") say otherwise.
+    """
+    policy = make_policy(name, default_grid(0.8), side_observations=side_observations, **options,
+                         **_layout_kwargs())
     phases = [steps for steps, _ in schedule]
     result = run(policy, TraceEnvironment(PAPER_LAYOUT, schedule, seed), sum(phases))
     return float(result.regret(phases)[-1])
@@ -213,42 +257,95 @@ def stationary_regret(policy_name: str, steps: int, seed: int) -> np.ndarray:
     if policy_name == "uniform":
         policy: Policy = UniformRandom(grid, seed=seed, **_layout_kwargs())
     else:
-        policy = make_policy(policy_name, grid, exploration=BERNOULLI_EXPLORATION, **_layout_kwargs())
+        policy = make_policy(policy_name, grid, **BERNOULLI_INDEX, **_layout_kwargs())
     return run(policy, BernoulliEnvironment([(steps, STATIONARY_MEANS)], seed), steps).regret()
 
 
-def change_delay(name: str, change: int, after: int, seed: int, window: int, gamma: float) -> int:
-    """Steps until policy `name` makes the new best arm of CHANGE_AFTER its most pulled; `after` if never."""
-    policy = make_policy(
-        name, label_grid(len(CHANGE_BEFORE)), exploration=BERNOULLI_EXPLORATION, window=window, gamma=gamma,
-        **_layout_kwargs(),
-    )
-    environment = BernoulliEnvironment([(change, CHANGE_BEFORE), (after, CHANGE_AFTER)], seed)
+def change_delay(name: str, change: int, after: int, seed: int, window: int, gamma: float,
+                 gaussian: bool = False) -> int:
+    """Steps until policy `name` makes the new best arm of CHANGE_AFTER its most pulled; `after` if never.
+
+    Bernoulli arms with the range index, or with `gaussian` the small-spread Gaussian arms (means scaled by
+    SMALL_SPREAD_SCALE, std SMALL_SPREAD_STD) with the default (variance) index and side observations.
+    """
+    grid, memory = label_grid(len(CHANGE_BEFORE)), {"window": window, "gamma": gamma}
+    if gaussian:
+        policy = make_policy(name, grid, **memory, **_layout_kwargs())
+        stds = [SMALL_SPREAD_STD] * len(CHANGE_BEFORE)
+        before, after_means = (np.multiply(SMALL_SPREAD_SCALE, m) for m in (CHANGE_BEFORE, CHANGE_AFTER))
+        environment: Environment = GaussianEnvironment([(change, before, stds), (after, after_means, stds)], seed)
+    else:
+        policy = make_policy(name, grid, **memory, **BERNOULLI_INDEX, **_layout_kwargs())
+        environment = BernoulliEnvironment([(change, CHANGE_BEFORE), (after, CHANGE_AFTER)], seed)
     delay = run(policy, environment, change + after).detection_delay(change, int(np.argmax(CHANGE_AFTER)))
     return after if delay is None else delay
 
 
+def small_spread_run(name: str, steps: int, seed: int, **options: Any) -> RunResult:
+    """Policy `name` ("uniform" too) on SHIPPED_MEANS / SHIPPED_STDS Gaussian arms, side observations on.
+
+    `options` go to `make_policy` (bonus, exploration, min_std, ...); window and gamma default to
+    bench-drift's BENCH_WINDOW and BENCH_GAMMA.
+    """
+    grid = default_grid()
+    if name == "uniform":
+        policy: Policy = UniformRandom(grid, seed=seed, **_layout_kwargs())
+    else:
+        options = {"window": BENCH_WINDOW, "gamma": BENCH_GAMMA, **options}
+        policy = make_policy(name, grid, **options, **_layout_kwargs())
+    return run(policy, GaussianEnvironment([(steps, SHIPPED_MEANS, SHIPPED_STDS)], seed), steps)
+
+
+def gain_share(result: RunResult) -> float:
+    """bench-drift's % of gain on SHIPPED arms: 100 (R - F) / (B - F), F the full-depth reward."""
+    steps = len(result.choices)
+    best, full = max(SHIPPED_MEANS) * steps, SHIPPED_FULL_DEPTH * steps
+    return float(100.0 * (best - result.regret()[-1] - full) / (best - full))
+
+
 def main() -> None:
-    """Print the figures quoted in the README: the test scenarios, more seeds (about a minute)."""
+    """Print the figures quoted in the README: the test scenarios, more seeds (about two minutes)."""
     seeds = range(5)
-    print("Trace simulator, UCB1 (default c, mu), regret against the best arm of each phase:")
+    print("Trace simulator, UCB1 (default index), regret against the best arm of each phase:")
     for label, schedule in (("clean, 5000 requests", [(5000, CLEAN)]), ("noisy, 5000 requests", [(5000, NOISY)]),
                             ("clean>noisy>blurred>clean, 4 x 2500", drifting_schedule(2500))):
         on = [trace_regret("ucb1", True, schedule, seed) for seed in seeds]
         off = [trace_regret("ucb1", False, schedule, seed) for seed in seeds]
         print(f"  {label:36s} side observations on {np.mean(on):6.1f}   off {np.mean(off):6.1f}")
-    print("Drifting traces, side observations on, per policy (default window / gamma):")
-    for name in POLICIES:
-        values = [trace_regret(name, True, drifting_schedule(2500), seed) for seed in seeds]
-        print(f"  {name:6s} regret {np.mean(values):6.1f}  (seeds: {np.round(values, 1).tolist()})")
-    print(f"Bernoulli arms {list(STATIONARY_MEANS)}, c = {BERNOULLI_EXPLORATION:.3f}:")
+    indexes = {"variance": {}, "range": {"bonus": "range"}}  # each with its default c and min_std
+    print("Drifting traces (4 x 2500), side observations on, per policy (default window / gamma), regret:")
+    for label, options in indexes.items():
+        for name in POLICIES:
+            values = [trace_regret(name, True, drifting_schedule(2500), seed, **options) for seed in seeds]
+            print(f"  {label:8s} index  {name:6s} {np.mean(values):6.1f}  (seeds: {np.round(values, 1).tolist()})")
+    print(f"Bernoulli arms {list(STATIONARY_MEANS)}, range index, c = {BERNOULLI_EXPLORATION:.3f}:")
     for name in ("ucb1", "uniform"):
         curve = np.mean([stationary_regret(name, 10_000, seed) for seed in seeds], axis=0)
         print(f"  {name:7s} R(1000) {curve[999]:7.1f}  R(5000) {curve[4999]:7.1f}  R(10000) {curve[9999]:7.1f}")
-    print(f"Bernoulli {list(CHANGE_BEFORE)} -> {list(CHANGE_AFTER)} after 5000 steps; window 500, gamma 0.998:")
+    print(f"Bernoulli {list(CHANGE_BEFORE)} -> {list(CHANGE_AFTER)} after 5000 steps, range index; window 500, "
+          "gamma 0.998:")
     for name in POLICIES:
         delays = [change_delay(name, 5000, 3000, seed, window=500, gamma=0.998) for seed in seeds]
         print(f"  {name:6s} steps until the new best arm leads the last 200 pulls: {delays}")
+    print(f"The same means x {SMALL_SPREAD_SCALE:g} as Gaussian arms (std {SMALL_SPREAD_STD:g}), variance index, "
+          "side observations on:")
+    for name in POLICIES:
+        delays = [change_delay(name, 5000, 3000, seed, window=500, gamma=0.998, gaussian=True) for seed in seeds]
+        print(f"  {name:6s} steps until the new best arm leads the last 200 pulls: {delays}")
+    print("Small reward spread: Gaussian arms with the shipped model's per-request means and spreads (SHIPPED_*):")
+    for name in ("ucb1", "uniform"):
+        curve = np.mean([small_spread_run(name, 10_000, seed).regret() for seed in seeds], axis=0)
+        label = "ucb1, variance index" if name == "ucb1" else name
+        print(f"  {label:20s}  R(1000) {curve[999]:6.2f}  R(5000) {curve[4999]:6.2f}  R(10000) {curve[9999]:6.2f}")
+    print(f"  1000 requests, window {BENCH_WINDOW}, gamma {BENCH_GAMMA} (bench-drift's), regret and % of gain "
+          "(bench-drift's measure):")
+    for label, options in indexes.items():
+        for name in POLICIES:
+            results = [small_spread_run(name, 1000, seed, **options) for seed in seeds]
+            regret = np.mean([r.regret()[-1] for r in results])
+            gain = [gain_share(r) for r in results]
+            print(f"  {label:8s} index  {name:6s} regret {regret:5.2f}  % of gain {np.mean(gain):5.1f} "
+                  f"(min {np.min(gain):5.1f})")
 
 
 if __name__ == "__main__":

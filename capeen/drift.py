@@ -6,7 +6,9 @@ the same stream, the same images with the same noise:
 
 * `fixed`: the checkpoint's calibrated threshold (or `--threshold`), never changed;
 * `ucb1`, `sw-ucb`, `d-ucb`: the bandit picks a threshold per request (`select()`), the engine really
-  decodes with it, early exits included, and the bandit learns from that decode's trace (`update()`).
+  decodes with it, early exits included, and the bandit learns from that decode's trace (`update()`). The
+  index is bandit's default, whose bonus scales with each arm's estimated reward variance; `--bonus range`
+  runs the former range index (bandit/policies.py).
 
 Best fixed arm in hindsight. Decoding every image with every arm would cost one decode per arm; instead
 each image is decoded once more at full depth with `observe_exits=True`, which evaluates every exit without
@@ -98,7 +100,8 @@ class _Fixed:
         return self.threshold
 
 
-def _make_policies(names, *, grid, layout, calibrated, fixed_threshold, mu, window, gamma, exploration):
+def _make_policies(names, *, grid, layout, calibrated, fixed_threshold, mu, window, gamma, exploration, bonus,
+                   min_std):
     from bandit import make_policy
 
     policies = {}
@@ -108,7 +111,8 @@ def _make_policies(names, *, grid, layout, calibrated, fixed_threshold, mu, wind
         else:
             policies[name] = make_policy(
                 name, grid, exit_positions=layout.exit_positions, num_layers=layout.num_layers,
-                calibrated=calibrated, mu=mu, window=window, gamma=gamma, exploration=exploration,
+                calibrated=calibrated, mu=mu, window=window, gamma=gamma, exploration=exploration, bonus=bonus,
+                min_std=min_std,
             )
     return policies
 
@@ -125,6 +129,8 @@ def run_drift(
     window: int,
     gamma: float,
     exploration: float,
+    bonus: str,
+    min_std: float,
     seed: int,
     fixed_threshold: float,
     decode_best: bool = True,
@@ -153,7 +159,7 @@ def run_drift(
     grid_array = np.asarray(grid)
     bandits = _make_policies(policies, grid=grid, layout=layout, calibrated=fixed_threshold,
                              fixed_threshold=fixed_threshold, mu=mu, window=window, gamma=gamma,
-                             exploration=exploration)
+                             exploration=exploration, bonus=bonus, min_std=min_std)
     logs = {name: PolicyLog(name) for name in policies}
     n_requests = phase_length * len(phases)
     order = stream_order(len(data), n_requests, seed)
@@ -275,6 +281,8 @@ def run_drift(
         "window": window,
         "gamma": gamma,
         "exploration": exploration,
+        "bonus": bonus,
+        "min_std": min_std,
         "calibrated_threshold": calibrated,
         "fixed_threshold": fixed_threshold,
         "grid": list(grid),
@@ -405,18 +413,20 @@ def _fmt(value: float | None, spec: str) -> str:
 
 def format_table(report: dict[str, Any]) -> str:
     """The report as Markdown: one row per phase and policy, then the whole stream and the done-when check."""
+    index = f"{report['bonus']} index, c={report['exploration']:g}"
+    if report["bonus"] == "variance":
+        index += f", min_std={report['min_std']:g}"
     lines = [
-        f"**{report['checkpoint']}**: {report['requests']} requests, phases {', '.join(report['phases'])} "
-        f"({report['phase_length']} each), mu={report['mu']:g}, window={report['window']}, "
-        f"gamma={report['gamma']:g}, c={report['exploration']:g}, fixed threshold {report['fixed_threshold']:g}, "
-        f"seed {report['seed']}",
+        (f"**{report['checkpoint']}**: {report['requests']} requests, phases {', '.join(report['phases'])} "
+         f"({report['phase_length']} each), mu={report['mu']:g}, window={report['window']}, "
+         f"gamma={report['gamma']:g}, {index}, fixed threshold {report['fixed_threshold']:g}, seed {report['seed']}"),
         "",
-        "Reward R summed over the phase; B: best fixed arm in hindsight, F: full depth, both read off the "
-        "full-depth traces. % of best = R/B (n/a when B <= 0); % of gain = (R-F)/(B-F); "
-        "same traces: the chosen arms scored on the full-depth traces.",
+        ("Reward R summed over the phase; B: best fixed arm in hindsight, F: full depth, both read off the "
+         "full-depth traces. % of best = R/B (n/a when B <= 0); % of gain = (R-F)/(B-F); "
+         "same traces: the chosen arms scored on the full-depth traces."),
         "",
-        "| phase | policy | CIDEr-D | mean exit layer | cum. reward | % of best | % of gain | % of gain, same traces "
-        "| most used threshold |",
+        ("| phase | policy | CIDEr-D | mean exit layer | cum. reward | % of best | % of gain | % of gain, same traces "
+         "| most used threshold |"),
         "|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for phase in report["per_phase"]:
@@ -516,7 +526,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window", type=int,
                    help="sw-ucb window in requests (default: half a phase, capped at bandit.DEFAULT_WINDOW)")
     p.add_argument("--gamma", type=float, help="d-ucb discount (default: 1 - 1/window, the same memory)")
-    p.add_argument("--exploration", type=float, help="UCB exploration c (default: bandit.DEFAULT_EXPLORATION)")
+    p.add_argument("--bonus", choices=("variance", "range"), default="variance",
+                   help="UCB index: c * sqrt(var * ln H / n), var each arm's estimated reward variance "
+                        "(default), or the former c * sqrt(ln H / n)")
+    p.add_argument("--exploration", type=float,
+                   help="UCB exploration c (default: bandit.DEFAULT_EXPLORATION = 1 for the variance index, "
+                        "bandit.RANGE_EXPLORATION = 0.2 for the range index)")
+    p.add_argument("--min-std", type=float,
+                   help="floor of an arm's reward standard deviation in the variance index "
+                        "(default: bandit.DEFAULT_MIN_STD = 0.005)")
     p.add_argument("--no-decode-best", dest="decode_best", action="store_false",
                    help="skip the real decode of each phase's best fixed arm (saves one decode per request)")
     p.add_argument("--seed", type=int, default=0, help="image order and noise (default 0)")
@@ -528,7 +546,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _parse_args(args) -> dict[str, Any]:
-    from bandit import DEFAULT_EXPLORATION, DEFAULT_MU, DEFAULT_WINDOW
+    from bandit import DEFAULT_MIN_STD, DEFAULT_MU, DEFAULT_WINDOW, default_exploration
     from models.evaluation import Distortion
 
     if args.phase_length < 1:
@@ -559,15 +577,18 @@ def _parse_args(args) -> dict[str, Any]:
     gamma = 1.0 - 1.0 / max(window, 2) if args.gamma is None else args.gamma
     if not 0.0 < gamma < 1.0:
         raise UserError(f"--gamma must lie in (0, 1), got {args.gamma}")
-    exploration = DEFAULT_EXPLORATION if args.exploration is None else args.exploration
+    exploration = default_exploration(args.bonus) if args.exploration is None else args.exploration
     if not (math.isfinite(exploration) and exploration >= 0):
         raise UserError(f"--exploration must be a finite number >= 0, got {args.exploration}")
+    min_std = DEFAULT_MIN_STD if args.min_std is None else args.min_std
+    if not (math.isfinite(min_std) and min_std >= 0):
+        raise UserError(f"--min-std must be a finite number >= 0, got {args.min_std}")
     if args.threshold is not None and not 0.0 < args.threshold <= 1.0:
         raise UserError(f"--threshold must lie in (0, 1], got {args.threshold}")
     if not Path(args.data).exists():
         raise UserError(f"{args.data}: data set not found (make one with `capeen data --out DIR`)")
     return {"phases": phases, "policies": policies, "mu": mu, "window": window, "gamma": gamma,
-            "exploration": exploration}
+            "exploration": exploration, "bonus": args.bonus, "min_std": min_std}
 
 
 def bench_drift_main(args) -> int:

@@ -16,6 +16,9 @@ import numpy as np
 import pytest
 
 from bandit import (
+    DEFAULT_EXPLORATION,
+    DEFAULT_MIN_STD,
+    RANGE_EXPLORATION,
     Arm,
     ExitLayout,
     SnapshotError,
@@ -26,6 +29,7 @@ from bandit import (
     request_reward,
     write_json_atomic,
 )
+from bandit.policies import SNAPSHOT_VERSION, sample_variances
 from bandit.simulate import (
     CLEAN,
     NOISY,
@@ -34,6 +38,7 @@ from bandit.simulate import (
     change_delay,
     drifting_schedule,
     run,
+    small_spread_run,
     stationary_regret,
     trace_regret,
 )
@@ -147,6 +152,88 @@ def test_select_tries_unobserved_arms_highest_first_then_follows_the_index():
     assert p.select() == p.arms[0] and p.best() == p.arms[0]
 
 
+def test_index_options_and_their_defaults():
+    p = policy()
+    assert (p.bonus, p.exploration, p.min_std) == ("variance", DEFAULT_EXPLORATION, DEFAULT_MIN_STD) == (
+        "variance", 1.0, 0.005)
+    assert policy(bonus="range").exploration == RANGE_EXPLORATION == 0.2
+    assert policy(bonus="range", exploration=0.5).exploration == 0.5
+    assert {"bonus": "variance", "min_std": 0.005, "exploration": 1.0}.items() <= p.config.items()
+    with pytest.raises(ValueError, match="unknown bonus"):
+        policy(bonus="gauss")
+    with pytest.raises(ValueError, match="unknown bonus"):
+        policy(bonus="gauss", exploration=1.0)
+    for bad in (-0.01, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="min_std"):
+            policy(min_std=bad)
+
+
+def test_sample_variances_are_bessel_corrected_and_guarded():
+    rewards = [[0.1, 0.3, 0.2], [0.5], [], [0.04, 0.04, 0.04]]
+    counts = np.array([len(r) for r in rewards], dtype=float)
+    sums = np.array([sum(r) for r in rewards])
+    squares = np.array([sum(v * v for v in r) for r in rewards])
+    variances = sample_variances(counts, sums, squares)
+    assert variances[0] == pytest.approx(np.var(rewards[0], ddof=1))
+    assert np.isnan(variances[1]) and np.isnan(variances[2])  # n < 2: no variance
+    assert variances[3] == pytest.approx(0.0, abs=1e-15)
+    # Equal rewards whose sums carry round-off: a sum of squares just below sums^2 / n is no negative variance.
+    assert sample_variances(np.array([2.0]), np.array([0.2]), np.array([0.02 - 1e-17]))[0] == 0.0
+    # Discounted counts: the Bessel factor uses the (fractional) count.
+    assert sample_variances(np.array([1.5]), np.array([0.3]), np.array([0.1]))[0] == pytest.approx(
+        (0.1 - 0.3**2 / 1.5) / 0.5)
+
+
+def _feed(p, per_arm: dict[int, list[float]]) -> None:
+    """Observe each arm's rewards on its own (side observations must be off), interleaved."""
+    for step in range(max(len(r) for r in per_arm.values())):
+        for index, rewards in per_arm.items():
+            p.observe(p.arms[index], {index: rewards[step]})
+
+
+@pytest.mark.parametrize("name", ["ucb1", "sw-ucb", "d-ucb"])
+def test_variance_index_explores_a_low_variance_arm_less(name):
+    steady = [0.001, -0.001] * 5  # mean 0, standard deviation 0.001
+    spread = [0.05, -0.05] * 5  # mean 0, standard deviation 0.05
+    for wide in (0, 1):  # equal means and counts: the wider arm has the larger index, wherever it is
+        p = make_policy(name, [0.5, 0.9], **LAYOUT, side_observations=False, min_std=0.0, window=100, gamma=0.99)
+        _feed(p, {wide: spread, 1 - wide: steady})
+        assert p.select() == p.arms[wide]
+    # Played for a while, the low-variance arm is pulled less although its mean is the same.
+    p = make_policy(name, [0.5, 0.9], **LAYOUT, side_observations=False, window=100, gamma=0.99)
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        arm = p.select()
+        p.observe(arm, {arm.index: float(rng.normal(0.0, 0.002 if arm.index == 0 else 0.05))})
+    pulls = [s["pulls"] for s in p.stats()]
+    assert pulls[0] < pulls[1], pulls
+
+
+def test_min_std_floors_the_variance_of_an_arm_whose_rewards_agree():
+    # Arm 0 always paid exactly 0 (sample variance 0); arm 1 pays -0.01 on average with s = 0.023. With
+    # n = 4 each and H = 8 the bonus factor is sqrt(ln 8 / 4) = 0.72: arm 1's index is -0.01 + 0.023 * 0.72 =
+    # 0.0067, arm 0's is min_std * 0.72.
+    rewards = {0: [0.0] * 4, 1: [0.01, -0.03, 0.01, -0.03]}
+    chosen = {}
+    for min_std in (0.0, DEFAULT_MIN_STD, 0.02):
+        p = make_policy("ucb1", [0.5, 0.9], **LAYOUT, side_observations=False, min_std=min_std)
+        _feed(p, rewards)
+        chosen[min_std] = p.select().index
+    assert chosen == {0.0: 1, DEFAULT_MIN_STD: 1, 0.02: 0}
+
+
+def test_variance_index_waits_for_two_observations_per_arm():
+    p = policy()
+    for _ in range(2):  # one observation gives no variance: the highest arm again, seeing every arm twice
+        arm = p.select()
+        assert arm == p.arms[-1]
+        p.observe(arm, {i: 0.1 * i for i in range(arm.index + 1)})
+    assert [s["observations"] for s in p.stats()] == [2] * len(GRID)
+    ranged = policy(bonus="range")
+    ranged.observe(ranged.select(), {i: 0.1 * i for i in range(len(GRID))})
+    assert ranged.select() == ranged.arms[-1]  # the range index is ready after one; arm 4 earned most
+
+
 def test_updates_reject_foreign_arms_and_rewards():
     p = policy()
     with pytest.raises(ValueError, match="not an arm"):
@@ -198,6 +285,43 @@ def test_snapshot_round_trip_continues_identically(name, tmp_path):
         original.observe(arm, rewards)
         copy.observe(arm, rewards)
     assert copy.snapshot() == original.snapshot()
+    assert "squares" in copy.snapshot()["state"] and copy.snapshot()["version"] == SNAPSHOT_VERSION == 2
+
+
+@pytest.mark.parametrize("name", ["ucb1", "sw-ucb", "d-ucb"])
+def test_snapshot_restores_only_into_the_same_index(name):
+    snapshot = _trained(name).snapshot()
+    for other in ({"bonus": "range"}, {"min_std": 0.01}, {"exploration": 2.0}):
+        fresh = policy(name, window=7, gamma=0.9, **other)
+        with pytest.raises(SnapshotError, match="config"):
+            fresh.restore(snapshot)
+        assert fresh.rounds == 0
+
+
+def _version_1(name: str) -> dict:
+    """What capeen wrote before the variance index: no squares, no bonus or min_std, c = 0.2."""
+    snapshot = _trained(name).snapshot()
+    snapshot["version"] = 1
+    del snapshot["state"]["squares"]
+    for key in ("bonus", "min_std"):
+        del snapshot["config"][key]
+    snapshot["config"]["exploration"] = 0.2
+    return snapshot
+
+
+@pytest.mark.parametrize("name", ["ucb1", "sw-ucb", "d-ucb"])
+def test_an_older_snapshot_version_is_refused_and_set_aside(name, tmp_path, caplog):
+    fresh = policy(name, window=7, gamma=0.9)
+    before = fresh.snapshot()
+    with pytest.raises(SnapshotError, match="version is 1, this policy has 2.*sums of squared rewards"):
+        fresh.restore(_version_1(name))
+    assert fresh.snapshot() == before
+    path = tmp_path / "bandit.json"
+    path.write_text(json.dumps(_version_1(name)), encoding="utf-8")
+    with caplog.at_level(logging.WARNING, logger="bandit.store"):
+        result = load_or_new(path, lambda: policy(name, window=7, gamma=0.9))
+    assert not result.restored and "version" in result.problem and result.policy.rounds == 0
+    assert result.set_aside.exists() and not path.exists() and "not restored" in caplog.text
 
 
 def test_missing_snapshot_means_a_fresh_policy(tmp_path):
@@ -226,6 +350,11 @@ def _foreign(edit):
         (_foreign(lambda s: s["state"].update(pulls=[1, 2])), "pulls"),
         (_foreign(lambda s: s["state"].update(rounds=3)), "add up"),
         (_foreign(lambda s: s["state"].update(sums="x")), "sums"),
+        (_foreign(lambda s: s["state"].pop("squares")), "squares"),
+        (_foreign(lambda s: s["state"].update(squares=[-1.0] * 5)), "squares"),
+        (_foreign(lambda s: s["state"].update(squares=[0.0] * 5)), "squares"),  # the sums imply squares > 0
+        (_foreign(lambda s: s["state"].update(squares=[float("nan")] * 5)), "unreadable"),  # NaN is not JSON
+        (_foreign(lambda s: s.update(version=[1])), "version"),
     ],
 )
 def test_bad_snapshots_are_set_aside_not_fatal(content, problem, tmp_path, caplog):
@@ -243,12 +372,18 @@ def test_bad_snapshots_are_set_aside_not_fatal(content, problem, tmp_path, caplo
     assert load_or_new(path, policy).restored
 
 
-def test_restore_failure_leaves_the_policy_untouched():
-    p = _trained("sw-ucb")
+@pytest.mark.parametrize("name, key, edit", [
+    ("sw-ucb", "history", lambda state: state["history"].__setitem__(-1, [0.1] * 4)),
+    ("sw-ucb", "squares", lambda state: state["squares"].__setitem__(0, state["squares"][0] + 0.5)),
+    ("d-ucb", "squares", lambda state: state["squares"].__setitem__(0, -0.1)),
+    ("ucb1", "squares", lambda state: state.update(squares=[0.0] * 5)),
+])
+def test_restore_failure_leaves_the_policy_untouched(name, key, edit):
+    p = _trained(name)
     before = p.snapshot()
     broken = json.loads(json.dumps(before))
-    broken["state"]["history"][-1] = [0.1] * 4
-    with pytest.raises(SnapshotError, match="history"):
+    edit(broken["state"])
+    with pytest.raises(SnapshotError, match=key):
         p.restore(broken)
     assert p.snapshot() == before
 
@@ -348,10 +483,27 @@ def test_ucb1_regret_is_far_below_uniform_and_grows_logarithmically():
     assert uniform[9999] - uniform[4999] > 0.8 * uniform[4999]
 
 
-def test_forgetting_policies_follow_an_abrupt_change_and_ucb1_lags():
+def test_variance_index_regret_on_small_spread_is_far_below_uniform_and_grows_logarithmically():
+    # Gaussian arms with the shipped model's reward means and spreads (0.009-0.023), side observations on.
+    ucb = np.mean([small_spread_run("ucb1", 6000, seed).regret() for seed in range(2)], axis=0)
+    uniform = np.mean([small_spread_run("uniform", 6000, seed).regret() for seed in range(2)], axis=0)
+    assert ucb[-1] < 0.05 * uniform[-1]
+    assert ucb[5999] - ucb[2999] < 0.35 * ucb[2999]
+    assert uniform[5999] - uniform[2999] > 0.8 * uniform[2999]
+
+
+def test_variance_index_explores_far_less_than_the_range_index_on_small_spread():
+    for name in ("ucb1", "sw-ucb", "d-ucb"):  # bench-drift's window 125 and gamma 0.992
+        variance = np.mean([small_spread_run(name, 1000, seed).regret()[-1] for seed in range(2)])
+        ranged = np.mean([small_spread_run(name, 1000, seed, bonus="range").regret()[-1] for seed in range(2)])
+        assert variance < 0.4 * ranged, (name, variance, ranged)
+
+
+@pytest.mark.parametrize("gaussian", [False, True], ids=["bernoulli-range-index", "gaussian-variance-index"])
+def test_forgetting_policies_follow_an_abrupt_change_and_ucb1_lags(gaussian):
     seeds = range(6)
     delays = {
-        name: [change_delay(name, 5000, 3000, seed, window=500, gamma=0.998) for seed in seeds]
+        name: [change_delay(name, 5000, 3000, seed, window=500, gamma=0.998, gaussian=gaussian) for seed in seeds]
         for name in ("ucb1", "sw-ucb", "d-ucb")
     }
     for name in ("sw-ucb", "d-ucb"):

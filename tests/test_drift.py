@@ -53,6 +53,8 @@ def test_report_structure(report):
     assert [p["distortion"] for p in data["per_phase"]] == ["none", "noise:40", "blur:1.5", "none"]
     assert data["exit_positions"] == [1, 2, 3, 4]
     assert data["fixed_threshold"] == 0.6 and 0.6 in data["grid"]
+    # The bandit's defaults: the variance index, c = 1, min_std 0.005.
+    assert (data["bonus"], data["exploration"], data["min_std"]) == ("variance", 1.0, 0.005)
     for phase in data["per_phase"]:
         assert set(phase["policies"]) == {*POLICY_NAMES, "best-fixed", "full-depth"}
         for name in (*POLICY_NAMES, "best-fixed"):
@@ -139,7 +141,7 @@ def test_same_stream_is_reproducible():
 @pytest.mark.parametrize("flag, value", [
     ("--phase-length", "0"), ("--phases", "none,fog:3"), ("--policies", "fixed,greedy"), ("--mu", "-1"),
     ("--window", "0"), ("--gamma", "1.5"), ("--threads", "0"), ("--threshold", "1.5"), ("--seed", "-2"),
-    ("--policies", "ucb1,ucb1"),
+    ("--policies", "ucb1,ucb1"), ("--min-std", "-0.1"), ("--exploration", "nan"),
 ])
 def test_bad_options_are_user_errors(tiny_data, checkpoint, flag, value):
     args = _args("--checkpoint", str(checkpoint), "--data", str(tiny_data), flag, value)
@@ -172,7 +174,8 @@ def test_uncalibrated_checkpoint_needs_a_threshold(tmp_path, tiny_data):
         bench_drift_main(_args(*base))
     out = tmp_path / "r.json"
     assert bench_drift_main(_args(*base, "--threshold", "0.7", "--policies", "fixed,sw-ucb", "--no-decode-best",
-                                  "--json", str(out))) == 0
+                                  "--bonus", "range", "--json", str(out))) == 0
     data = json.loads(out.read_text())
     assert data["fixed_threshold"] == 0.7 and 0.7 in data["grid"] and data["calibrated_threshold"] is None
+    assert (data["bonus"], data["exploration"]) == ("range", 0.2)  # the range index's own default c
     assert set(data["per_phase"][0]["policies"]) == {"fixed", "sw-ucb", "full-depth"}
