@@ -36,8 +36,11 @@ def _add_data(sub) -> None:
 
 
 def _add_train(sub) -> None:
-    p = sub.add_parser("train", help="train a CAPEEN model: stage 1 (backbone) or stage 2 (exits)")
-    p.add_argument("--stage", choices=["backbone", "exits"], required=True)
+    p = sub.add_parser("train", help="train a CAPEEN model: stage 1 (backbone) or stage 2 (exits), optionally "
+                       "after pre-training the image encoder on the scenes' objects (encoder)")
+    p.add_argument("--stage", choices=["encoder", "backbone", "exits"], required=True,
+                   help="encoder: pre-train the image encoder on ground-truth scene objects (synthetic data); "
+                        "backbone: encoder + decoder on captions; exits: the exit heads on a frozen backbone")
     p.add_argument("--data", required=True, help="data set directory (with dataset.json) or a Karpathy JSON file")
     p.add_argument("--out", required=True, help="checkpoint directory to write")
     p.add_argument("--init", help="checkpoint to start from (required for --stage exits)")

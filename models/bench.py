@@ -121,7 +121,7 @@ def head_cost(engine: CaptionEngine, position: int = 12, repeats: int = 2000) ->
     against one exit check (LayerNorm + projection to the vocabulary + max softmax)."""
     cfg, dec = engine.config, engine.decoder
     hd = cfg.n_embd // cfg.n_head
-    patches = (cfg.image_size // cfg.patch_size) ** 2 + 1
+    patches = cfg.encoder_tokens
     kw = dict(device=engine.device, dtype=engine.dtype)
     cache = torch.randn(cfg.n_layer, 2, 1, cfg.n_head, cfg.n_positions, hd, **kw)
     cross = torch.randn(cfg.n_layer, 2, 1, cfg.n_head, patches, hd, **kw)

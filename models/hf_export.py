@@ -1,7 +1,7 @@
 """Our checkpoint as a Hugging Face `VisionEncoderDecoderModel`, built in memory from the same weights.
 
 This is what a user would run without CAPEEN (`model.generate()`), so the benchmark compares against it. The
-encoder is already a `transformers` ViT and the decoder uses GPT-2's parameter names, so the conversion is a
+encoder is already a `transformers` ViT or Swin and the decoder uses GPT-2's parameter names, so the conversion is a
 pair of `load_state_dict` calls; it also proves the checkpoint is a plain GPT-2 underneath.
 """
 
@@ -27,7 +27,8 @@ def to_hf_vision_encoder_decoder(model: CapeenModel) -> VisionEncoderDecoderMode
     hf = VisionEncoderDecoderModel(config=config)
     missing, unexpected = hf.encoder.load_state_dict(model.encoder.state_dict(), strict=False)
     if unexpected or any(not k.startswith("pooler.") for k in missing):  # the pooler is unused by captioning
-        raise RuntimeError(f"encoder weights do not map onto ViTModel: missing {missing}, unexpected {unexpected}")
+        raise RuntimeError(f"encoder weights do not map onto {type(hf.encoder).__name__}: missing {missing}, "
+                           f"unexpected {unexpected}")
     decoder_state = {k: v for k, v in model.decoder.state_dict().items()}
     missing, unexpected = hf.decoder.load_state_dict(decoder_state, strict=False)
     missing = [k for k in missing if not k.endswith((".attn.bias", ".attn.masked_bias"))]

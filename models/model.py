@@ -1,4 +1,5 @@
-"""The CAPEEN captioner: a ViT image encoder, a GPT-2 decoder with cross-attention, and exit heads.
+"""The CAPEEN captioner: an image encoder (a transformers ViT or Swin), a GPT-2 decoder with cross-attention, and
+exit heads.
 
 The decoder is written here rather than taken from `transformers` so that decoding can be driven one layer at
 a time (see `models.decoding`): every block exposes its self-attention, cross-attention and MLP steps. Its
@@ -18,18 +19,25 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import ViTConfig, ViTModel
+from transformers import SwinConfig, SwinModel, ViTConfig, ViTModel
+
+ENCODERS = ("vit", "swin")
 
 
 @dataclass
 class CapeenConfig:
-    # image encoder (a transformers ViT)
+    # image encoder: a transformers ViT, or a Swin (the paper's encoder: small patches, local windows, and a
+    # width that doubles per stage up to encoder_hidden, which sees small shapes better at a similar cost)
+    encoder: str = "vit"
     image_size: int = 96
     patch_size: int = 12
     encoder_hidden: int = 128
-    encoder_layers: int = 4
-    encoder_heads: int = 4
-    encoder_intermediate: int = 512
+    encoder_layers: int = 4  # ViT only
+    encoder_heads: int = 4  # ViT only
+    encoder_intermediate: int = 512  # ViT: MLP width; Swin: MLP ratio x encoder_hidden
+    swin_depths: list[int] = field(default_factory=lambda: [2, 2, 4])  # blocks per Swin stage
+    swin_heads: list[int] = field(default_factory=lambda: [1, 2, 4])  # attention heads per Swin stage
+    swin_window: int = 6
     # GPT-2 style decoder
     vocab_size: int = 100
     n_positions: int = 32
@@ -58,10 +66,40 @@ class CapeenConfig:
             raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})")
+        if self.encoder not in ENCODERS:
+            raise ValueError(f"encoder must be one of {', '.join(ENCODERS)}, got {self.encoder!r}")
+        if self.encoder == "swin":
+            self._check_swin()
         self.exit_layers = sorted(set(int(layer) for layer in self.exit_layers))
         bad = [layer for layer in self.exit_layers if not 1 <= layer < self.n_layer]
         if bad:
             raise ValueError(f"exit_layers must lie in 1..{self.n_layer - 1}; got {bad}")
+
+    def _check_swin(self) -> None:
+        stages = len(self.swin_depths)
+        if stages < 1 or len(self.swin_heads) != stages:
+            raise ValueError(f"swin_depths and swin_heads must name the same stages, got {self.swin_depths} "
+                             f"and {self.swin_heads}")
+        if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in [*self.swin_depths, *self.swin_heads,
+                                                                                   self.swin_window]):
+            raise ValueError("swin_depths, swin_heads and swin_window must be positive integers")
+        grid = self.image_size // self.patch_size
+        if grid % (self.swin_window * 2 ** (stages - 1)):
+            raise ValueError(f"the patch grid ({grid}) must be a multiple of swin_window x 2^(stages-1) "
+                             f"({self.swin_window * 2 ** (stages - 1)})")
+        if self.encoder_hidden % 2 ** (stages - 1):
+            raise ValueError(f"encoder_hidden ({self.encoder_hidden}) must be divisible by 2^(stages-1)")
+        width = self.encoder_hidden // 2 ** (stages - 1)
+        for stage, heads in enumerate(self.swin_heads):
+            if (width * 2 ** stage) % heads:
+                raise ValueError(f"Swin stage {stage + 1} width {width * 2 ** stage} is not divisible by {heads} heads")
+
+    @property
+    def encoder_tokens(self) -> int:
+        """Image tokens the decoder cross-attends to."""
+        if self.encoder == "swin":
+            return (self.image_size // (self.patch_size * 2 ** (len(self.swin_depths) - 1))) ** 2
+        return (self.image_size // self.patch_size) ** 2 + 1  # + ViT's [CLS]
 
     @property
     def head_dim(self) -> int:
@@ -226,7 +264,23 @@ class ExitHead(nn.Module):
         return self.proj(self.ln(hidden))
 
 
-def build_encoder(config: CapeenConfig) -> ViTModel:
+def build_encoder(config: CapeenConfig) -> ViTModel | SwinModel:
+    if config.encoder == "swin":
+        stages = len(config.swin_depths)
+        swin_config = SwinConfig(
+            image_size=config.image_size,
+            patch_size=config.patch_size,
+            num_channels=3,
+            embed_dim=config.encoder_hidden // 2 ** (stages - 1),
+            depths=list(config.swin_depths),
+            num_heads=list(config.swin_heads),
+            window_size=config.swin_window,
+            mlp_ratio=config.encoder_intermediate / config.encoder_hidden,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+            drop_path_rate=0.0,
+        )
+        return SwinModel(swin_config, add_pooling_layer=False)
     vit_config = ViTConfig(
         image_size=config.image_size,
         patch_size=config.patch_size,

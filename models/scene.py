@@ -109,6 +109,18 @@ def scene_correct(caption: str, objects: list[dict]) -> bool:
     return parsed.total is None or parsed.total == len(objects)
 
 
+SCENE_TRIPLES: tuple[tuple[str, str, str], ...] = tuple(
+    (shape, colour, size) for shape in SHAPES for colour in COLOURS for size in SIZES
+)
+"""Every kind of object a scene can hold, in a fixed order: the labels of the encoder's pre-training probe."""
+
+
+def scene_targets(objects: list[dict]) -> tuple[list[float], int]:
+    """(presence of each `SCENE_TRIPLES` kind as 0/1, the object count) of one ground-truth scene."""
+    present = set(ground_truth(objects))
+    return [1.0 if kind in present else 0.0 for kind in SCENE_TRIPLES], len(objects)
+
+
 def scene_accuracy(captions: list[str], objects_per_image: list[list[dict]]) -> float:
     """Fraction of captions that are `scene_correct` for their image."""
     if len(captions) != len(objects_per_image):

@@ -1,4 +1,10 @@
-"""Two-stage CAPEEN training.
+"""Two-stage CAPEEN training, with an optional encoder pre-training stage before it.
+
+Stage `encoder` (optional, before stage 1): the paper starts from an ImageNet-pretrained Swin; nothing can be
+downloaded here, so the image encoder is pre-trained on the synthetic scenes' ground truth instead. A linear
+probe on the mean image token predicts which kinds of object (shape, colour, size) are present (binary
+cross-entropy, summed over kinds) and how many objects there are (cross-entropy). Only the encoder and the
+probe learn; the probe is dropped at export. It needs data sets with `objects` (ours have them).
 
 Stage `backbone`: encoder + decoder with teacher-forced cross-entropy on the final layer. With `exit_aware`,
 the exit heads are trained at the same time as auxiliary losses (as CALM and LayerSkip do), which pushes early
@@ -23,17 +29,27 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from torch import nn
 from tqdm import tqdm
 
 from models.checkpoint import Checkpoint, Thresholds, load_checkpoint, save_checkpoint
+from models.dataset import load_karpathy, records_for_split
 from models.model import CapeenConfig, CapeenModel
 from models.preprocess import normalize
-from models.training_data import build_tokenizer, load_split
+from models.scene import MAX_OBJECTS, SCENE_TRIPLES, scene_targets
+from models.training_data import (
+    SplitTensors,
+    build_tokenizer,
+    load_split,
+    resolve_dataset_json,
+)
+
+STAGES = ("encoder", "backbone", "exits")
 
 
 @dataclass
 class TrainOptions:
-    stage: str  # "backbone" | "exits"
+    stage: str  # one of STAGES
     data: Path
     out: Path
     run_dir: Path
@@ -86,10 +102,43 @@ def distillation_kl(exit_logits: torch.Tensor, final_logits: torch.Tensor, mask:
     return (kl * mask).sum() / mask.sum().clamp(min=1)
 
 
+class SceneProbe(nn.Module):
+    """Linear read-out of the mean image token: logits of each kind of object's presence and of the count."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(width, len(SCENE_TRIPLES) + MAX_OBJECTS)
+
+    def forward(self, image_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.proj(image_tokens.mean(dim=1)).float()
+        return logits[:, : len(SCENE_TRIPLES)], logits[:, len(SCENE_TRIPLES):]
+
+
+@dataclass
+class SceneLabels:
+    present: torch.Tensor  # (N, len(SCENE_TRIPLES)) 0/1
+    count_index: torch.Tensor  # (N,) object count - 1
+
+
+def scene_labels(records: list, name: str) -> SceneLabels:
+    present, counts = [], []
+    for record in records:
+        if record.objects is None:
+            raise ValueError(f"stage encoder needs the scene objects of every image; {name} image "
+                             f"{record.image_path.name!r} has none (only synthetic data sets have them)")
+        kinds, count = scene_targets(record.objects)
+        if not 1 <= count <= MAX_OBJECTS:
+            raise ValueError(f"{name} image {record.image_path.name!r} has {count} objects "
+                             f"(1 to {MAX_OBJECTS} expected)")
+        present.append(kinds)
+        counts.append(count - 1)
+    return SceneLabels(torch.tensor(present), torch.tensor(counts))
+
+
 class Trainer:
     def __init__(self, opts: TrainOptions) -> None:
-        if opts.stage not in ("backbone", "exits"):
-            raise ValueError(f"unknown stage {opts.stage!r} (backbone or exits)")
+        if opts.stage not in STAGES:
+            raise ValueError(f"unknown stage {opts.stage!r} ({', '.join(STAGES)})")
         if opts.stage == "exits" and opts.init is None:
             raise ValueError("stage exits needs --init, the checkpoint of a trained backbone")
         self.opts = opts
@@ -111,12 +160,22 @@ class Trainer:
             for p in self.model.backbone_parameters():
                 p.requires_grad_(False)
         self.model.to(self.device)
-        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.trainable, lr=opts.lr, weight_decay=opts.weight_decay)
-
+        if opts.stage == "encoder":  # before decoding any image: a data set without objects fails at once
+            dataset = load_karpathy(resolve_dataset_json(opts.data))
+            for split in ("train", "val"):
+                scene_labels(records_for_split(dataset, split), split)
         self.train = load_split(opts.data, "train", self.tokenizer, self.config.image_size, self.config.n_positions)
         self.val = load_split(opts.data, "val", self.tokenizer, self.config.image_size, self.config.n_positions,
                               limit=opts.val_images)
+        self.probe: SceneProbe | None = None
+        if opts.stage == "encoder":
+            self.train_labels = scene_labels(self.train.records, "train")
+            self.val_labels = scene_labels(self.val.records, "val")
+            self.probe = SceneProbe(self.config.encoder_hidden).to(self.device)
+            self.trainable = [*self.model.encoder.parameters(), *self.probe.parameters()]
+        else:
+            self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.trainable, lr=opts.lr, weight_decay=opts.weight_decay)
         self.generator = torch.Generator().manual_seed(opts.seed)
         self.step = 0
         self.epoch_order = torch.empty(0, dtype=torch.long)
@@ -161,6 +220,28 @@ class Trainer:
                 out["loss"] = (1 - self.opts.alpha) * exit_ce + self.opts.alpha * t * t * kl
         return out
 
+    def scene_losses(self, pixels: torch.Tensor, labels: SceneLabels,
+                     index: torch.Tensor) -> dict[str, torch.Tensor]:
+        present = labels.present[index].to(self.device)
+        count_index = labels.count_index[index].to(self.device)
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+        with autocast:
+            kinds, counts = self.probe(self.model.encoder(pixel_values=pixels).last_hidden_state)
+        # summed over kinds: with 1 to 4 of 96 kinds present a mean would drown the positives
+        kinds_bce = F.binary_cross_entropy_with_logits(kinds, present, reduction="none").sum(dim=1).mean()
+        count_ce = F.cross_entropy(counts, count_index)
+        exact = ((kinds > 0) == present.bool()).all(dim=1) & (counts.argmax(dim=1) == count_index)
+        return {"loss": kinds_bce + count_ce, "kinds_bce": kinds_bce, "count_ce": count_ce,
+                "scene_acc": exact.float().mean()}
+
+    def batch_losses(self, split: SplitTensors, index: torch.Tensor, per_image: int,
+                     generator: torch.Generator) -> dict[str, torch.Tensor]:
+        if self.opts.stage == "encoder":
+            labels = self.train_labels if split is self.train else self.val_labels
+            return self.scene_losses(normalize(split.pixels[index].to(self.device)), labels, index)
+        pixels, captions = split.sample(index, per_image, generator)
+        return self.losses(normalize(pixels.to(self.device)), captions.to(self.device), per_image)
+
     # ----- loop ---------------------------------------------------------------------------------------------
     def next_batch(self) -> torch.Tensor:
         if len(self.epoch_order) < self.opts.batch_size:
@@ -171,17 +252,20 @@ class Trainer:
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
         self.model.eval()
+        if self.probe is not None:
+            self.probe.eval()
         totals: dict[str, float] = {}
         n = 0
         for start in range(0, len(self.val), 64):
             index = torch.arange(start, min(start + 64, len(self.val)))
             per = int(self.val.caption_counts.min())
-            pixels, captions = self.val.sample(index, per, torch.Generator().manual_seed(0))
-            parts = self.losses(normalize(pixels.to(self.device)), captions.to(self.device), per)
+            parts = self.batch_losses(self.val, index, per, torch.Generator().manual_seed(0))
             for key, value in parts.items():
                 totals[key] = totals.get(key, 0.0) + float(value) * len(index)
             n += len(index)
         self.model.train()
+        if self.probe is not None:
+            self.probe.train()
         return {f"val_{k}": v / n for k, v in totals.items()}
 
     def run(self) -> Path:
@@ -193,8 +277,7 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr_at(self.step, opts)
             index = self.next_batch()
-            pixels, captions = self.train.sample(index, opts.captions_per_image, self.generator)
-            parts = self.losses(normalize(pixels.to(self.device)), captions.to(self.device), opts.captions_per_image)
+            parts = self.batch_losses(self.train, index, opts.captions_per_image, self.generator)
             self.optimizer.zero_grad(set_to_none=True)
             parts["loss"].backward()
             torch.nn.utils.clip_grad_norm_(self.trainable, 1.0)
@@ -234,6 +317,8 @@ class Trainer:
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()
                    if k != "decoder.lm_head.weight"}
+        if self.probe is not None:
+            tensors.update({f"probe.{k}": v.detach().cpu().contiguous() for k, v in self.probe.state_dict().items()})
         opt_state = self.optimizer.state_dict()
         for pid, state in opt_state["state"].items():
             for key, value in state.items():
@@ -254,6 +339,8 @@ class Trainer:
         tensors = load_file(str(directory / "state.safetensors"))
         self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=False)
         self.model.to(self.device)
+        if self.probe is not None:
+            self.probe.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("probe.")})
         state: dict[int, dict] = {}
         for key, value in tensors.items():
             if key.startswith("optim."):

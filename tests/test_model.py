@@ -1,8 +1,11 @@
-"""The decoder must be a drop-in GPT-2: same parameter names, same logits as Hugging Face."""
+"""The decoder must be a drop-in GPT-2 (same parameter names, same logits as Hugging Face); the encoder a plain
+transformers ViT or Swin."""
 
+import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from models.hf_export import to_hf_vision_encoder_decoder
 from models.model import CapeenConfig, CapeenModel, GPT2Decoder
 
 
@@ -52,3 +55,54 @@ def test_exit_logits_come_from_each_layer_and_the_final_layer_uses_lm_head():
         states = model.decoder.hidden_states(tokens, cross)
     # a head copied from the final one gives the final head's logits on the same hidden state
     assert torch.allclose(exits_after[2], model.decoder.final_logits(states[1]), atol=1e-5)
+
+
+# ----- Swin encoder (the paper's) -------------------------------------------------------------------------------
+def swin_config(**overrides) -> CapeenConfig:
+    return small_config(encoder="swin", patch_size=4, swin_depths=[1, 1], swin_heads=[1, 2], swin_window=4,
+                        **overrides)
+
+
+def test_swin_encoder_feeds_the_decoder_its_last_stage_tokens_and_exports_to_hugging_face():
+    torch.manual_seed(0)
+    config = swin_config()
+    model = CapeenModel(config).eval()
+    pixels = torch.randn(2, 3, 32, 32)
+    tokens = torch.randint(0, 40, (2, 5))
+    with torch.no_grad():
+        states = model.encode(pixels)
+        final, exits = model(pixels, tokens)
+    # 32 px / 4 px patches = 8x8, merged once to 4x4; widths 16 then 32 = n_embd, so no projection
+    assert states.shape == (2, config.encoder_tokens, config.n_embd) == (2, 16, 32)
+    assert model.enc_to_dec_proj is None
+    assert final.shape == (2, 5, 40) and sorted(exits) == [1, 2, 3]
+
+    hf = to_hf_vision_encoder_decoder(model)
+    assert type(hf.encoder).__name__ == "SwinModel"
+    with torch.no_grad():
+        assert torch.allclose(hf.encoder(pixel_values=pixels).last_hidden_state, states, atol=1e-5)
+
+
+def test_swin_trains_end_to_end():
+    torch.manual_seed(0)
+    model = CapeenModel(swin_config())
+    pixels = torch.randn(2, 3, 32, 32)
+    tokens = torch.randint(3, 40, (2, 6))
+    final, _ = model(pixels, tokens)
+    torch.nn.functional.cross_entropy(final.reshape(-1, 40), tokens.reshape(-1)).backward()
+    patch_embedding = model.encoder.embeddings.patch_embeddings.projection.weight
+    assert patch_embedding.grad is not None and patch_embedding.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(encoder="resnet"), "encoder must be one of vit, swin"),
+    (dict(encoder="swin", patch_size=4, swin_depths=[1, 1], swin_heads=[1]), "same stages"),
+    (dict(encoder="swin", patch_size=4, swin_depths=[1, 1], swin_heads=[1, 2], swin_window=3),
+     "multiple of swin_window"),
+    (dict(encoder="swin", patch_size=4, swin_depths=[1, 1], swin_heads=[1, 3], swin_window=4),
+     "not divisible by 3 heads"),
+    (dict(encoder="swin", patch_size=4, swin_depths=[0, 1], swin_heads=[1, 2], swin_window=4), "positive integers"),
+])
+def test_bad_encoder_settings_are_refused_with_the_reason(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        small_config(**overrides)

@@ -1,6 +1,7 @@
 """Two-stage training through `capeen train` on a tiny synthetic data set and a tiny model.
 
-What a user relies on: stage backbone learns; stage exits trains only the exit heads (with distillation, or CE
+What a user relies on: stage encoder pre-trains only the image encoder, and stage backbone starts from it;
+stage backbone learns; stage exits trains only the exit heads (with distillation, or CE
 only); --exit-aware trains exits as auxiliary losses; a stopped run resumes to exactly the same weights; run
 state and checkpoints are safetensors + JSON, never pickle.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +18,7 @@ from safetensors.torch import load_file
 
 from capeen.cli import main
 from models.checkpoint import load_checkpoint
+from models.model import CapeenConfig, CapeenModel
 from models.synthetic import generate_dataset
 from models.train import Trainer
 from models.training_data import build_tokenizer
@@ -157,6 +160,40 @@ def test_backbone_exit_aware_reports_exit_ce(data, tmp_path):
     load_checkpoint(tmp_path / "ckpt")
 
 
+# ----- stage encoder --------------------------------------------------------------------------------------------
+def test_stage_encoder_trains_only_the_encoder_on_scene_objects_and_backbone_starts_from_it(data, tmp_path):
+    assert _train(data, tmp_path / "enc", tmp_path / "run-enc", "--stage", "encoder", "--steps", 30, "--lr", "3e-3",
+                  "--warmup", 2, "--eval-every", 10, "--model-config", json.dumps(TINY)) == 0
+    history = _meta(tmp_path / "enc")["training"]["encoder"]["history"]
+    assert [r["step"] for r in history] == [10, 20, 30]
+    assert history[-1]["val_loss"] < history[0]["val_loss"] - 1.0
+    for record in history:
+        assert record["val_loss"] == pytest.approx(record["val_kinds_bce"] + record["val_count_ce"], rel=1e-5)
+        assert 0.0 <= record["val_scene_acc"] <= 1.0
+
+    # the same seed builds the same initial model: everything but the encoder is untouched
+    torch.manual_seed(0)
+    initial = CapeenModel(CapeenConfig(vocab_size=len(build_tokenizer(data)), **TINY)).state_dict()
+    pretrained = _weights(tmp_path / "enc")
+    assert not any(key.startswith("probe") for key in pretrained)  # the probe is not part of the model
+    changed = {key for key, value in pretrained.items() if not torch.equal(value, initial[key])}
+    assert changed and all(key.startswith("encoder.") for key in changed)
+
+    assert _train(data, tmp_path / "bb", tmp_path / "run-bb", "--stage", "backbone", "--init", tmp_path / "enc",
+                  "--steps", 2, "--warmup", 1, "--eval-every", 2) == 0
+    stages = _meta(tmp_path / "bb")["training"]
+    assert list(stages) == ["encoder", "backbone"]
+
+
+def test_stage_encoder_needs_scene_objects(tmp_path, capsys):
+    coco = Path(__file__).parent / "fixtures" / "karpathy_coco_tiny.json"
+    rc = _train(coco, tmp_path / "enc", tmp_path / "run", "--stage", "encoder", "--steps", 2,
+                "--model-config", json.dumps(TINY))
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1
+    assert "needs the scene objects" in err and "COCO_train2014_000000000073.png" in err
+
+
 # ----- resume ---------------------------------------------------------------------------------------------------
 def _interrupt_after_first_save(monkeypatch):
     original = Trainer._save_state
@@ -176,10 +213,11 @@ def _refuse_unpickling(monkeypatch):
         monkeypatch.setattr(target, name, refuse)
 
 
-@pytest.mark.parametrize("how", ["interrupted", "extended"])
-def test_resumed_run_equals_uninterrupted_run(data, tmp_path, monkeypatch, capsys, how):
+@pytest.mark.parametrize("stage, how", [("backbone", "interrupted"), ("backbone", "extended"),
+                                        ("encoder", "interrupted")])
+def test_resumed_run_equals_uninterrupted_run(data, tmp_path, monkeypatch, capsys, stage, how):
     n = 8
-    common = ["--stage", "backbone", "--lr", "3e-3", "--eval-every", n // 2, "--model-config", json.dumps(TINY)]
+    common = ["--stage", stage, "--lr", "3e-3", "--eval-every", n // 2, "--model-config", json.dumps(TINY)]
     # "extended": first run with --steps n/2, then --resume --steps n. The LR schedule depends on --steps after
     # warm-up, so the warm-up covers the whole run to make both schedules identical.
     common += ["--warmup", 3] if how == "interrupted" else ["--warmup", 100]
@@ -204,8 +242,8 @@ def test_resumed_run_equals_uninterrupted_run(data, tmp_path, monkeypatch, capsy
     for key in full:
         assert torch.allclose(full[key], resumed[key], rtol=0, atol=1e-6), key
     strip = lambda history: [{k: v for k, v in r.items() if k != "elapsed_s"} for r in history]  # noqa: E731
-    h_full = _meta(tmp_path / "full")["training"]["backbone"]["history"]
-    h_resumed = _meta(tmp_path / "resumed")["training"]["backbone"]["history"]
+    h_full = _meta(tmp_path / "full")["training"][stage]["history"]
+    h_resumed = _meta(tmp_path / "resumed")["training"][stage]["history"]
     assert len(h_resumed) == len(h_full) == 2
     for a, b in zip(strip(h_full), strip(h_resumed)):
         assert a.keys() == b.keys() and a["step"] == b["step"]
