@@ -6,6 +6,7 @@ pixels are cached as one uint8 `.npy` file (loaded with allow_pickle=False) next
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,10 +60,15 @@ def pixel_cache(json_path: Path, split: str, size: int, records: list) -> np.nda
     for i, record in enumerate(tqdm(records, desc=f"decoding {split} images", unit="img", leave=False)):
         with Image.open(record.image_path) as image:
             pixels[i] = image_to_uint8(image.convert("RGB"), size)
-    cache.parent.mkdir(exist_ok=True)
     tmp = cache.with_suffix(".tmp.npy")
-    np.save(tmp, pixels)
-    tmp.replace(cache)
+    try:
+        cache.parent.mkdir(exist_ok=True)
+        np.save(tmp, pixels)
+        tmp.replace(cache)
+    except OSError:
+        # a read-only data set (a shared COCO mount): go on without the cache, decoding the images each run
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
     return pixels
 
 

@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from models.dataset import DatasetError, load_karpathy, records_for_split, tokenize
 from models.synthetic import generate_dataset
+from models.training_data import split_pixels
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -118,3 +121,19 @@ def test_missing_and_binary_files(tmp_path: Path) -> None:
     (tmp_path / "bin.json").write_bytes(b"\xff\xfe\x00")
     with pytest.raises(DatasetError, match="not UTF-8"):
         load_karpathy(tmp_path / "bin.json")
+
+
+def test_pixels_are_cached_beside_the_data_set_and_a_read_only_one_still_loads(tmp_path: Path, monkeypatch) -> None:
+    json_path = generate_dataset(tmp_path, 3, 1, 2, seed=0, image_size=32, workers=1)
+    _, first = split_pixels(json_path, "train", 32)
+    assert len(list((tmp_path / "cache").glob("train-32px-*.npy"))) == 1
+    _, cached = split_pixels(json_path, "train", 32)
+    assert torch.equal(first, cached)
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Read-only file system")
+
+    monkeypatch.setattr(np, "save", read_only)
+    _, pixels = split_pixels(json_path, "val", 32)  # not cached yet, and the cache cannot be written
+    assert pixels.shape == (1, 3, 32, 32)
+    assert not list((tmp_path / "cache").glob("val-*"))
