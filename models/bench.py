@@ -6,7 +6,9 @@ Three ways to caption the same images with the same weights:
   (c) our decoder with early exit at the calibrated threshold.
 Latency per caption at batch 1 and throughput at larger batches are measured with the three interleaved batch by
 batch, so that machine noise hits them alike. A profile splits (c)'s decode time into decoder layers, exit heads,
-state propagation, the final head and the rest (Python bookkeeping, embedding, cache handling).
+state propagation, the final head and the rest (Python bookkeeping, embedding, cache handling). For (b) and (c)
+the time is also split into the image encoder and the decoder, per image: the encoder's cost per image hardly
+falls with the batch, so it bounds what batching can gain.
 """
 
 from __future__ import annotations
@@ -25,9 +27,16 @@ from models.preprocess import normalize
 
 
 @dataclass
+class MethodOutput:
+    token_ids: list[list[int]]  # generated token ids per image
+    encode_s: float | None = None  # wall time of the image encoder, where the method reports it
+    decode_s: float | None = None
+
+
+@dataclass
 class Method:
     name: str
-    run: Callable[[torch.Tensor], list[list[int]]]  # pixels -> generated token ids per image
+    run: Callable[[torch.Tensor], MethodOutput]
 
 
 def _sync(device: torch.device) -> None:
@@ -41,15 +50,18 @@ def methods(engine: CaptionEngine, threshold: float) -> list[Method]:
     eos = engine.config.eos_token_id
 
     @torch.inference_mode()
-    def run_hf(pixels: torch.Tensor) -> list[list[int]]:
+    def run_hf(pixels: torch.Tensor) -> MethodOutput:
         out = hf.generate(pixel_values=pixels, max_new_tokens=max_new, do_sample=False, num_beams=1)
         ids = []
         for row in out[:, 1:].tolist():  # drop the decoder start token
             ids.append(row[: row.index(eos) + 1] if eos in row else row)
-        return ids
+        return MethodOutput(ids)
 
-    def ours(t: float) -> Callable[[torch.Tensor], list[list[int]]]:
-        return lambda pixels: [r.trace.token_ids for r in engine.caption_pixels(pixels, t).results]
+    def ours(t: float) -> Callable[[torch.Tensor], MethodOutput]:
+        def run(pixels: torch.Tensor) -> MethodOutput:
+            out = engine.caption_pixels(pixels, t)
+            return MethodOutput([r.trace.token_ids for r in out.results], out.timings.encode_s, out.timings.decode_s)
+        return run
 
     return [
         Method("hf-generate", run_hf),
@@ -64,19 +76,25 @@ def measure(engine: CaptionEngine, pixels_uint8: torch.Tensor, batch_size: int, 
     device = engine.device
     times: dict[str, list[float]] = {m.name: [] for m in method_list}
     outputs: dict[str, list[list[int]]] = {m.name: [] for m in method_list}
+    split: dict[str, list[tuple[float, float]]] = {m.name: [] for m in method_list}
     batches = [pixels_uint8[i:i + batch_size] for i in range(0, len(pixels_uint8) - batch_size + 1, batch_size)]
+    if len(batches) <= warmup:
+        raise ValueError(f"batch size {batch_size} needs at least {(warmup + 1) * batch_size} images "
+                         f"({warmup} warm-up batches and one measured), got {len(pixels_uint8)}")
     for b, raw in enumerate(batches):
         pixels = normalize(raw.to(device), engine.dtype)
         order = list(method_list[b % len(method_list):]) + list(method_list[: b % len(method_list)])
         for method in order:
             _sync(device)
             start = time.perf_counter()
-            ids = method.run(pixels)
+            out = method.run(pixels)
             _sync(device)
             elapsed = time.perf_counter() - start
             if b >= warmup:
                 times[method.name].append(elapsed)
-                outputs[method.name].extend(ids)
+                outputs[method.name].extend(out.token_ids)
+                if out.encode_s is not None and out.decode_s is not None:
+                    split[method.name].append((out.encode_s, out.decode_s))
     report = {}
     for name, samples in times.items():
         total = sum(samples)
@@ -89,6 +107,9 @@ def measure(engine: CaptionEngine, pixels_uint8: torch.Tensor, batch_size: int, 
             "captions_per_s": images / total,
             "tokens": outputs[name],
         }
+        if split[name]:
+            report[name]["encode_ms_per_image"] = 1000 * sum(e for e, _ in split[name]) / images
+            report[name]["decode_ms_per_caption"] = 1000 * sum(d for _, d in split[name]) / images
     return report
 
 

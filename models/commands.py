@@ -249,7 +249,10 @@ def bench_main(args) -> int:
                "threads": args.threads, "threshold": threshold, "checkpoint": engine.name, "runs": []}
     for batch_size in sizes:
         images = data.pixels[: max(args.images, batch_size * (args.min_batches + 2))]
-        report = measure(engine, images, batch_size, method_list)
+        try:
+            report = measure(engine, images, batch_size, method_list)
+        except ValueError as exc:
+            raise UserError(f"{exc}; the {args.split} split has {len(data)} images") from None
         names = [m.name for m in method_list]
         hf, full, early = (report[n] for n in names)
         run = {
@@ -266,6 +269,11 @@ def bench_main(args) -> int:
         print(f"  ours full vs HF generate: {run['full_vs_hf_speedup']:.2f}x   early exit vs ours full: "
               f"{run['early_vs_full_speedup']:.2f}x   early exit vs HF: {run['early_vs_hf_speedup']:.2f}x   "
               f"HF and ours give identical captions for {run['hf_and_full_identical_captions']:.1%}")
+        for n in names[1:]:
+            first = results["runs"][0][n]
+            print(f"  {n}: encoder {report[n]['encode_ms_per_image']:.2f} ms/image + decoder "
+                  f"{report[n]['decode_ms_per_caption']:.2f} ms/caption; captions/s x"
+                  f"{report[n]['captions_per_s'] / first['captions_per_s']:.2f} against batch {first['batch_size']}")
     results["profile_ms_per_caption"] = profile_early_exit(engine, data.pixels[: args.images], threshold)
     print(f"\nwhere early-exit decode time goes at batch 1 (ms per caption, threshold {threshold:g}):")
     for name, ms in results["profile_ms_per_caption"].items():

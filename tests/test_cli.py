@@ -52,7 +52,7 @@ def images(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     out = tmp_path_factory.mktemp("cli-data") / "shapes"
-    generate_dataset(out, 2, 4, 4, seed=1, image_size=32, workers=1)
+    generate_dataset(out, 2, 4, 6, seed=1, image_size=32, workers=1)
     return out
 
 
@@ -303,6 +303,33 @@ def test_evaluate_writes_a_json_report(capsys, tiny_checkpoint, data, tmp_path):
         assert report["full"]["mean_exit_layer"] == N_LAYER
         assert [e["threshold"] for e in report["thresholds"]] == [0.5, 0.9]
         assert sorted(report["exit_agreement"]) == ["1", "2", "3"]
+
+
+def test_bench_compares_hf_full_and_early_exit_and_splits_encoder_from_decoder(capsys, tiny_checkpoint, data,
+                                                                                  tmp_path):
+    report_path = tmp_path / "bench.json"
+    rc, out, err = run(capsys, "bench", "--checkpoint", tiny_checkpoint, "--data", data, "--split", "test",
+                       "--batch-sizes", "1,2", "--images", "4", "--min-batches", "1", "--json", report_path,
+                       "--device", "cpu")
+    assert rc == 0 and "Traceback" not in err
+    report = json.loads(report_path.read_text())
+    assert [r["batch_size"] for r in report["runs"]] == [1, 2]
+    for r in report["runs"]:
+        assert r["hf_and_full_identical_captions"] == 1.0  # the same weights give the same greedy captions
+        for name in ("capeen-full", "capeen-early-exit@0.6"):
+            assert r[name]["encode_ms_per_image"] > 0 and r[name]["decode_ms_per_caption"] > 0
+            # encoder + decoder is the caption's time, less what lies around them (tensor moves, sync)
+            assert r[name]["encode_ms_per_image"] + r[name]["decode_ms_per_caption"] <= r[name]["ms_per_caption"]
+        assert "encode_ms_per_image" not in r["hf-generate"]
+    assert "encoder" in out and "against batch 1" in out
+    assert report["head_cost"]["decoder_layer_us"] > 0
+
+
+def test_bench_with_too_few_images_for_a_batch_size_is_one_line(capsys, tiny_checkpoint, data):
+    rc, _, err = run(capsys, "bench", "--checkpoint", tiny_checkpoint, "--data", data, "--split", "val",
+                     "--batch-sizes", "1,4", "--device", "cpu")
+    assert rc == 2
+    assert_one_line_error(err, "batch size 4 needs at least 12 images", "the val split has 4 images")
 
 
 # ----- as a real process ----------------------------------------------------------------------------------------
