@@ -76,6 +76,9 @@ class CapeenConfig:
             raise ValueError(f"exit_layers must lie in 1..{self.n_layer - 1}; got {bad}")
 
     def _check_swin(self) -> None:
+        if not isinstance(self.swin_depths, (list, tuple)) or not isinstance(self.swin_heads, (list, tuple)):
+            raise ValueError(f"swin_depths and swin_heads must be lists (one entry per stage), got "
+                             f"{self.swin_depths!r} and {self.swin_heads!r}")
         stages = len(self.swin_depths)
         if stages < 1 or len(self.swin_heads) != stages:
             raise ValueError(f"swin_depths and swin_heads must name the same stages, got {self.swin_depths} "

@@ -102,6 +102,7 @@ def test_swin_trains_end_to_end():
     (dict(encoder="swin", patch_size=4, swin_depths=[1, 1], swin_heads=[1, 3], swin_window=4),
      "not divisible by 3 heads"),
     (dict(encoder="swin", patch_size=4, swin_depths=[0, 1], swin_heads=[1, 2], swin_window=4), "positive integers"),
+    (dict(encoder="swin", patch_size=4, swin_depths=2, swin_heads=[1, 2], swin_window=4), "must be lists"),
 ])
 def test_bad_encoder_settings_are_refused_with_the_reason(overrides, message):
     with pytest.raises(ValueError, match=message):
