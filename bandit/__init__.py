@@ -31,6 +31,7 @@ from bandit.policies import (
     SlidingWindowUCB,
     default_exploration,
     default_grid,
+    parse_grid,
     make_policy,
 )
 from bandit.reward import DEFAULT_MU, ExitLayout, TraceLike, arm_rewards, request_reward
@@ -58,6 +59,7 @@ __all__ = [
     "arm_rewards",
     "default_exploration",
     "default_grid",
+    "parse_grid",
     "load_or_new",
     "make_policy",
     "request_reward",

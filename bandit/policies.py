@@ -149,8 +149,27 @@ def _grid(thresholds: Sequence[float], calibrated: float | None) -> tuple[float,
 
 
 def default_grid(calibrated: float | None = None) -> tuple[float, ...]:
-    """0.50, 0.55, ..., 0.95 and 0.99 (the steep end where confidence saturates), plus `calibrated`."""
+    """0.50, 0.55, ..., 0.95 and 0.99 (the steep end where confidence saturates), plus `calibrated`.
+
+    It reaches no lower than 0.5, and the calibration picks the cheapest threshold that keeps caption quality,
+    so by default the bandit only trades speed for confidence above the quality the calibration promised.
+    A grid that reaches lower (`parse_grid`) lets it exit earlier than the calibration would.
+    """
     return _grid([round(0.5 + 0.05 * k, 2) for k in range(10)] + [0.99], calibrated)
+
+
+def parse_grid(text: str, calibrated: float | None = None) -> tuple[float, ...]:
+    """A grid written as comma-separated thresholds ("0.3,0.4,0.5"), plus `calibrated`; ValueError says why not."""
+    values = []
+    for item in text.split(","):
+        try:
+            value = float(item.strip())
+        except ValueError:
+            raise ValueError(f"thresholds must be comma-separated numbers, got {item.strip()!r} in {text!r}") from None
+        if not math.isfinite(value):
+            raise ValueError(f"thresholds must be finite, got {item.strip()!r}")
+        values.append(value)
+    return _grid(values, calibrated)
 
 
 class Policy(ABC):

@@ -133,6 +133,7 @@ def run_drift(
     min_std: float,
     seed: int,
     fixed_threshold: float,
+    grid: str | None = None,
     decode_best: bool = True,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -140,7 +141,7 @@ def run_drift(
     import numpy as np
     from tqdm import tqdm
 
-    from bandit import ExitLayout, arm_rewards, default_grid, request_reward
+    from bandit import ExitLayout, arm_rewards, default_grid, parse_grid, request_reward
     from models.decoding import FULL_DEPTH
     from models.evaluation import caption_metrics
     from models.preprocess import normalize
@@ -151,9 +152,10 @@ def run_drift(
     consulted = getattr(engine, "exit_layers", None) or config.exit_layers
     layout = ExitLayout(tuple(sorted({*consulted, config.n_layer})), config.n_layer)
     calibrated = engine.calibrated_threshold
-    # The bandits' default grid (which holds the calibrated threshold) plus the fixed policy's threshold, so
-    # that the best fixed arm in hindsight is chosen among every threshold the policies can use.
-    grid = default_grid(calibrated)
+    # The bandits' grid (default: the service's, which holds the calibrated threshold) plus the calibrated and
+    # the fixed policy's threshold, so that the best fixed arm in hindsight is chosen among every threshold the
+    # policies can use.
+    grid = default_grid(calibrated) if grid is None else parse_grid(grid, calibrated)
     if not any(math.isclose(t, fixed_threshold, abs_tol=1e-9) for t in grid):
         grid = tuple(sorted((*grid, fixed_threshold)))
     grid_array = np.asarray(grid)
@@ -522,6 +524,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policies", default=",".join(POLICY_NAMES),
                    help=f"comma-separated subset of {','.join(POLICY_NAMES)} (default: all)")
     p.add_argument("--threshold", type=float, help="threshold of the fixed policy (default: the calibrated one)")
+    p.add_argument("--grid", help="the bandits' arms, comma-separated thresholds (default: the service's, "
+                   "0.5 ... 0.99); the calibrated and the fixed threshold are always added")
     p.add_argument("--mu", type=float, help="reward's price of the full decoder (default: bandit.DEFAULT_MU)")
     p.add_argument("--window", type=int,
                    help="sw-ucb window in requests (default: half a phase, capped at bandit.DEFAULT_WINDOW)")
@@ -546,7 +550,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _parse_args(args) -> dict[str, Any]:
-    from bandit import DEFAULT_MIN_STD, DEFAULT_MU, DEFAULT_WINDOW, default_exploration
+    from bandit import DEFAULT_MIN_STD, DEFAULT_MU, DEFAULT_WINDOW, default_exploration, parse_grid
     from models.evaluation import Distortion
 
     if args.phase_length < 1:
@@ -587,8 +591,13 @@ def _parse_args(args) -> dict[str, Any]:
         raise UserError(f"--threshold must lie in (0, 1], got {args.threshold}")
     if not Path(args.data).exists():
         raise UserError(f"{args.data}: data set not found (make one with `capeen data --out DIR`)")
+    if args.grid is not None:
+        try:
+            parse_grid(args.grid)
+        except ValueError as exc:
+            raise UserError(f"--grid: {exc}") from None
     return {"phases": phases, "policies": policies, "mu": mu, "window": window, "gamma": gamma,
-            "exploration": exploration, "bonus": args.bonus, "min_std": min_std}
+            "exploration": exploration, "bonus": args.bonus, "min_std": min_std, "grid": args.grid}
 
 
 def bench_drift_main(args) -> int:

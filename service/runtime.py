@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from prometheus_client import CollectorRegistry
 
-from bandit import make_policy
+from bandit import make_policy, parse_grid
 from models.engine import CaptionEngine, CaptionResult
 from service.adaptive import AdaptiveThreshold
 from service.batcher import Batcher, Job
@@ -80,8 +80,9 @@ def start_runtime(settings: Settings, registry: CollectorRegistry, engine: Capti
     engine.warmup()
     config = engine.config
     metrics = ServingMetrics(registry, n_layer=config.n_layer, max_batch_size=settings.max_batch_size)
-    factory = partial(make_policy, settings.policy, exit_positions=exit_positions(engine), num_layers=config.n_layer,
-                      calibrated=engine.calibrated_threshold, mu=settings.bandit_mu)
+    grid = None if settings.bandit_thresholds is None else parse_grid(settings.bandit_thresholds)
+    factory = partial(make_policy, settings.policy, grid, exit_positions=exit_positions(engine),
+                      num_layers=config.n_layer, calibrated=engine.calibrated_threshold, mu=settings.bandit_mu)
     bandit = AdaptiveThreshold(factory, metrics, settings.bandit_state)
     batcher = Batcher(engine, metrics, partial(_record, metrics, bandit), max_batch_size=settings.max_batch_size,
                       max_wait_s=settings.max_wait_ms / 1000, queue_size=settings.queue_size)

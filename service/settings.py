@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from bandit import DEFAULT_MU, POLICIES
+from bandit import DEFAULT_MU, POLICIES, parse_grid
 
 MiB = 1024 * 1024
 
@@ -42,12 +42,22 @@ class Settings(BaseSettings):
                                       "written at shutdown; unset: learning starts afresh at each start")
     bandit_mu: float = Field(DEFAULT_MU, ge=0, description="the bandit's price of running the whole decoder, "
                              "in units of confidence")
+    bandit_thresholds: str | None = Field(None, description="the bandit's arms, comma-separated thresholds in "
+                                          "[0, 1]; the calibrated one is always added. Unset: 0.5, 0.55, ..., "
+                                          "0.95, 0.99, which never exits earlier than the calibrated quality allows")
     admin_token: SecretStr | None = Field(None, description="bearer token that POST /v1/bandit/reset requires; "
                                           "unset: no token needed")
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads; one is fastest for this small decoder "
                                "on a few CPU cores and avoids OpenMP stalls next to other processes")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         "info", description="log level of the service and uvicorn")
+
+    @field_validator("bandit_thresholds")
+    @classmethod
+    def _valid_grid(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_grid(value)
+        return value
 
     @field_validator("policy")
     @classmethod

@@ -24,6 +24,7 @@ from bandit import (
     SnapshotError,
     arm_rewards,
     default_grid,
+    parse_grid,
     load_or_new,
     make_policy,
     request_reward,
@@ -123,6 +124,25 @@ def test_grid_always_holds_the_calibrated_threshold():
         make_policy("ucb1", [0.6, 0.6], **LAYOUT)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         make_policy("ucb1", [0.6, 1.5], **LAYOUT)
+
+
+@pytest.mark.parametrize("text, calibrated, expected", [
+    ("0.3, 0.4,0.5", None, (0.3, 0.4, 0.5)),
+    ("0.4,0.3", 0.45, (0.3, 0.4, 0.45)),
+    ("0.5", 0.5, (0.5,)),
+])
+def test_a_grid_is_read_from_comma_separated_thresholds(text, calibrated, expected):
+    assert parse_grid(text, calibrated) == expected
+
+
+@pytest.mark.parametrize("text, says", [
+    ("0.3,abc", "'abc'"), ("", "comma-separated numbers"), ("0.3,,0.4", "comma-separated numbers"),
+    ("0.3,nan", "finite"), ("0.3,1.2", "[0, 1]"), ("0.3,0.30", "distinct"),
+])
+def test_a_bad_grid_is_refused_with_the_reason(text, says):
+    with pytest.raises(ValueError) as info:
+        parse_grid(text)
+    assert says in str(info.value)
     with pytest.raises(ValueError, match="unknown policy"):
         make_policy("thompson", GRID, **LAYOUT)
 

@@ -141,13 +141,25 @@ def test_same_stream_is_reproducible():
 @pytest.mark.parametrize("flag, value", [
     ("--phase-length", "0"), ("--phases", "none,fog:3"), ("--policies", "fixed,greedy"), ("--mu", "-1"),
     ("--window", "0"), ("--gamma", "1.5"), ("--threads", "0"), ("--threshold", "1.5"), ("--seed", "-2"),
-    ("--policies", "ucb1,ucb1"), ("--min-std", "-0.1"), ("--exploration", "nan"),
+    ("--policies", "ucb1,ucb1"), ("--min-std", "-0.1"), ("--exploration", "nan"), ("--grid", "0.3,abc"),
+    ("--grid", "0.3,1.5"),
 ])
 def test_bad_options_are_user_errors(tiny_data, checkpoint, flag, value):
     args = _args("--checkpoint", str(checkpoint), "--data", str(tiny_data), flag, value)
     with pytest.raises(UserError) as info:
         bench_drift_main(args)
     assert "\n" not in str(info.value)
+
+
+def test_a_grid_below_the_calibrated_threshold(tmp_path, tiny_data, checkpoint):
+    args = _args("--checkpoint", str(checkpoint), "--data", str(tiny_data), "--phase-length", "3",
+                 "--phases", "none,blur:1.5", "--policies", "fixed,sw-ucb", "--grid", "0.2,0.4", "--device", "cpu",
+                 "--json", str(tmp_path / "drift.json"), "--quiet", "--no-decode-best")
+    assert bench_drift_main(args) == 0
+    report = json.loads((tmp_path / "drift.json").read_text())
+    assert report["grid"] == [0.2, 0.4, 0.6]  # the calibrated threshold of the checkpoint is always an arm
+    chosen = report["stream"]["sw-ucb"]["thresholds"]
+    assert len(chosen) == 6 and set(chosen) <= {0.2, 0.4, 0.6}
 
 
 def test_missing_data_is_a_user_error(tmp_path, checkpoint):

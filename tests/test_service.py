@@ -133,7 +133,8 @@ def server(tiny_checkpoint, tmp_path_factory) -> Iterator[Server]:
     """Loads the checkpoint itself in the lifespan, as `capeen serve` without a preloaded engine would."""
     settings = Settings(checkpoint=tiny_checkpoint, max_batch_size=8, max_wait_ms=20, max_upload_bytes=UPLOAD_LIMIT,
                         max_pixels=4_000_000, admin_token=ADMIN_TOKEN, log_level="warning",
-                        bandit_state=tmp_path_factory.mktemp("bandit") / "bandit.json")
+                        bandit_state=tmp_path_factory.mktemp("bandit") / "bandit.json",
+                        bandit_thresholds="0.9,0.4,0.5")
     with running_server(settings) as running:
         yield running
 
@@ -345,7 +346,7 @@ def test_health_model_and_bandit_routes(client: httpx.Client) -> None:
     bandit = client.get("/v1/bandit").json()
     assert bandit["policy"] == "d-ucb"
     thresholds = [arm["threshold"] for arm in bandit["arms"]]
-    assert 0.6 in thresholds and thresholds == sorted(thresholds)
+    assert thresholds == [0.4, 0.5, 0.6, 0.9]  # CAPEEN_BANDIT_THRESHOLDS plus the calibrated threshold
     assert [arm["arm"] for arm in bandit["arms"]] == list(range(len(thresholds)))
     assert bandit["best"] in bandit["arms"]
 

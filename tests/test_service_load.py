@@ -180,8 +180,9 @@ def _serve(*args: str, **env: str) -> subprocess.CompletedProcess:
         (("--checkpoint", "/no/such/checkpoint", "--device", "cpu"), {}, "/no/such/checkpoint"),
         ((), {"CAPEEN_PORT": "eighty"}, "CAPEEN_PORT"),
         ((), {"CAPEEN_POLICY": "greedy"}, "CAPEEN_POLICY"),
+        ((), {"CAPEEN_BANDIT_THRESHOLDS": "0.3,high"}, "CAPEEN_BANDIT_THRESHOLDS"),
     ],
-    ids=["bad-checkpoint", "bad-port", "bad-policy"],
+    ids=["bad-checkpoint", "bad-port", "bad-policy", "bad-grid"],
 )
 def test_serve_reports_bad_configuration_in_one_line(args, env, says) -> None:
     done = _serve(*args, **env)
