@@ -122,6 +122,9 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--compare", action="append", default=[], metavar="CHECKPOINT",
                    help="also evaluate this checkpoint (e.g. CE-only exits); repeatable")
     p.add_argument("--agreement", action="store_true", help="also report per-exit agreement with the final layer")
+    p.add_argument("--simulated-exits", action="store_true",
+                   help="also decode each setting as the paper's code evaluates it: every layer computed, the token "
+                        "taken from the first confident exit (no time saved, no state propagation)")
     p.add_argument("--meteor", action="store_true", help="also compute METEOR (needs Java)")
     p.add_argument("--json", help="write the full report to this JSON file")
     p.add_argument("--plot", help="--mode sweep: write a PNG of CIDEr-D against speedup")

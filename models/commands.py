@@ -190,7 +190,7 @@ def evaluate_main(args) -> int:
             grid = sweep_grid
         for distortion in distortions:
             report = evaluate_thresholds(engine, data, grid, batch_size=args.batch_size, distortion=distortion,
-                                         meteor=args.meteor)
+                                         meteor=args.meteor, simulated=args.simulated_exits)
             report["checkpoint"] = engine.name
             if args.agreement:
                 report["exit_agreement"] = exit_agreement(engine, data)
@@ -215,8 +215,9 @@ def _print_report(report: dict) -> None:
               "decoder x", "end-to-end x")
     print(" | ".join(header))
     for entry in [full, *report["thresholds"]]:
+        setting = "full" if entry["threshold"] is None else f"{entry['threshold']:g}"
         cells = [
-            "full" if entry["threshold"] is None else f"{entry['threshold']:g}",
+            f"{setting} simulated" if entry.get("simulated") else setting,
             f"{entry['bleu4']:.3f}", f"{entry['ciderD']:.3f}", f"{entry['rougeL']:.3f}",
             f"{entry.get('scene_accuracy', float('nan')):.3f}", f"{entry['mean_exit_layer']:.2f}",
             f"{entry['layers_saved']:.1%}", f"{entry['decode_ms_per_caption']:.2f}",

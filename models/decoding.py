@@ -11,6 +11,11 @@ once, at start-up, so that filling all skipped layers is one LayerNorm and one m
 
 Rows of a batch decode together: each has its own threshold, only the rows still running are computed at each
 layer, and finished captions drop out of the batch.
+
+`simulate_exits` decodes the way the paper's code evaluates: every layer runs for every token, and the token
+is taken from the first exit that reaches the threshold. Nothing is skipped, so it saves no time; its quality is
+that of exact keys and values, without state propagation. Evaluating it next to the real engine shows what
+propagation costs and what the simulated layer count hides.
 """
 
 from __future__ import annotations
@@ -162,6 +167,7 @@ class EarlyExitDecoder:
         max_tokens: int | None = None,
         observe_exits: bool = False,
         exits: Sequence[int] | None = None,
+        simulate_exits: bool = False,
     ) -> list[DecodeTrace]:
         """Greedy-decode one caption per image.
 
@@ -169,8 +175,12 @@ class EarlyExitDecoder:
         without evaluating exits. With `observe_exits`, every exit is evaluated and recorded but no token leaves
         early: the full-depth caption plus what each exit would have said (for analysis and calibration).
         `exits` picks which trained exits are consulted (default: the decoder's `exits`): consulting fewer costs
-        fewer checks, and skipping an over-confident shallow exit can keep quality.
+        fewer checks, and skipping an over-confident shallow exit can keep quality. With `simulate_exits`, every
+        layer runs and each token is the first confident exit's (module docstring); its trace records the exits
+        up to that one and that exit's layer, as if the token had left there.
         """
+        if simulate_exits and observe_exits:
+            raise ValueError("simulate_exits and observe_exits are exclusive")
         exit_after = {layer - 1 for layer in (self.exits if exits is None else self.check_exits(exits))}
         cfg = self.config
         batch = encoder_states.shape[0]
@@ -210,6 +220,7 @@ class EarlyExitDecoder:
             step_conf: list[list[float]] = [[] for _ in range(n)]
             step_points: list[list[int]] = [[] for _ in range(n)]
             step_preds: list[list[int]] = [[] for _ in range(n)]
+            decided = [False] * n  # simulate_exits: the row's token is chosen, the row runs on
 
             for layer in range(L):
                 with self._section("decoder layers"):
@@ -222,14 +233,19 @@ class EarlyExitDecoder:
                     conf_list, pred_list = conf.tolist(), pred.tolist()
                 stay = []
                 for i, r in enumerate(row_ids):
+                    if decided[r]:
+                        continue  # row_ids only still holds it under simulate_exits, where it runs every layer
                     if final_layer or records_exits[r]:  # a full-depth row of a mixed batch evaluates no exits
                         step_conf[r].append(conf_list[i])
                         step_points[r].append(layer + 1)
                         step_preds[r].append(pred_list[i])
                     if final_layer or (not observe_exits and conf_list[i] >= row_thr[r]):
                         next_list[r] = pred_list[i]
+                        decided[r] = simulate_exits
                     else:
                         stay.append(i)
+                if simulate_exits:
+                    continue  # nothing leaves: every row runs every layer
                 if final_layer or len(stay) == len(row_ids):
                     continue
                 if stay:

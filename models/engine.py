@@ -123,14 +123,14 @@ class CaptionEngine:
     @torch.inference_mode()
     def caption_pixels(self, pixel_values: torch.Tensor, thresholds: list[float] | float,
                        max_tokens: int | None = None, observe_exits: bool = False,
-                       exits: tuple[int, ...] | None = None) -> BatchOutput:
+                       exits: tuple[int, ...] | None = None, simulate_exits: bool = False) -> BatchOutput:
         """Caption a batch of preprocessed images, each with its own threshold (`FULL_DEPTH`: every layer)."""
         start = time.perf_counter()
         states = self.encode(pixel_values)
         _synchronize(self.device)
         encoded = time.perf_counter()
         traces = self.decoder.decode(states, thresholds, max_tokens=max_tokens, observe_exits=observe_exits,
-                                     exits=exits)
+                                     exits=exits, simulate_exits=simulate_exits)
         _synchronize(self.device)
         done = time.perf_counter()
         results = []

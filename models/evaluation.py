@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -105,19 +106,23 @@ class EvalSet:
 class DecodeRun:
     threshold: float
     exits: tuple[int, ...] | None = None  # exits consulted (None: the engine's default set)
+    simulated: bool = False  # the paper's simulated exits: every layer computed (models.decoding)
     captions: list[str] = field(default_factory=list)
     traces: list[DecodeTrace] = field(default_factory=list)
     encode_s: float = 0.0
     decode_s: float = 0.0
 
 
-Setting = tuple[float, tuple[int, ...] | None]  # (threshold, exits consulted)
+class Setting(NamedTuple):
+    threshold: float
+    exits: tuple[int, ...] | None = None  # exits consulted (None: the engine's default set)
+    simulated: bool = False
 
 
 def decode_interleaved(engine: CaptionEngine, data: EvalSet, settings: Sequence[Setting], batch_size: int = 1,
                        distortion: Distortion = Distortion(), seed: int = 0, progress: bool = True) -> list[DecodeRun]:
     """Caption every image once per setting, alternating the settings batch by batch."""
-    runs = [DecodeRun(threshold=t, exits=exits) for t, exits in settings]
+    runs = [DecodeRun(*setting) for setting in settings]
     order = list(range(len(runs)))
     batches = range(0, len(data), batch_size)
     for b, start in enumerate(tqdm(batches, desc=f"decoding ({distortion})", unit="batch", disable=not progress)):
@@ -126,7 +131,7 @@ def decode_interleaved(engine: CaptionEngine, data: EvalSet, settings: Sequence[
         rotation = order[b % len(order):] + order[: b % len(order)]
         for i in rotation:
             run = runs[i]
-            out = engine.caption_pixels(pixels, run.threshold, exits=run.exits)
+            out = engine.caption_pixels(pixels, run.threshold, exits=run.exits, simulate_exits=run.simulated)
             run.encode_s += out.timings.encode_s
             run.decode_s += out.timings.decode_s
             run.captions.extend(r.caption for r in out.results)
@@ -142,6 +147,7 @@ def summarize(run: DecodeRun, full: DecodeRun, data: EvalSet, n_layer: int, mete
     summary = {
         "threshold": None if run.threshold > 1 else run.threshold,
         "exit_layers": None if run.threshold > 1 else list(run.exits or ()),
+        "simulated": run.simulated,
         **caption_metrics(run.captions, data.references, meteor=meteor),
         "mean_exit_layer": computed / max(1, steps),
         "layers_saved": 1.0 - computed / max(1, steps * n_layer),
@@ -160,13 +166,16 @@ def summarize(run: DecodeRun, full: DecodeRun, data: EvalSet, n_layer: int, mete
 
 def evaluate_thresholds(engine: CaptionEngine, data: EvalSet, thresholds: Sequence[float], batch_size: int = 1,
                         distortion: Distortion = Distortion(), meteor: bool = False, seed: int = 0,
-                        progress: bool = True, exit_sets: Sequence[tuple[int, ...]] | None = None) -> dict:
+                        progress: bool = True, exit_sets: Sequence[tuple[int, ...]] | None = None,
+                        simulated: bool = False) -> dict:
     """Full depth plus each (exit set, threshold), interleaved; {"full": summary, "thresholds": [summary, ...]}.
 
-    `exit_sets` defaults to the engine's own exits only.
+    `exit_sets` defaults to the engine's own exits only. With `simulated`, each setting is also decoded with
+    the paper's simulated exits (every layer computed), and those summaries carry `"simulated": true`.
     """
     sets = list(exit_sets) if exit_sets else [tuple(engine.exit_layers)]
-    settings = [(FULL_DEPTH, None)] + [(t, exits) for exits in sets for t in thresholds]
+    kinds = (False, True) if simulated else (False,)
+    settings = [Setting(FULL_DEPTH)] + [Setting(t, exits, sim) for exits in sets for t in thresholds for sim in kinds]
     runs = decode_interleaved(engine, data, settings, batch_size, distortion, seed, progress)
     full = runs[0]
     n_layer = engine.config.n_layer

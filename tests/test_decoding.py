@@ -10,11 +10,13 @@ from models.model import CapeenModel
 from tests.test_model import small_config
 
 
-def reference_decode(model: CapeenModel, encoder_states: torch.Tensor, threshold: float, max_tokens: int):
+def reference_decode(model: CapeenModel, encoder_states: torch.Tensor, threshold: float, max_tokens: int,
+                     simulate: bool = False):
     """Plain re-implementation, one image at a time, no cache: every layer's K/V recomputed from its stored input.
 
     A token that leaves after layer e hands its hidden state to the skipped layers as their input at that
-    position (CALM state propagation), which is what the engine's folded projections must reproduce.
+    position (CALM state propagation), which is what the engine's folded projections must reproduce. With
+    `simulate`, every layer runs and the token is the first confident exit's (the paper's evaluation).
     """
     cfg = model.config
     blocks = model.decoder.transformer.h
@@ -24,7 +26,7 @@ def reference_decode(model: CapeenModel, encoder_states: torch.Tensor, threshold
     for t in range(max_tokens):
         h = model.decoder.transformer.wte.weight[token] + model.decoder.transformer.wpe.weight[t]
         h = h[None]
-        exited_at = cfg.n_layer
+        exited_at, chosen = cfg.n_layer, None
         for layer, block in enumerate(blocks):
             layer_inputs[layer].append(h)
             seq = torch.cat(layer_inputs[layer])  # (t+1, d)
@@ -41,12 +43,16 @@ def reference_decode(model: CapeenModel, encoder_states: torch.Tensor, threshold
             if logits is None:
                 continue
             conf, pred = F.softmax(logits, -1).max(-1)
+            if simulate:
+                if chosen is None and (layer + 1 == cfg.n_layer or float(conf) >= threshold):
+                    exited_at, chosen = layer + 1, int(pred)
+                continue
             if layer + 1 == cfg.n_layer or float(conf) >= threshold:
                 exited_at = layer + 1
                 for later in range(layer + 1, cfg.n_layer):
                     layer_inputs[later].append(h)
                 break
-        token = int(pred)
+        token = chosen if simulate else int(pred)
         tokens.append(token)
         exits.append(exited_at)
         if token == cfg.eos_token_id:
@@ -104,6 +110,24 @@ def test_a_caption_does_not_depend_on_its_batch(model):
         assert alone.exit_layers == batched[row].exit_layers
         for a, b in zip(alone.exit_confidences, batched[row].exit_confidences):
             assert a == pytest.approx(b, abs=1e-5)
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.5, 0.8])
+def test_simulated_exits_compute_every_layer_and_take_the_first_confident_exit(model, threshold):
+    engine = EarlyExitDecoder(model)
+    torch.manual_seed(4)
+    states = torch.randn(4, 5, model.config.n_embd)
+    simulated = engine.decode(states, threshold, max_tokens=10, simulate_exits=True)
+    real = engine.decode(states, threshold, max_tokens=10)
+    for row in range(4):
+        tokens, exits = reference_decode(model, states[row:row + 1], threshold, 10, simulate=True)
+        assert simulated[row].token_ids == tokens and simulated[row].exit_layers == exits
+        # the trace ends at the exit the token was taken from, as a real exit's would
+        assert [points[-1] for points in simulated[row].exit_points] == exits
+    if threshold == 0.0:  # every token from exit 1: the same tokens whether or not later layers ran
+        assert [t.token_ids for t in simulated] == [t.token_ids for t in real]
+    with pytest.raises(ValueError, match="exclusive"):
+        engine.decode(states, threshold, simulate_exits=True, observe_exits=True)
 
 
 def test_observe_exits_records_every_exit_without_leaving(model):

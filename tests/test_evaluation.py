@@ -13,6 +13,7 @@ from models.decoding import FULL_DEPTH
 from models.engine import CaptionEngine
 from models.evaluation import Distortion, caption_metrics, evaluate_thresholds, exit_agreement, load_eval_set
 from models.hf_export import to_hf_vision_encoder_decoder
+from models.plots import plot_sweeps
 from models.synthetic import generate_dataset
 
 N_LAYER = 4  # tests.conftest.tiny_config
@@ -130,6 +131,18 @@ def test_evaluate_thresholds_reports_full_depth_and_each_threshold(engine, eval_
         assert 1 <= entry["tokens_per_caption"] <= engine.config.n_positions - 1
     # the tiny checkpoint's heads are sharp enough that a low threshold really exits early
     assert report["thresholds"][0]["mean_exit_layer"] < N_LAYER
+
+
+def test_simulated_exits_are_reported_beside_the_real_ones(engine, eval_set, tmp_path):
+    report = evaluate_thresholds(engine, eval_set, [0.3, 0.6], batch_size=3, progress=False, simulated=True)
+    entries = report["thresholds"]
+    assert [(e["threshold"], e["simulated"]) for e in entries] == [(0.3, False), (0.3, True), (0.6, False),
+                                                                  (0.6, True)]
+    assert report["full"]["simulated"] is False
+    for simulated in entries[1::2]:
+        assert 1 <= simulated["mean_exit_layer"] < N_LAYER  # the layer count the paper would report
+    plot_sweeps([{**report, "checkpoint": "tiny"}], tmp_path / "sweep.png")
+    assert (tmp_path / "sweep.png").stat().st_size > 0
 
 
 def test_evaluate_thresholds_with_a_subset_of_exits(engine, eval_set):
