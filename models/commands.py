@@ -224,6 +224,12 @@ def _print_report(report: dict) -> None:
             f"{entry['decoder_speedup']:.2f}", f"{entry['end_to_end_speedup']:.2f}",
         ]
         print(" | ".join(cells))
+    for entry in [full, *report["thresholds"]]:
+        if "attribute_accuracy" in entry:
+            setting = "full" if entry["threshold"] is None else f"{entry['threshold']:g}"
+            setting += " simulated" if entry.get("simulated") else ""
+            print(f"{setting}: stated right for every object: " +
+                  ", ".join(f"{k} {v:.3f}" for k, v in entry["attribute_accuracy"].items()))
     if "exit_agreement" in report:
         print("exit agreement with the final layer: " +
               ", ".join(f"L{k}: {v:.3f}" for k, v in report["exit_agreement"].items()))

@@ -109,6 +109,31 @@ def scene_correct(caption: str, objects: list[dict]) -> bool:
     return parsed.total is None or parsed.total == len(objects)
 
 
+ATTRIBUTES = ("shape", "colour", "size")
+
+
+def attribute_accuracy(captions: list[str], objects_per_image: list[list[dict]]) -> dict[str, float]:
+    """Per attribute, the share of captions that state it right for every object, whatever the others.
+
+    A caption gets "count" right when it names as many objects as the scene holds, and "shape" right when the
+    multiset of shapes it names is the scene's (likewise colour and size). A caption that does not parse gets
+    nothing right. This tells which part of seeing the scene fails, where `scene_accuracy` needs all at once.
+    """
+    if len(captions) != len(objects_per_image):
+        raise ValueError(f"{len(captions)} captions but {len(objects_per_image)} images")
+    right = dict.fromkeys(("count", *ATTRIBUTES), 0)
+    for caption, objects in zip(captions, objects_per_image):
+        stated = parse_caption(caption)
+        if stated is None:
+            continue
+        truth = ground_truth(objects)
+        right["count"] += sum(stated.values()) == len(objects)
+        for index, attribute in enumerate(ATTRIBUTES):
+            said = Counter(kind[index] for kind in stated.elements())
+            right[attribute] += said == Counter(kind[index] for kind in truth.elements())
+    return {key: value / max(1, len(captions)) for key, value in right.items()}
+
+
 SCENE_TRIPLES: tuple[tuple[str, str, str], ...] = tuple(
     (shape, colour, size) for shape in SHAPES for colour in COLOURS for size in SIZES
 )

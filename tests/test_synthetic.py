@@ -13,7 +13,15 @@ from PIL import Image
 
 from capeen.cli import main
 from capeen.errors import UserError
-from models.scene import COLOURS, SHAPES, ground_truth, parse_caption, scene_accuracy, scene_correct
+from models.scene import (
+    COLOURS,
+    SHAPES,
+    attribute_accuracy,
+    ground_truth,
+    parse_caption,
+    scene_accuracy,
+    scene_correct,
+)
 from models.synthetic import _BASE_RGB, BACKGROUNDS, captions_for, draw_example, generate_dataset, render_scene
 
 N_SCENES = 2000
@@ -243,3 +251,20 @@ def test_scene_correct_checks_counts_and_totals() -> None:
     assert scene_accuracy([], []) == 0.0
     with pytest.raises(ValueError):
         scene_accuracy(["x"], [])
+
+
+def test_attribute_accuracy_tells_which_part_of_the_scene_is_wrong() -> None:
+    scene = [{"shape": "circle", "colour": "red", "size": "small"},
+             {"shape": "star", "colour": "blue", "size": "large"}]
+    captions = [
+        "a small red circle and a large blue star",  # all right
+        "a small red square and a large blue star",  # one shape wrong
+        "a small blue circle and a large red star",  # colours right but swapped: only scene accuracy sees it
+        "a small red circle",  # an object missing
+        "red red red",  # does not parse: nothing right
+    ]
+    accuracy = attribute_accuracy(captions, [scene] * len(captions))
+    assert accuracy == {"count": 3 / 5, "shape": 2 / 5, "colour": 3 / 5, "size": 3 / 5}
+    assert scene_accuracy(captions, [scene] * len(captions)) == 1 / 5
+    with pytest.raises(ValueError):
+        attribute_accuracy(["x"], [])
