@@ -23,7 +23,7 @@ with s_a^2 the sample variance of the remembered rewards, (sum of squares - n_a 
 (UCB1-Normal and UCB1-Tuned of Auer et al. 2002; compare UCB-V of Audibert, Munos & Szepesvari 2009): the
 confidence interval of a mean is a multiple of its standard error, so the bonus scales with how much the
 arm's reward actually varies between requests. Why not a bonus of the reward's range: a request's reward is
-a mean over tokens of differences of confidences, and on the shipped model arm means differ by 0.003-0.03
+a mean over tokens of differences of confidences, and on the first default checkpoint arm means differ by 0.003-0.03
 with per-request standard deviations of 0.003-0.023, while the reward could in principle span [-1 - mu, 1].
 A bonus sized for a range is many times the gaps and the policy keeps paying for exploration it does not
 need: on `capeen bench-drift` the range index earned 74% of the best fixed arms' gain over full depth, the
@@ -87,14 +87,14 @@ the mean is exceeded with probability about H^(-c^2 / 2): H^(-1/2) for c = 1, 1/
 constant suits policies that must learn again after every change: the forgetting policies' n is capped by
 their memory, so a wider bonus makes them explore a fixed share of every window. UCB1-Tuned also inflates
 the variance by sqrt(2 ln t / n), a term sized for rewards in [0, 1]; min_std takes its place here. c was
-not tuned on the benchmarks (on the shipped model's drift stream a smaller c does better still)."""
+not tuned on the benchmarks (on the first default checkpoint's drift stream a smaller c does better still)."""
 RANGE_EXPLORATION = 0.2
 """c of the range index (`bonus="range"`), its default before the variance index; `make_policy` says why."""
 DEFAULT_MIN_STD = 0.005
 """Floor of an arm's standard deviation in the variance index, in reward units (confidence, a probability).
 
 Half a percentage point of confidence. It sits below the per-request spread of nearly every arm measured
-(0.003-0.023 on the shipped model, 0.01-0.04 in the simulator), so the estimated variance governs the bonus;
+(0.003-0.023 on the first default checkpoint, 0.01-0.04 in the simulator), so the estimated variance governs the bonus;
 the floor only keeps a bonus for an arm whose few remembered rewards happen to agree, whose estimate near
 zero would otherwise never be questioned again. The bonus is thus never smaller than that of a range index
 with c * min_std. Rewards with few distinct values (a Bernoulli arm that paid 0 twice) need a floor near
@@ -611,7 +611,7 @@ def make_policy(
     say why). With `bonus="range"` the default c is RANGE_EXPLORATION = 0.2, far below UCB1's textbook
     sqrt(2), which assumes rewards spread over [0, 1]: the bonus should be about sqrt(2) times the reward's
     standard deviation, and a request's reward, a mean over its tokens, varies by 0.01-0.04 between requests
-    in the simulator; 0.2 leaves a margin of several times that. On the shipped model the spread is smaller
+    in the simulator; 0.2 leaves a margin of several times that. On the first default checkpoint the spread is smaller
     still (0.003-0.023), which is what the variance index adapts to without a hand-set c.
     """
     if name not in POLICIES:

@@ -19,12 +19,12 @@ request (the truth regret is measured against):
 * `GaussianEnvironment`: arm i pays N(mean_i, std_i^2), independently of the other arms, with means and
   standard deviations that can switch between phases; the policy learns through `observe()` about the
   pulled arm and, with side observations, every lower one. Values are the means (pseudo-regret). With
-  SHIPPED_MEANS / SHIPPED_STDS it mimics the small reward spread of the shipped model, the case the variance
-  index is for, and `small_spread_run` compares it there with the range index.
+  SHIPPED_MEANS / SHIPPED_STDS it mimics the small reward spread of the first default checkpoint, the case the
+  variance index is for, and `small_spread_run` compares it there with the range index.
 
 `run` drives a policy for a number of steps; `RunResult.regret()` is the cumulative regret against the
-best fixed arm in hindsight (of the whole run, or of each phase) and `RunResult.detection_delay()` how long after a change the new best arm
-became the most pulled one. `python -m bandit.simulate` prints the figures quoted in the README.
+best fixed arm in hindsight (of the whole run, or of each phase) and `RunResult.detection_delay()` how long
+after a change the new best arm became the most pulled one. `python -m bandit.simulate` prints the figures quoted in the README.
 """
 
 from __future__ import annotations
@@ -215,13 +215,14 @@ BERNOULLI_EXPLORATION = 2**-0.5  # sqrt(2) * 0.5, the sub-Gaussian scale of a Be
 BERNOULLI_INDEX = {"bonus": "range", "exploration": BERNOULLI_EXPLORATION}
 """The index of the Bernoulli runs: the range bonus, c for rewards in [0, 1] (module docstring)."""
 SMALL_SPREAD_STD = 0.02
-"""Standard deviation of every arm in the Gaussian change scenario: the spread of the shipped model's rewards."""
+"""Standard deviation of every arm in the Gaussian change scenario: the spread of the first default
+checkpoint's rewards."""
 SMALL_SPREAD_SCALE = 0.1
 """The Gaussian change scenario's means are CHANGE_BEFORE / CHANGE_AFTER times this: gaps of 0.005-0.05."""
 SHIPPED_MEANS = (-0.0414, -0.0444, -0.0459, -0.0472, -0.0485, -0.0500, -0.0513, -0.0537, -0.0567, -0.0613, -0.0669)
 SHIPPED_STDS = (0.0093, 0.0103, 0.0110, 0.0121, 0.0134, 0.0151, 0.0161, 0.0173, 0.0189, 0.0220, 0.0230)
-"""Mean and standard deviation of the per-request reward of thresholds 0.5, 0.55, ..., 0.95, 0.99 on the shipped
-model (mu 0.1): the first 250 requests (clean images) of `capeen bench-drift --phase-length 250`, read off the
+"""Mean and standard deviation of the per-request reward of thresholds 0.5, 0.55, ..., 0.95, 0.99 on the first
+default checkpoint (commit 34c0470; mu 0.1): the first 250 requests (clean images) of `capeen bench-drift --phase-length 250`, read off the
 full-depth traces. The gaps between arms (0.003-0.026) are about the size of the spread."""
 SHIPPED_FULL_DEPTH = -0.0967
 """Per-request reward of decoding at full depth on the same stream: F of bench-drift's % of gain."""
@@ -332,7 +333,8 @@ def main() -> None:
     for name in POLICIES:
         delays = [change_delay(name, 5000, 3000, seed, window=500, gamma=0.998, gaussian=True) for seed in seeds]
         print(f"  {name:6s} steps until the new best arm leads the last 200 pulls: {delays}")
-    print("Small reward spread: Gaussian arms with the shipped model's per-request means and spreads (SHIPPED_*):")
+    print("Small reward spread: Gaussian arms with the first default checkpoint's per-request means and spreads "
+          "(SHIPPED_*):")
     for name in ("ucb1", "uniform"):
         curve = np.mean([small_spread_run(name, 10_000, seed).regret() for seed in seeds], axis=0)
         label = "ucb1, variance index" if name == "ucb1" else name
