@@ -224,7 +224,8 @@ SHIPPED_MEANS = (-0.0414, -0.0444, -0.0459, -0.0472, -0.0485, -0.0500, -0.0513, 
 SHIPPED_STDS = (0.0093, 0.0103, 0.0110, 0.0121, 0.0134, 0.0151, 0.0161, 0.0173, 0.0189, 0.0220, 0.0230)
 """Mean and standard deviation of the per-request reward of thresholds 0.5, 0.55, ..., 0.95, 0.99 on the first
 default checkpoint (commit 34c0470; mu 0.1): the first 250 requests (clean images) of
-`capeen bench-drift --phase-length 250`, read off the full-depth traces. The gaps between arms (0.003-0.026) are about the size of the spread."""
+`capeen bench-drift --phase-length 250`, read off the full-depth traces. The gaps between arms (0.003-0.026)
+are about the size of the spread."""
 SHIPPED_FULL_DEPTH = -0.0967
 """Per-request reward of decoding at full depth on the same stream: F of bench-drift's % of gain."""
 BENCH_WINDOW, BENCH_GAMMA = 125, 0.992
