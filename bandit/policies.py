@@ -151,9 +151,8 @@ def _grid(thresholds: Sequence[float], calibrated: float | None) -> tuple[float,
 def default_grid(calibrated: float | None = None) -> tuple[float, ...]:
     """0.50, 0.55, ..., 0.95 and 0.99 (the steep end where confidence saturates), plus `calibrated`.
 
-    It reaches no lower than 0.5, and the calibration picks the cheapest threshold that keeps caption quality,
-    so by default the bandit only trades speed for confidence above the quality the calibration promised.
-    A grid that reaches lower (`parse_grid`) lets it exit earlier than the calibration would.
+    Its floor, 0.5, bounds how much caption quality the bandit may trade for speed (the reward sees only
+    confidences, not quality); a grid that reaches lower (`parse_grid`) lets it exit earlier still.
     """
     return _grid([round(0.5 + 0.05 * k, 2) for k in range(10)] + [0.99], calibrated)
 
