@@ -30,8 +30,8 @@ def plot_sweeps(reports: list[dict], path: Path, metric: str = "ciderD") -> None
             ax.plot([full["mean_exit_layer"] / p["mean_exit_layer"] for p in points], [p[metric] for p in points],
                     linestyle="--", marker="x", markersize=3, color=line.get_color(),
                     label=f"{label}, simulated exits (layer-count speedup)")
-    simulated = any(p.get("simulated") for report in reports for p in report["thresholds"])
-    ax.set_xlabel("decoder speedup over full depth (x): measured" + ("; dashed: layer count" if simulated else ""))
+    any_simulated = any(p.get("simulated") for report in reports for p in report["thresholds"])
+    ax.set_xlabel("decoder speedup over full depth (x): measured" + ("; dashed: layer count" if any_simulated else ""))
     ax.set_ylabel("CIDEr-D" if metric == "ciderD" else metric)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
