@@ -252,8 +252,6 @@ class Trainer:
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
         self.model.eval()
-        if self.probe is not None:
-            self.probe.eval()
         totals: dict[str, float] = {}
         n = 0
         for start in range(0, len(self.val), 64):
@@ -264,8 +262,6 @@ class Trainer:
                 totals[key] = totals.get(key, 0.0) + float(value) * len(index)
             n += len(index)
         self.model.train()
-        if self.probe is not None:
-            self.probe.train()
         return {f"val_{k}": v / n for k, v in totals.items()}
 
     def run(self) -> Path:
