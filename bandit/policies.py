@@ -182,6 +182,7 @@ class Policy(ABC):
         *,
         exit_positions: Sequence[int],
         num_layers: int,
+        exit_offsets: Sequence[float] = (),
         calibrated: float | None = None,
         exploration: float | None = None,
         bonus: str = DEFAULT_BONUS,
@@ -199,7 +200,7 @@ class Policy(ABC):
             raise ValueError(f"min_std must be a finite number >= 0, got {min_std}")
         if not (math.isfinite(mu) and mu >= 0):
             raise ValueError(f"mu must be a finite number >= 0, got {mu}")
-        self.layout = ExitLayout(tuple(exit_positions), num_layers)
+        self.layout = ExitLayout(tuple(exit_positions), num_layers, tuple(float(o) for o in exit_offsets))
         self.thresholds = _grid(thresholds, calibrated)
         self.arms = tuple(Arm(i, t) for i, t in enumerate(self.thresholds))
         self.calibrated = None if calibrated is None else float(calibrated)
@@ -246,9 +247,12 @@ class Policy(ABC):
     @property
     def config(self) -> dict[str, Any]:
         """Everything that defines what the statistics mean; a snapshot restores only into equal config."""
+        offsets = self.layout.offset_array()
         return {
             "exit_positions": list(self.layout.exit_positions),
             "num_layers": self.layout.num_layers,
+            # only when set, so that snapshots from before per-exit offsets still restore
+            **({"exit_offsets": offsets.tolist()} if offsets.any() else {}),
             "calibrated": self.calibrated,
             "exploration": self.exploration,
             "bonus": self.bonus,
@@ -603,7 +607,7 @@ def make_policy(
 ) -> Policy:
     """Build policy `name` ("ucb1", "sw-ucb" or "d-ucb") over `thresholds` (default: `default_grid`).
 
-    `options` are `Policy`'s keywords: exit_positions and num_layers (required), calibrated, exploration,
+    `options` are `Policy`'s keywords: exit_positions and num_layers (required), exit_offsets, calibrated, exploration,
     bonus, min_std, mu, side_observations. `window` is used by sw-ucb only and `gamma` by d-ucb only.
 
     The default bonus is "variance" with c = DEFAULT_EXPLORATION = 1 (the module docstring and the constants

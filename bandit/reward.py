@@ -28,6 +28,10 @@ after the first are those the pulled threshold generated; another threshold coul
 different prefix, so its side reward is the reward of its exit rule on these hidden states, not of its
 own decode.
 
+Per-exit offsets: a calibrated engine may add an offset o_k to the threshold at exit k (a schedule of
+per-exit thresholds). A threshold t then stops a token at the first exit k with C_k >= t + o_k; the layout
+carries the offsets so that the side observations follow the same rule as the decoder.
+
 A trace is any object with attributes `exit_confidences` (per token, the confidences of the exits
 evaluated, in order; the last is the exit the token left at) and `exit_layers` (per token, the 1-based
 layer it left at), or a mapping with those two keys.
@@ -58,10 +62,15 @@ class TraceLike(Protocol):
 
 @dataclass(frozen=True)
 class ExitLayout:
-    """Where the decoder can exit: `exit_positions` are 1-based layers, the last one is `num_layers`."""
+    """Where the decoder can exit: `exit_positions` are 1-based layers, the last one is `num_layers`.
+
+    `offsets`, one per exit position, are what the decoder adds to a threshold at each exit (empty: none;
+    the final layer's is ignored, since every token that reaches it leaves there).
+    """
 
     exit_positions: tuple[int, ...]
     num_layers: int
+    offsets: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         positions = self.exit_positions
@@ -75,6 +84,18 @@ class ExitLayout:
             raise ValueError(
                 f"the last exit position must be the final layer {self.num_layers}, got {positions[-1]}"
             )
+        if self.offsets:
+            if len(self.offsets) != len(positions):
+                raise ValueError(f"got {len(self.offsets)} offsets for {len(positions)} exit positions")
+            if not all(np.isfinite(o) for o in self.offsets):
+                raise ValueError(f"offsets must be finite numbers, got {self.offsets!r}")
+
+    def offset_array(self) -> np.ndarray:
+        """The offsets as an array, zeros when there are none and at the final layer."""
+        offsets = np.zeros(len(self.exit_positions))
+        if self.offsets:
+            offsets[:-1] = self.offsets[:-1]
+        return offsets
 
 
 def _confidence_matrix(trace: TraceLike | Mapping[str, Any], layout: ExitLayout) -> tuple[np.ndarray, np.ndarray]:
@@ -138,7 +159,9 @@ def arm_rewards(
     num_exits = len(layout.exit_positions)
     # A token stops at the first exit whose confidence reaches the threshold: the number of exits before
     # it is the number of leading entries whose running maximum is still below the threshold.
-    running_max = np.maximum.accumulate(matrix, axis=1)
+    # With offsets, "reaches t + o_k" is "C_k - o_k reaches t"; padding stays above every threshold.
+    adjusted = np.where(matrix == _NOT_EVALUATED, _NOT_EVALUATED, matrix - layout.offset_array()[None, :])
+    running_max = np.maximum.accumulate(adjusted, axis=1)
     first = (running_max[:, None, :] < thresholds[None, :, None]).sum(axis=2)  # tokens x arms
     # Known if it stops at an evaluated exit, or if the token ran to the final layer (no threshold can
     # then take it further). Tokens that miss every exit leave at the final layer.

@@ -110,7 +110,8 @@ def _make_policies(names, *, grid, layout, calibrated, fixed_threshold, mu, wind
             policies[name] = _Fixed(fixed_threshold)
         else:
             policies[name] = make_policy(
-                name, grid, exit_positions=layout.exit_positions, num_layers=layout.num_layers,
+                name, grid, exit_positions=layout.exit_positions, exit_offsets=layout.offsets,
+                num_layers=layout.num_layers,
                 calibrated=calibrated, mu=mu, window=window, gamma=gamma, exploration=exploration, bonus=bonus,
                 min_std=min_std,
             )
@@ -150,7 +151,8 @@ def run_drift(
     # The exits the engine consults by default (a calibration may keep only some of the trained ones); every
     # decode below uses that default, so the policies' traces and the full-depth traces fit one layout.
     consulted = getattr(engine, "exit_layers", None) or config.exit_layers
-    layout = ExitLayout(tuple(sorted({*consulted, config.n_layer})), config.n_layer)
+    offsets = getattr(engine, "exit_offsets", None) or (0.0,) * len(consulted)
+    layout = ExitLayout(tuple(sorted({*consulted, config.n_layer})), config.n_layer, (*offsets, 0.0))
     calibrated = engine.calibrated_threshold
     # The bandits' grid (default: the service's, which holds the calibrated threshold) plus the calibrated and
     # the fixed policy's threshold, so that the best fixed arm in hindsight is chosen among every threshold the

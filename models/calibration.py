@@ -8,17 +8,34 @@ time on a shared machine is not, so the measured speedups are recorded but do no
 
 Why exit sets: every exit consulted costs a check (LayerNorm, projection, softmax) whether or not the token
 leaves, and a shallow exit can be confidently wrong; consulting fewer exits trades exit granularity for both.
-The chosen threshold and exit set, and the whole sweep, go to thresholds.json.
+Per-exit schedules: a shallow exit is more often confidently wrong than a deep one, so one threshold for all
+exits is rarely the cheapest way to keep quality. A full-depth decode of the calibration split with every exit
+observed gives, per token, each exit's confidence and argmax; a coordinate search over per-exit thresholds
+then trades cost against disagreement with the final layer's token, for a few weights of the latter. That
+proxy only proposes: each proposal (written as a base threshold plus an offset per exit) is decoded for real,
+interleaved with the grid, and judged on CIDEr-D like every other setting.
+
+The chosen threshold, exit set and offsets, and the whole sweep, go to thresholds.json.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
 
 from models.bench import head_cost
 from models.checkpoint import Thresholds
+from models.decoding import FULL_DEPTH
 from models.engine import CaptionEngine
-from models.evaluation import DEFAULT_SWEEP, EvalSet, evaluate_thresholds
+from models.evaluation import DEFAULT_SWEEP, EvalSet, Setting, evaluate_thresholds
+from models.preprocess import normalize
+
+SCHEDULE_GRID = (0.4, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 0.99)
+# weights of a token's disagreement with the final layer, in layers of cost: each gives one proposal
+SCHEDULE_WEIGHTS = (40.0, 50.0, 60.0, 75.0, 100.0)
 
 
 def candidate_exit_sets(exit_layers: Sequence[int]) -> list[tuple[int, ...]]:
@@ -47,12 +64,100 @@ def choose_setting(sweep: list[dict], full: dict, quality_fraction: float, head_
     return min(eligible, key=lambda entry: (decode_cost(entry, head_cost_ratio), -entry[metric]))
 
 
+@dataclass
+class ExitObservations:
+    """Per token of a full-depth decode: every trained exit's confidence and argmax, and the final token."""
+
+    layers: tuple[int, ...]  # 1-based exit layers, the columns below
+    confidence: np.ndarray  # (tokens, exits)
+    prediction: np.ndarray  # (tokens, exits)
+    final: np.ndarray  # (tokens,)
+
+
+def observe_exits(engine: CaptionEngine, data: EvalSet, batch_size: int = 32) -> ExitObservations:
+    layers = tuple(engine.config.exit_layers)
+    confidence, prediction, final = [], [], []
+    for start in range(0, len(data), batch_size):
+        pixels = normalize(data.pixels[start:start + batch_size].to(engine.device), engine.dtype)
+        out = engine.caption_pixels(pixels, FULL_DEPTH, observe_exits=True, exits=layers)
+        for result in out.results:
+            trace = result.trace
+            for confs, preds, token in zip(trace.exit_confidences, trace.exit_predictions, trace.token_ids):
+                confidence.append(confs[:-1])  # the last entry is the final layer's
+                prediction.append(preds[:-1])
+                final.append(token)
+    return ExitObservations(layers, np.asarray(confidence).reshape(-1, len(layers)),
+                            np.asarray(prediction).reshape(-1, len(layers)), np.asarray(final))
+
+
+def schedule_outcome(obs: ExitObservations, thresholds: Sequence[float], n_layer: int,
+                     head_cost_ratio: float) -> tuple[float, float]:
+    """(cost in layers per token, share of tokens that differ from the final layer's) if each token left at
+    the first exit whose confidence reaches its threshold (inf: exit not consulted) on the observed states."""
+    tokens = len(obs.final)
+    left_at = np.full(tokens, n_layer)
+    token = obs.final.copy()
+    heads = np.ones(tokens)  # the final head, for tokens that reach it
+    running = np.ones(tokens, dtype=bool)
+    for column, (layer, threshold) in enumerate(zip(obs.layers, thresholds)):
+        if math.isinf(threshold):
+            continue
+        heads += running
+        leaving = running & (obs.confidence[:, column] >= threshold)
+        left_at[leaving], token[leaving] = layer, obs.prediction[leaving, column]
+        running &= ~leaving
+    heads -= ~running  # a token that left early never evaluated the final head
+    cost = left_at.mean() + head_cost_ratio * heads.mean()
+    return float(cost), float((token != obs.final).mean())
+
+
+def search_schedule(obs: ExitObservations, n_layer: int, head_cost_ratio: float, weight: float,
+                    grid: Sequence[float] = SCHEDULE_GRID, sweeps: int = 4) -> tuple[float, ...]:
+    """Per-exit thresholds (inf: not consulted) minimising cost + weight x disagreement, by coordinate search
+    from full depth; deterministic."""
+    options = (*grid, math.inf)
+    thresholds = [math.inf] * len(obs.layers)
+
+    def objective(candidate: list[float]) -> float:
+        cost, disagreement = schedule_outcome(obs, candidate, n_layer, head_cost_ratio)
+        return cost + weight * disagreement
+
+    for _ in range(sweeps):
+        changed = False
+        for column in range(len(thresholds)):
+            best = min(options, key=lambda v: objective(thresholds[:column] + [v] + thresholds[column + 1:]))
+            changed |= best != thresholds[column]
+            thresholds[column] = best
+        if not changed:
+            break
+    return tuple(thresholds)
+
+
+def propose_schedules(obs: ExitObservations, n_layer: int, head_cost_ratio: float,
+                      weights: Sequence[float] = SCHEDULE_WEIGHTS) -> list[Setting]:
+    """One setting per weight: the consulted exits, a base threshold (the lowest) and an offset per exit."""
+    settings: list[Setting] = []
+    for weight in weights:
+        thresholds = search_schedule(obs, n_layer, head_cost_ratio, weight)
+        chosen = [(layer, t) for layer, t in zip(obs.layers, thresholds) if not math.isinf(t)]
+        if not chosen:
+            continue
+        base = min(t for _, t in chosen)
+        setting = Setting(base, tuple(layer for layer, _ in chosen), False,
+                          tuple(round(t - base, 6) for _, t in chosen))
+        if setting not in settings:
+            settings.append(setting)
+    return settings
+
+
 def calibrate(engine: CaptionEngine, data: EvalSet, grid: Sequence[float] = DEFAULT_SWEEP,
               quality_fraction: float = 0.99, batch_size: int = 1, split: str = "val",
-              exit_sets: Sequence[tuple[int, ...]] | None = None) -> Thresholds:
+              exit_sets: Sequence[tuple[int, ...]] | None = None, schedules: bool = True) -> Thresholds:
+    """Sweep `grid` over the exit sets (plus, with `schedules`, the proposed per-exit schedules) and choose."""
     sets = list(exit_sets) if exit_sets else candidate_exit_sets(engine.config.exit_layers)
     ratio = head_cost(engine)["ratio"]
-    report = evaluate_thresholds(engine, data, grid, batch_size=batch_size, exit_sets=sets)
+    proposals = propose_schedules(observe_exits(engine, data), engine.config.n_layer, ratio) if schedules else []
+    report = evaluate_thresholds(engine, data, grid, batch_size=batch_size, exit_sets=sets, schedules=proposals)
     full, sweep = report["full"], report["thresholds"]
     for entry in sweep:
         entry["cost_layers_per_token"] = decode_cost(entry, ratio)
@@ -67,4 +172,6 @@ def calibrate(engine: CaptionEngine, data: EvalSet, grid: Sequence[float] = DEFA
     }
     if chosen is not None:
         details["exit_layers"] = chosen["exit_layers"]
+        if chosen.get("exit_offsets"):
+            details["exit_offsets"] = chosen["exit_offsets"]
     return Thresholds(threshold=None if chosen is None else chosen["threshold"], sweep=sweep, details=details)

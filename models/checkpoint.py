@@ -7,6 +7,7 @@ whose message names the file and the problem in one line.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -55,6 +56,13 @@ class Thresholds:
         if exits is not None and (not isinstance(exits, list) or not exits
                                   or not all(isinstance(e, int) and not isinstance(e, bool) for e in exits)):
             raise ValueError(f'"exit_layers" must be a non-empty list of layer numbers, got {exits!r}')
+        offsets = data.get("exit_offsets")
+        if offsets is not None:
+            numbers = isinstance(offsets, list) and all(
+                isinstance(o, (int, float)) and not isinstance(o, bool) and math.isfinite(o) for o in offsets)
+            if not numbers or exits is None or len(offsets) != len(exits):
+                raise ValueError(f'"exit_offsets" must be a list of numbers, one per entry of "exit_layers", '
+                                 f'got {offsets!r}')
         rest = {k: v for k, v in data.items() if k not in ("threshold", "sweep")}
         return cls(threshold=None if threshold is None else float(threshold), sweep=sweep, details=rest)
 

@@ -135,6 +135,13 @@ def _thresholds(text: str | None) -> list[float]:
     return values
 
 
+def _exit_plan(exits: list[int], threshold: float, offsets: list[float] | None) -> str:
+    """Exit layers, with each one's threshold (`3@0.75`) when they differ by exit."""
+    if not offsets:
+        return ",".join(map(str, exits))
+    return ",".join(f"{layer}@{threshold + offset:.3g}" for layer, offset in zip(exits, offsets))
+
+
 def calibrate_main(args) -> int:
     from models.calibration import calibrate
     from models.checkpoint import save_thresholds
@@ -153,14 +160,15 @@ def calibrate_main(args) -> int:
     full = result.details["full_depth"]
     print(f"full depth: CIDEr-D {full['ciderD']:.3f}  BLEU-4 {full['bleu4']:.3f}")
     for entry in result.sweep:
-        exits = ",".join(map(str, entry["exit_layers"]))
-        print(f"exits {exits:<26} threshold {entry['threshold']:<6g} CIDEr-D {entry['ciderD']:.3f}  BLEU-4 {entry['bleu4']:.3f}  "
+        exits = _exit_plan(entry["exit_layers"], entry["threshold"], entry.get("exit_offsets"))
+        print(f"exits {exits:<34} threshold {entry['threshold']:<6g} CIDEr-D {entry['ciderD']:.3f}  BLEU-4 {entry['bleu4']:.3f}  "
               f"mean exit layer {entry['mean_exit_layer']:.2f}  cost {entry['cost_layers_per_token']:.2f} layers/token  "
               f"decoder speedup {entry['decoder_speedup']:.2f}x")
     if result.threshold is None:
         print(f"no threshold keeps CIDEr-D >= {args.quality:g} x full depth; the checkpoint stays uncalibrated")
         return 1
-    print(f"calibrated threshold {result.threshold:g} with exits {result.details['exit_layers']} "
+    plan = _exit_plan(result.details["exit_layers"], result.threshold, result.details.get("exit_offsets"))
+    print(f"calibrated threshold {result.threshold:g} with exits {plan} "
           f"written to {engine.checkpoint.path / 'thresholds.json'}")
     return 0
 

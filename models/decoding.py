@@ -9,6 +9,10 @@ entries are filled from the exited hidden state (state propagation, as in CALM, 
 key/value projections are needed, and each layer's LayerNorm scale and shift are folded into its K/V weights
 once, at start-up, so that filling all skipped layers is one LayerNorm and one matrix product.
 
+Each exit may add an offset to a row's threshold (a calibrated schedule: a shallow exit, more often confidently
+wrong, can ask for more confidence than a deep one, as CALM's decaying thresholds do). A row with threshold t
+leaves at exit e once its confidence reaches t + offset_e.
+
 Rows of a batch decode together: each has its own threshold, only the rows still running are computed at each
 layer, and finished captions drop out of the batch.
 
@@ -102,11 +106,13 @@ class LayerWeights(NamedTuple):
 class EarlyExitDecoder:
     """Greedy decoding for a `CapeenModel` with per-sequence confidence thresholds."""
 
-    def __init__(self, model: CapeenModel, exits: Sequence[int] | None = None) -> None:
+    def __init__(self, model: CapeenModel, exits: Sequence[int] | None = None,
+                 exit_offsets: Sequence[float] | None = None) -> None:
         self.model = model
         self.config = config = model.config
         self.blocks = list(model.decoder.transformer.h)
         self.exits = self.check_exits(exits)  # the exits consulted by default (a subset of those trained)
+        self.exit_offsets = self.check_offsets(self.exits, exit_offsets)  # added to the threshold at each exit
         self.n_layer, self.d, self.n_head = config.n_layer, config.n_embd, config.n_head
         self.timer: SectionTimer | None = None  # set to profile where decode time goes
         self._prepare_weights()
@@ -154,6 +160,18 @@ class EarlyExitDecoder:
             raise ValueError(f"exit layers {unknown} have no trained head (the model has {self.config.exit_layers})")
         return chosen
 
+    @staticmethod
+    def check_offsets(exits: tuple[int, ...], offsets: Sequence[float] | None) -> tuple[float, ...]:
+        """Validate per-exit threshold offsets (one per consulted exit); None means none."""
+        if offsets is None:
+            return (0.0,) * len(exits)
+        values = tuple(float(o) for o in offsets)
+        if len(values) != len(exits):
+            raise ValueError(f"got {len(values)} exit offsets for {len(exits)} exits {list(exits)}")
+        if not all(math.isfinite(o) for o in values):
+            raise ValueError(f"exit offsets must be finite numbers, got {list(offsets)}")
+        return values
+
     def refresh(self) -> None:
         """Call after changing the model's weights in place (or its device/dtype)."""
         self._prepare_weights()
@@ -168,20 +186,29 @@ class EarlyExitDecoder:
         observe_exits: bool = False,
         exits: Sequence[int] | None = None,
         simulate_exits: bool = False,
+        exit_offsets: Sequence[float] | None = None,
     ) -> list[DecodeTrace]:
         """Greedy-decode one caption per image.
 
         `thresholds` is one value per row (or one for all); `FULL_DEPTH` (or anything above 1) runs every layer
         without evaluating exits. With `observe_exits`, every exit is evaluated and recorded but no token leaves
         early: the full-depth caption plus what each exit would have said (for analysis and calibration).
-        `exits` picks which trained exits are consulted (default: the decoder's `exits`): consulting fewer costs
-        fewer checks, and skipping an over-confident shallow exit can keep quality. With `simulate_exits`, every
+        `exits` picks which trained exits are consulted (default: the decoder's `exits` and `exit_offsets`):
+        consulting fewer costs fewer checks, and skipping an over-confident shallow exit can keep quality.
+        `exit_offsets` (one per consulted exit, default none when `exits` is given) raise or lower the threshold
+        at each exit. With `simulate_exits`, every
         layer runs and each token is the first confident exit's (module docstring); its trace records the exits
         up to that one and that exit's layer, as if the token had left there.
         """
         if simulate_exits and observe_exits:
             raise ValueError("simulate_exits and observe_exits are exclusive")
-        exit_after = {layer - 1 for layer in (self.exits if exits is None else self.check_exits(exits))}
+        if exits is None:
+            consulted = self.exits
+            offsets = self.exit_offsets if exit_offsets is None else self.check_offsets(consulted, exit_offsets)
+        else:
+            consulted = self.check_exits(exits)
+            offsets = self.check_offsets(consulted, exit_offsets)
+        offset_after = {layer - 1: offset for layer, offset in zip(consulted, offsets)}  # 0-based layer -> offset
         cfg = self.config
         batch = encoder_states.shape[0]
         device, dtype = encoder_states.device, encoder_states.dtype
@@ -226,8 +253,9 @@ class EarlyExitDecoder:
                 with self._section("decoder layers"):
                     h = self._block(layer, h, rows, cache, cross, t)
                 final_layer = layer == L - 1
-                if not final_layer and not (check_exits and layer in exit_after):
+                if not final_layer and not (check_exits and layer in offset_after):
                     continue
+                offset = 0.0 if final_layer else offset_after[layer]
                 with self._section("final head" if final_layer else "exit heads"):
                     conf, pred = self._head(layer + 1, h)
                     conf_list, pred_list = conf.tolist(), pred.tolist()
@@ -239,7 +267,7 @@ class EarlyExitDecoder:
                         step_conf[r].append(conf_list[i])
                         step_points[r].append(layer + 1)
                         step_preds[r].append(pred_list[i])
-                    if final_layer or (not observe_exits and conf_list[i] >= row_thr[r]):
+                    if final_layer or (not observe_exits and conf_list[i] >= row_thr[r] + offset):
                         next_list[r] = pred_list[i]
                         decided[r] = simulate_exits
                     else:
@@ -259,8 +287,7 @@ class EarlyExitDecoder:
                     row_ids = [row_ids[i] for i in stay]
                 else:
                     with self._section("state propagation"):
-                        active = torch.arange(n, device=device) if rows is None else rows
-                        self._propagate(h, layer, active, cache, t)
+                        self._propagate(h, layer, rows, cache, t)
                     break  # every row has left: the remaining layers are not computed at all
 
             keep = []
@@ -297,13 +324,17 @@ class EarlyExitDecoder:
         w = self.layer_weights[layer]
         n, H, d, eps = h.shape[0], self.n_head, self.d, self.eps
         hd = d // H
-        qkv = torch.addmm(w.attn_b, F.layer_norm(h, (d,), w.ln1_w, w.ln1_b, eps), w.attn_w)
+        # torch.layer_norm, select and narrow rather than F.layer_norm and Python indexing: the same kernels
+        # with less per-call overhead, which is a visible share of a layer at batch 1
+        qkv = torch.addmm(w.attn_b, torch.layer_norm(h, (d,), w.ln1_w, w.ln1_b, eps), w.attn_w)
         q, kv = qkv[:, :d], qkv[:, d:].view(n, 2, H, hd).transpose(0, 1)  # (2, n, H, hd)
         layer_cache = cache[layer]  # (2, B, H, T, hd)
         if rows is None:
-            layer_cache[:, :, :, t] = kv
-            keys, values = layer_cache[0, :, :, : t + 1], layer_cache[1, :, :, : t + 1]
-            cross_k, cross_v = cross[layer, 0], cross[layer, 1]
+            layer_cache.select(3, t).copy_(kv)
+            past = layer_cache.narrow(3, 0, t + 1)
+            keys, values = past[0], past[1]
+            layer_cross = cross[layer]
+            cross_k, cross_v = layer_cross[0], layer_cross[1]
         else:
             layer_cache[:, :, :, t].index_copy_(1, rows, kv)
             past = layer_cache[:, :, :, : t + 1].index_select(1, rows)
@@ -312,25 +343,31 @@ class EarlyExitDecoder:
             cross_k, cross_v = layer_cross[0], layer_cross[1]
         attn = F.scaled_dot_product_attention(q.view(n, H, 1, hd), keys, values)
         h = torch.addmm(h + w.attn_proj_b, attn.view(n, d), w.attn_proj_w)
-        x = F.layer_norm(h, (d,), w.lnx_w, w.lnx_b, eps)
+        x = torch.layer_norm(h, (d,), w.lnx_w, w.lnx_b, eps)
         q_cross = torch.addmm(w.q_b, x, w.q_w).view(n, H, 1, hd)
         attn = F.scaled_dot_product_attention(q_cross, cross_k, cross_v)
         h = torch.addmm(h + w.cross_proj_b, attn.view(n, d), w.cross_proj_w)
-        x = F.gelu(torch.addmm(w.fc_b, F.layer_norm(h, (d,), w.ln2_w, w.ln2_b, eps), w.fc_w), approximate="tanh")
+        x = F.gelu(torch.addmm(w.fc_b, torch.layer_norm(h, (d,), w.ln2_w, w.ln2_b, eps), w.fc_w), approximate="tanh")
         return torch.addmm(h + w.mlp_proj_b, x, w.mlp_proj_w)
 
     def _head(self, layer: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Confidence (max softmax probability) and argmax of the exit after 1-based `layer` (n_layer: final)."""
         ln_w, ln_b, proj = self.heads[layer]
-        logits = F.linear(F.layer_norm(h, (self.d,), ln_w, ln_b, self.eps), proj)
-        return F.softmax(logits.float(), dim=-1).max(dim=-1)
+        logits = F.linear(torch.layer_norm(h, (self.d,), ln_w, ln_b, self.eps), proj)
+        return torch.softmax(logits, dim=-1, dtype=torch.float32).max(dim=-1)
 
-    def _propagate(self, hidden: torch.Tensor, layer: int, rows: torch.Tensor, cache: torch.Tensor, t: int) -> None:
-        """Fill the K/V cache of layers after `layer` (0-based) at position t from the exited hidden state."""
+    def _propagate(self, hidden: torch.Tensor, layer: int, rows: torch.Tensor | None, cache: torch.Tensor,
+                   t: int) -> None:
+        """Fill the K/V cache of layers after `layer` (0-based) at position t from the exited hidden state
+        (rows: the cache rows of `hidden`; None: all of them, in order)."""
         first = layer + 1
         count, H, hd = self.n_layer - first, self.n_head, self.d // self.n_head
         start = first * 2 * self.d
-        normed = F.layer_norm(hidden, (self.d,), eps=self.eps)
+        normed = torch.layer_norm(hidden, (self.d,), None, None, self.eps)
         kv = torch.addmm(self.prop_bias[start:], normed, self.prop_weight[:, start:])
         kv = kv.view(-1, count, 2, H, hd).permute(1, 2, 0, 3, 4)  # (count, 2, n, H, hd)
-        cache[first:, :, :, :, t].index_copy_(2, rows, kv)
+        target = cache[first:].select(4, t)  # (count, 2, B, H, hd)
+        if rows is None:
+            target.copy_(kv)
+        else:
+            target.index_copy_(2, rows, kv)

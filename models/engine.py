@@ -80,7 +80,10 @@ class CaptionEngine:
         self.tokenizer = checkpoint.tokenizer
         self.config = self.model.config
         # a calibration may have chosen to consult only some of the trained exits (see models.calibration)
-        self.decoder = EarlyExitDecoder(self.model, exits=checkpoint.thresholds.details.get("exit_layers"))
+        # and to add an offset to the threshold at each (a schedule of per-exit thresholds)
+        details = checkpoint.thresholds.details
+        self.decoder = EarlyExitDecoder(self.model, exits=details.get("exit_layers"),
+                                        exit_offsets=details.get("exit_offsets"))
 
     @classmethod
     def from_checkpoint(cls, path: Path | str | None = None, device: str = "auto", half: bool = False) -> "CaptionEngine":
@@ -94,6 +97,11 @@ class CaptionEngine:
     def exit_layers(self) -> tuple[int, ...]:
         """The exits consulted when decoding with a threshold (1-based layers; the last layer always ends)."""
         return self.decoder.exits
+
+    @property
+    def exit_offsets(self) -> tuple[float, ...]:
+        """Added to a request's threshold at each of `exit_layers` (all zero unless calibrated otherwise)."""
+        return self.decoder.exit_offsets
 
     @property
     def name(self) -> str:
@@ -123,14 +131,15 @@ class CaptionEngine:
     @torch.inference_mode()
     def caption_pixels(self, pixel_values: torch.Tensor, thresholds: list[float] | float,
                        max_tokens: int | None = None, observe_exits: bool = False,
-                       exits: tuple[int, ...] | None = None, simulate_exits: bool = False) -> BatchOutput:
+                       exits: tuple[int, ...] | None = None, simulate_exits: bool = False,
+                       exit_offsets: tuple[float, ...] | None = None) -> BatchOutput:
         """Caption a batch of preprocessed images, each with its own threshold (`FULL_DEPTH`: every layer)."""
         start = time.perf_counter()
         states = self.encode(pixel_values)
         _synchronize(self.device)
         encoded = time.perf_counter()
         traces = self.decoder.decode(states, thresholds, max_tokens=max_tokens, observe_exits=observe_exits,
-                                     exits=exits, simulate_exits=simulate_exits)
+                                     exits=exits, simulate_exits=simulate_exits, exit_offsets=exit_offsets)
         _synchronize(self.device)
         done = time.perf_counter()
         results = []

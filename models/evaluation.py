@@ -107,6 +107,7 @@ class DecodeRun:
     threshold: float
     exits: tuple[int, ...] | None = None  # exits consulted (None: the engine's default set)
     simulated: bool = False  # the paper's simulated exits: every layer computed (models.decoding)
+    offsets: tuple[float, ...] | None = None  # added to the threshold at each exit (None: none, or the default's)
     captions: list[str] = field(default_factory=list)
     traces: list[DecodeTrace] = field(default_factory=list)
     encode_s: float = 0.0
@@ -115,8 +116,9 @@ class DecodeRun:
 
 class Setting(NamedTuple):
     threshold: float
-    exits: tuple[int, ...] | None = None  # exits consulted (None: the engine's default set)
+    exits: tuple[int, ...] | None = None  # exits consulted (None: the engine's default set and offsets)
     simulated: bool = False
+    offsets: tuple[float, ...] | None = None  # per consulted exit, added to the threshold (None: none)
 
 
 def decode_interleaved(engine: CaptionEngine, data: EvalSet, settings: Sequence[Setting], batch_size: int = 1,
@@ -131,7 +133,8 @@ def decode_interleaved(engine: CaptionEngine, data: EvalSet, settings: Sequence[
         rotation = order[b % len(order):] + order[: b % len(order)]
         for i in rotation:
             run = runs[i]
-            out = engine.caption_pixels(pixels, run.threshold, exits=run.exits, simulate_exits=run.simulated)
+            out = engine.caption_pixels(pixels, run.threshold, exits=run.exits, simulate_exits=run.simulated,
+                                        exit_offsets=run.offsets)
             run.encode_s += out.timings.encode_s
             run.decode_s += out.timings.decode_s
             run.captions.extend(r.caption for r in out.results)
@@ -147,6 +150,7 @@ def summarize(run: DecodeRun, full: DecodeRun, data: EvalSet, n_layer: int, mete
     summary = {
         "threshold": None if run.threshold > 1 else run.threshold,
         "exit_layers": None if run.threshold > 1 else list(run.exits or ()),
+        "exit_offsets": None if run.threshold > 1 or not run.offsets else list(run.offsets),
         "simulated": run.simulated,
         **caption_metrics(run.captions, data.references, meteor=meteor),
         "mean_exit_layer": computed / max(1, steps),
@@ -168,15 +172,20 @@ def summarize(run: DecodeRun, full: DecodeRun, data: EvalSet, n_layer: int, mete
 def evaluate_thresholds(engine: CaptionEngine, data: EvalSet, thresholds: Sequence[float], batch_size: int = 1,
                         distortion: Distortion = Distortion(), meteor: bool = False, seed: int = 0,
                         progress: bool = True, exit_sets: Sequence[tuple[int, ...]] | None = None,
-                        simulated: bool = False) -> dict:
+                        simulated: bool = False, schedules: Sequence[Setting] = ()) -> dict:
     """Full depth plus each (exit set, threshold), interleaved; {"full": summary, "thresholds": [summary, ...]}.
 
-    `exit_sets` defaults to the engine's own exits only. With `simulated`, each setting is also decoded with
-    the paper's simulated exits (every layer computed), and those summaries carry `"simulated": true`.
+    `exit_sets` defaults to the engine's own exits (and offsets) only. With `simulated`, each setting is also
+    decoded with the paper's simulated exits (every layer computed), and those summaries carry
+    `"simulated": true`. `schedules` are further settings (per-exit offsets, say), decoded in the same rotation.
     """
-    sets = list(exit_sets) if exit_sets else [tuple(engine.exit_layers)]
     kinds = (False, True) if simulated else (False,)
-    settings = [Setting(FULL_DEPTH)] + [Setting(t, exits, sim) for exits in sets for t in thresholds for sim in kinds]
+    if exit_sets:
+        plans = [(tuple(exits), None) for exits in exit_sets]
+    else:
+        plans = [(tuple(engine.exit_layers), tuple(engine.exit_offsets) if any(engine.exit_offsets) else None)]
+    settings = [Setting(FULL_DEPTH)] + [Setting(t, exits, sim, offsets) for exits, offsets in plans
+                                        for t in thresholds for sim in kinds] + list(schedules)
     runs = decode_interleaved(engine, data, settings, batch_size, distortion, seed, progress)
     full = runs[0]
     n_layer = engine.config.n_layer

@@ -29,6 +29,11 @@ def exit_positions(engine: CaptionEngine) -> list[int]:
     return sorted({*engine.exit_layers, engine.config.n_layer})
 
 
+def exit_offsets(engine: CaptionEngine) -> list[float]:
+    """What the engine adds to a threshold at each of `exit_positions` (the final layer's is 0)."""
+    return [*engine.exit_offsets, 0.0]
+
+
 @dataclass
 class Runtime:
     settings: Settings
@@ -49,6 +54,7 @@ class Runtime:
             "name": self.engine.name,
             "layers": config.n_layer,
             "exits": exit_positions(self.engine),
+            "exit_offsets": exit_offsets(self.engine),
             "calibrated_threshold": self.engine.calibrated_threshold,
             "device": str(self.engine.device),
             "dtype": str(self.engine.dtype).removeprefix("torch."),
@@ -82,7 +88,7 @@ def start_runtime(settings: Settings, registry: CollectorRegistry, engine: Capti
     metrics = ServingMetrics(registry, n_layer=config.n_layer, max_batch_size=settings.max_batch_size)
     grid = None if settings.bandit_thresholds is None else parse_grid(settings.bandit_thresholds)
     factory = partial(make_policy, settings.policy, grid, exit_positions=exit_positions(engine),
-                      num_layers=config.n_layer, calibrated=engine.calibrated_threshold, mu=settings.bandit_mu)
+                      exit_offsets=exit_offsets(engine), num_layers=config.n_layer, calibrated=engine.calibrated_threshold, mu=settings.bandit_mu)
     bandit = AdaptiveThreshold(factory, metrics, settings.bandit_state)
     batcher = Batcher(engine, metrics, partial(_record, metrics, bandit), max_batch_size=settings.max_batch_size,
                       max_wait_s=settings.max_wait_ms / 1000, queue_size=settings.queue_size)

@@ -33,6 +33,9 @@ class ModelInfo(BaseModel):
     name: str
     layers: int = Field(description="decoder layers")
     exits: list[int] = Field(description="1-based layers a token can leave at, the final layer included")
+    exit_offsets: list[float] = Field(
+        description="added to a request's threshold at each of `exits`: a token leaves at an exit once its "
+                    "confidence reaches threshold + offset (the final layer's is 0)")
     calibrated_threshold: float | None
     device: str
     dtype: str

@@ -87,6 +87,21 @@ def test_arm_rewards_replay_each_threshold_on_the_trace():
     assert math.isnan(rewards[4])  # 0.99: token A would have gone past layer 6, which was never computed
 
 
+def test_arm_rewards_follow_per_exit_offsets():
+    """With offsets the decoder leaves at exit k once C_k >= t + o_k; the side observations must agree."""
+    layout = ExitLayout(**LAYOUT, offsets=(0.2, 0.0, 0.0))
+    rewards = arm_rewards(TRACE, layout, np.array([0.25, 0.8]), mu=0.1)
+    # 0.25 asks 0.45 at layer 3: A and C go on to layer 6 (0.9 and 0.5 reach 0.25), B leaves at 3 with 0.95
+    assert rewards[0] == pytest.approx((0.55 - 0.025 + 0.25) / 3)
+    # 0.8 asks 1.0 at layer 3: B would have gone past it, and this trace never computed deeper for B
+    assert math.isnan(rewards[1])
+    with pytest.raises(ValueError, match="2 offsets for 3 exit positions"):
+        ExitLayout(**LAYOUT, offsets=(0.1, 0.2))
+    # a snapshot records the offsets (the statistics depend on them), and only when there are some
+    assert make_policy("ucb1", GRID, **LAYOUT, exit_offsets=(0.2, 0.0, 0.0)).config["exit_offsets"] == [0.2, 0.0, 0.0]
+    assert "exit_offsets" not in policy().config
+
+
 @pytest.mark.parametrize(
     "trace, message",
     [

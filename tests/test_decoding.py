@@ -11,13 +11,15 @@ from tests.test_model import small_config
 
 
 def reference_decode(model: CapeenModel, encoder_states: torch.Tensor, threshold: float, max_tokens: int,
-                     simulate: bool = False):
+                     simulate: bool = False, offsets: dict[int, float] | None = None):
     """Plain re-implementation, one image at a time, no cache: every layer's K/V recomputed from its stored input.
 
     A token that leaves after layer e hands its hidden state to the skipped layers as their input at that
     position (CALM state propagation), which is what the engine's folded projections must reproduce. With
     `simulate`, every layer runs and the token is the first confident exit's (the paper's evaluation).
+    `offsets` (1-based exit layer -> offset) raise the threshold at each exit.
     """
+    offsets = offsets or {}
     cfg = model.config
     blocks = model.decoder.transformer.h
     cross = model.decoder.cross_kv(encoder_states)
@@ -47,7 +49,7 @@ def reference_decode(model: CapeenModel, encoder_states: torch.Tensor, threshold
                 if chosen is None and (layer + 1 == cfg.n_layer or float(conf) >= threshold):
                     exited_at, chosen = layer + 1, int(pred)
                 continue
-            if layer + 1 == cfg.n_layer or float(conf) >= threshold:
+            if layer + 1 == cfg.n_layer or float(conf) >= threshold + offsets.get(layer + 1, 0.0):
                 exited_at = layer + 1
                 for later in range(layer + 1, cfg.n_layer):
                     layer_inputs[later].append(h)
@@ -86,6 +88,31 @@ def test_engine_matches_the_plain_reference(model, threshold):
             seen_layers.update(exits)
     if threshold == 0.8:  # the fixture is tuned so that this threshold mixes early, middle and full-depth exits
         assert {1, 2, 6} <= seen_layers
+
+
+def test_per_exit_offsets_set_each_exits_threshold(model):
+    """A calibrated schedule: threshold 0.7 with offsets asks 1.0 at exit 1 down to 0.6 at exit 5."""
+    offsets = (0.3, 0.2, 0.1, 0.0, -0.1)
+    torch.manual_seed(1)
+    states = torch.randn(6, 5, model.config.n_embd)
+    scheduled = EarlyExitDecoder(model, exits=[1, 2, 3, 4, 5], exit_offsets=offsets)
+    plain = EarlyExitDecoder(model)
+    by_default = scheduled.decode(states, 0.7, max_tokens=10)
+    passed = plain.decode(states, 0.7, max_tokens=10, exits=[1, 2, 3, 4, 5], exit_offsets=offsets)
+    differs = False
+    for row in range(6):
+        tokens, exits = reference_decode(model, states[row:row + 1], 0.7, 10, offsets=dict(zip(range(1, 6), offsets)))
+        for trace in (by_default[row], passed[row]):
+            assert trace.token_ids == tokens and trace.exit_layers == exits
+        differs |= exits != plain.decode(states[row:row + 1], 0.7, max_tokens=10)[0].exit_layers
+    assert differs  # the offsets changed where some token left
+    # explicit exits without offsets mean none, not the decoder's default ones
+    bare = scheduled.decode(states, 0.7, max_tokens=10, exits=[1, 2, 3, 4, 5])
+    assert [t.exit_layers for t in bare] == [t.exit_layers for t in plain.decode(states, 0.7, max_tokens=10)]
+    with pytest.raises(ValueError, match="2 exit offsets for 5 exits"):
+        plain.decode(states, 0.7, exits=[1, 2, 3, 4, 5], exit_offsets=(0.1, 0.2))
+    with pytest.raises(ValueError, match="finite"):
+        EarlyExitDecoder(model, exits=[1], exit_offsets=[float("nan")])
 
 
 def test_full_depth_runs_every_layer_and_zero_threshold_leaves_at_the_first_exit(model):

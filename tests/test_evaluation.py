@@ -4,16 +4,27 @@ from __future__ import annotations
 
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
-from models.calibration import calibrate, candidate_exit_sets, choose_setting, decode_cost
-from models.checkpoint import load_checkpoint, save_thresholds
+from models.calibration import (
+    ExitObservations,
+    calibrate,
+    candidate_exit_sets,
+    choose_setting,
+    decode_cost,
+    propose_schedules,
+    schedule_outcome,
+    search_schedule,
+)
+from models.checkpoint import Thresholds, load_checkpoint, save_thresholds
 from models.decoding import FULL_DEPTH
 from models.engine import CaptionEngine
 from models.evaluation import Distortion, caption_metrics, evaluate_thresholds, exit_agreement, load_eval_set
 from models.hf_export import to_hf_vision_encoder_decoder
 from models.plots import plot_sweeps
+from models.preprocess import normalize
 from models.synthetic import generate_dataset
 
 N_LAYER = 4  # tests.conftest.tiny_config
@@ -235,7 +246,8 @@ def test_calibrate_result_is_saved_and_loaded_with_its_sweep(engine, data_dir, t
     val = load_eval_set(str(data_dir), "val", 32, limit=4)
     grid = [0.3, 0.6, 0.9]
     sets = [(2, 3), (3,)]  # neither is the engine's default (every trained exit)
-    result = calibrate(engine, val, grid, quality_fraction=0.5, batch_size=2, split="val", exit_sets=sets)
+    result = calibrate(engine, val, grid, quality_fraction=0.5, batch_size=2, split="val", exit_sets=sets,
+                       schedules=False)
     assert [(e["exit_layers"], e["threshold"]) for e in result.sweep] == \
         [(list(s), t) for s in sets for t in grid]
     full = result.details["full_depth"]
@@ -261,6 +273,49 @@ def test_calibrate_result_is_saved_and_loaded_with_its_sweep(engine, data_dir, t
     assert loaded.details["exit_layers"] == expected["exit_layers"]
     assert CaptionEngine.from_checkpoint(directory, device="cpu").exit_layers == tuple(expected["exit_layers"])
     assert engine.exit_layers == (1, 2, 3)
+
+
+def hard_and_easy_tokens() -> ExitObservations:
+    """Exits 1 and 2 of a 4-layer decoder. Easy tokens: exit 1 right at 0.95. Hard tokens: exit 1 wrong at
+    0.7, exit 2 right at 0.6. One threshold for both exits either takes the wrong answers (<= 0.7) or sends
+    the hard tokens to the final layer (> 0.7); asking more of exit 1 than of exit 2 does neither."""
+    easy, hard = 60, 40
+    confidence = np.array([[0.95, 0.97]] * easy + [[0.7, 0.6]] * hard)
+    prediction = np.array([[5, 5]] * easy + [[8, 6]] * hard)
+    final = np.array([5] * easy + [6] * hard)
+    return ExitObservations((1, 2), confidence, prediction, final)
+
+
+def test_schedule_search_asks_more_of_a_confidently_wrong_shallow_exit():
+    obs = hard_and_easy_tokens()
+    thresholds = search_schedule(obs, n_layer=4, head_cost_ratio=0.1, weight=50.0)
+    assert thresholds[0] > 0.7 and thresholds[1] <= 0.6
+    cost, disagreement = schedule_outcome(obs, thresholds, 4, 0.1)
+    assert disagreement == 0.0
+    assert cost == pytest.approx((60 * (1 + 0.1) + 40 * (2 + 0.2)) / 100)
+    for scalar in (0.6, 0.7, 0.8):  # every single threshold is wrong more often or costs more
+        scalar_cost, scalar_disagreement = schedule_outcome(obs, (scalar, scalar), 4, 0.1)
+        assert scalar_disagreement > 0 or scalar_cost > cost
+    [proposal] = propose_schedules(obs, 4, 0.1, weights=(50.0,))
+    assert proposal.exits == (1, 2) and proposal.threshold == thresholds[1]
+    assert proposal.offsets == (pytest.approx(thresholds[0] - thresholds[1]), 0.0)
+
+
+def test_a_calibrated_schedule_is_saved_and_decoded_with(engine, data_dir, tiny_checkpoint, tmp_path):
+    """Proposals are decoded for real, next to the grid; a winning schedule's offsets reach the engine."""
+    val = load_eval_set(str(data_dir), "val", 32, limit=4)
+    result = calibrate(engine, val, [0.5], quality_fraction=0.5, batch_size=2, exit_sets=[(3,)])
+    directory = shutil.copytree(tiny_checkpoint, tmp_path / "ck")
+    save_thresholds(directory, Thresholds(0.5, result.sweep, {**result.details, "exit_layers": [1, 3],
+                                                               "exit_offsets": [0.25, 0.0]}))
+    loaded = CaptionEngine.from_checkpoint(directory, device="cpu")
+    assert loaded.exit_layers == (1, 3) and loaded.exit_offsets == (0.25, 0.0)
+    pixels = normalize(val.pixels, loaded.dtype)
+    by_default = loaded.caption_pixels(pixels, 0.5).results
+    explicit = loaded.caption_pixels(pixels, 0.5, exits=(1, 3), exit_offsets=(0.25, 0.0)).results
+    assert [r.trace.exit_layers for r in by_default] == [r.trace.exit_layers for r in explicit]
+    for r in by_default:  # a token leaving at exit 1 had confidence >= 0.75 there
+        assert all(c[0] >= 0.75 for c, layer in zip(r.trace.exit_confidences, r.trace.exit_layers) if layer == 1)
 
 
 # ----- Hugging Face export --------------------------------------------------------------------------------------

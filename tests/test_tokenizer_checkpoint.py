@@ -273,6 +273,12 @@ BROKEN = {
     "threshold 0": (_write(THRESHOLDS_FILE, b'{"threshold": 0}'), THRESHOLDS_FILE),
     "threshold a string": (_write(THRESHOLDS_FILE, b'{"threshold": "0.5"}'), THRESHOLDS_FILE),
     "thresholds.json invalid JSON": (_write(THRESHOLDS_FILE, b"{"), THRESHOLDS_FILE),
+    "exit offsets not one per exit": (
+        _write(THRESHOLDS_FILE, b'{"threshold": 0.5, "exit_layers": [1, 2], "exit_offsets": [0.1]}'), THRESHOLDS_FILE),
+    "exit offsets without exits": (_write(THRESHOLDS_FILE, b'{"threshold": 0.5, "exit_offsets": [0.1]}'),
+                                   THRESHOLDS_FILE),
+    "exit offset a string": (
+        _write(THRESHOLDS_FILE, b'{"threshold": 0.5, "exit_layers": [1], "exit_offsets": ["0.1"]}'), THRESHOLDS_FILE),
 }
 
 
