@@ -108,6 +108,8 @@ def _add_calibrate(sub) -> None:
     _add_model_source(p, "val")
     p.add_argument("--quality", type=float, default=0.99, help="keep CIDEr-D >= this fraction of full depth")
     p.add_argument("--thresholds", help="comma-separated grid (default: 0.5 ... 0.999)")
+    p.add_argument("--no-schedules", action="store_true",
+                   help="one threshold for every exit: do not propose per-exit schedules")
     p.set_defaults(func=_handler("models.commands:calibrate_main"))
 
 
@@ -126,6 +128,8 @@ def _add_evaluate(sub) -> None:
                    help="also decode each setting as the paper's code evaluates it: every layer computed, the token "
                         "taken from the first confident exit (no time saved, no state propagation)")
     p.add_argument("--meteor", action="store_true", help="also compute METEOR (needs Java)")
+    p.add_argument("--exits", help="comma-separated exit layers to consult (default: the calibrated ones)")
+    p.add_argument("--exit-offsets", help="with --exits: comma-separated offsets added to the threshold at each")
     p.add_argument("--json", help="write the full report to this JSON file")
     p.add_argument("--plot", help="--mode sweep: write a PNG of CIDEr-D against speedup")
     p.set_defaults(func=_handler("models.commands:evaluate_main"))

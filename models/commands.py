@@ -135,6 +135,35 @@ def _thresholds(text: str | None) -> list[float]:
     return values
 
 
+def _numbers(option: str, text: str, kind: type) -> list:
+    try:
+        values = [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"{option} must be comma-separated {kind.__name__}s, got {text!r}") from None
+    if not values:
+        raise UserError(f"{option} is empty")
+    return values
+
+
+def _exit_settings(args, engine, grid: list[float]) -> list | None:
+    """--exits/--exit-offsets as evaluation settings for each threshold of `grid` (None: not given)."""
+    from models.evaluation import Setting
+
+    if args.exits is None:
+        if args.exit_offsets is not None:
+            raise UserError("--exit-offsets needs --exits")
+        return None
+    exits = _numbers("--exits", args.exits, int)
+    offsets = None if args.exit_offsets is None else _numbers("--exit-offsets", args.exit_offsets, float)
+    try:
+        exits = engine.decoder.check_exits(exits)
+        offsets = None if offsets is None else engine.decoder.check_offsets(exits, offsets)
+    except ValueError as exc:
+        raise UserError(f"--exits/--exit-offsets: {exc}") from None
+    kinds = (False, True) if args.simulated_exits else (False,)
+    return [Setting(t, exits, simulated, offsets) for t in grid for simulated in kinds]
+
+
 def _exit_plan(exits: list[int], threshold: float, offsets: list[float] | None) -> str:
     """Exit layers, with each one's threshold (`3@0.75`) when they differ by exit."""
     if not offsets:
@@ -155,7 +184,7 @@ def calibrate_main(args) -> int:
         raise UserError("calibration needs a checkpoint directory to write thresholds.json into")
     data = _eval_set(args, engine, args.split)
     result = calibrate(engine, data, grid, quality_fraction=args.quality,
-                       batch_size=args.batch_size, split=args.split)
+                       batch_size=args.batch_size, split=args.split, schedules=not args.no_schedules)
     save_thresholds(engine.checkpoint.path, result)
     full = result.details["full_depth"]
     print(f"full depth: CIDEr-D {full['ciderD']:.3f}  BLEU-4 {full['bleu4']:.3f}")
@@ -196,9 +225,14 @@ def evaluate_main(args) -> int:
                 raise UserError(str(exc)) from None
         else:
             grid = sweep_grid
+        chosen_exits = _exit_settings(args, engine, grid)
         for distortion in distortions:
-            report = evaluate_thresholds(engine, data, grid, batch_size=args.batch_size, distortion=distortion,
-                                         meteor=args.meteor, simulated=args.simulated_exits)
+            if chosen_exits is None:
+                report = evaluate_thresholds(engine, data, grid, batch_size=args.batch_size, distortion=distortion,
+                                             meteor=args.meteor, simulated=args.simulated_exits)
+            else:
+                report = evaluate_thresholds(engine, data, [], batch_size=args.batch_size, distortion=distortion,
+                                             meteor=args.meteor, schedules=chosen_exits)
             report["checkpoint"] = engine.name
             if args.agreement:
                 report["exit_agreement"] = exit_agreement(engine, data)
@@ -224,6 +258,8 @@ def _print_report(report: dict) -> None:
     print(" | ".join(header))
     for entry in [full, *report["thresholds"]]:
         setting = "full" if entry["threshold"] is None else f"{entry['threshold']:g}"
+        if entry.get("exit_offsets"):
+            setting += f" (exits {_exit_plan(entry['exit_layers'], entry['threshold'], entry['exit_offsets'])})"
         cells = [
             f"{setting} simulated" if entry.get("simulated") else setting,
             f"{entry['bleu4']:.3f}", f"{entry['ciderD']:.3f}", f"{entry['rougeL']:.3f}",

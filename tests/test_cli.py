@@ -279,7 +279,8 @@ def test_data_bad_arguments(capsys, tmp_path, option):
 def test_calibrate_writes_thresholds_json_with_the_sweep(capsys, tiny_checkpoint, data, tmp_path):
     directory = shutil.copytree(tiny_checkpoint, tmp_path / "ck")
     rc, out, err = run(capsys, "calibrate", "--checkpoint", directory, "--data", data, "--limit", "3",
-                       "--thresholds", "0.4,0.8", "--quality", "0.5", "--batch-size", "3", "--device", "cpu")
+                       "--thresholds", "0.4,0.8", "--quality", "0.5", "--batch-size", "3", "--device", "cpu",
+                       "--no-schedules")
     written = json.loads((directory / "thresholds.json").read_text())
     assert rc in (0, 1) and "Traceback" not in err
     assert written["quality_fraction"] == 0.5 and written["images"] == 3 and written["calibration_split"] == "val"
@@ -288,6 +289,31 @@ def test_calibrate_writes_thresholds_json_with_the_sweep(capsys, tiny_checkpoint
         assert written["threshold"] in (0.4, 0.8) and "calibrated threshold" in out
     else:
         assert written["threshold"] is None
+
+
+def test_evaluate_with_chosen_exits_and_offsets(capsys, tiny_checkpoint, data, tmp_path):
+    report_path = tmp_path / "report.json"
+    rc, out, err = run(capsys, "evaluate", "--checkpoint", tiny_checkpoint, "--data", data, "--limit", "2",
+                       "--mode", "sweep", "--thresholds", "0.5,0.9", "--exits", "2,3", "--exit-offsets", "0.1,0",
+                       "--simulated-exits", "--json", report_path, "--device", "cpu")
+    assert rc == 0 and "Traceback" not in err
+    [report] = json.loads(report_path.read_text())
+    settings = [(e["threshold"], e["exit_layers"], e["exit_offsets"], e["simulated"]) for e in report["thresholds"]]
+    assert settings == [(t, [2, 3], [0.1, 0.0], sim) for t in (0.5, 0.9) for sim in (False, True)]
+    assert "0.5 (exits 2@0.6,3@0.5)" in out
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--exit-offsets", "0.1"], "--exit-offsets needs --exits"),
+    (["--exits", "2,9"], "no trained head"),
+    (["--exits", "2,3", "--exit-offsets", "0.1"], "1 exit offsets for 2 exits"),
+    (["--exits", "two"], "--exits must be comma-separated ints"),
+])
+def test_evaluate_bad_exits(capsys, tiny_checkpoint, data, options, message):
+    rc, _, err = run(capsys, "evaluate", "--checkpoint", tiny_checkpoint, "--data", data, "--limit", "2",
+                     "--device", "cpu", *options)
+    assert rc != 0
+    assert_one_line_error(err, "capeen evaluate: error:", message)
 
 
 def test_evaluate_writes_a_json_report(capsys, tiny_checkpoint, data, tmp_path):
