@@ -196,9 +196,9 @@ class EarlyExitDecoder:
         `exits` picks which trained exits are consulted (default: the decoder's `exits` and `exit_offsets`):
         consulting fewer costs fewer checks, and skipping an over-confident shallow exit can keep quality.
         `exit_offsets` (one per consulted exit, default none when `exits` is given) raise or lower the threshold
-        at each exit. With `simulate_exits`, every
-        layer runs and each token is the first confident exit's (module docstring); its trace records the exits
-        up to that one and that exit's layer, as if the token had left there.
+        at each exit. With `simulate_exits`, every layer runs and each token is the first confident exit's
+        (module docstring); its trace records the exits up to that one and that exit's layer, as if the token
+        had left there.
         """
         if simulate_exits and observe_exits:
             raise ValueError("simulate_exits and observe_exits are exclusive")
