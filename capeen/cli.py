@@ -57,6 +57,9 @@ def _add_train(sub) -> None:
     p.add_argument("--alpha", type=float, default=0.5, help="stage exits: weight of the distillation term")
     p.add_argument("--temperature", type=float, default=2.0, help="stage exits: distillation temperature T")
     p.add_argument("--ce-only", action="store_true", help="stage exits: cross-entropy only (no distillation)")
+    p.add_argument("--keep-exits", action="store_true",
+                   help="stage exits: start from the --init checkpoint's exit heads (e.g. an exit-aware backbone's) "
+                        "instead of copies of the final head")
     p.add_argument("--exit-aware", action="store_true",
                    help="stage backbone: also train the exits as auxiliary losses (CALM/LayerSkip style)")
     p.add_argument("--aux-weight", type=float, default=1.0, help="weight of the exit losses with --exit-aware")

@@ -36,7 +36,7 @@ def train_main(args) -> int:
         init=Path(args.init) if args.init else None, steps=args.steps, batch_size=args.batch_size,
         captions_per_image=args.captions_per_image, lr=args.lr, warmup=args.warmup, eval_every=args.eval_every,
         seed=args.seed, device=args.device, alpha=args.alpha, temperature=args.temperature, ce_only=args.ce_only,
-        exit_aware=args.exit_aware, aux_weight=args.aux_weight, resume=args.resume,
+        keep_exits=args.keep_exits, exit_aware=args.exit_aware, aux_weight=args.aux_weight, resume=args.resume,
         model_overrides=_parse_overrides(args.model_config), name=args.name or Path(args.out).name,
     )
     if not opts.data.exists():

@@ -12,7 +12,9 @@ layers to become confident sooner.
 
 Stage `exits` (the paper's stage 2): the backbone is frozen and only the exit heads learn, with
     loss = (1 - a) * CE(labels, exit) + a * T^2 * KL(final || exit)   (temperature T on both distributions)
-or plain cross-entropy with `ce_only` (the ablation without distillation).
+or plain cross-entropy with `ce_only` (the ablation without distillation). Its heads start as copies of the
+final head, or, with `keep_exits`, as the heads of the init checkpoint (distilling an exit-aware backbone's
+heads towards its final layer).
 
 Runs are resumable: `run_dir/last/` holds the weights, the optimizer state (both safetensors) and the step,
 sampler and RNG state (JSON), so a stopped run continues exactly where it was.
@@ -67,6 +69,7 @@ class TrainOptions:
     alpha: float = 0.5  # weight of the distillation term
     temperature: float = 2.0
     ce_only: bool = False
+    keep_exits: bool = False  # stage exits: fine-tune the init checkpoint's heads instead of copying the final one
     exit_aware: bool = False
     aux_weight: float = 1.0  # weight of the mean exit loss when exit_aware
     resume: bool = False
@@ -156,7 +159,8 @@ class Trainer:
             self.meta = {}
         self.config = self.model.config
         if opts.stage == "exits":
-            self.model.init_exits_from_final_head()
+            if not opts.keep_exits:
+                self.model.init_exits_from_final_head()
             for p in self.model.backbone_parameters():
                 p.requires_grad_(False)
         self.model.to(self.device)

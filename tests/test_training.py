@@ -1,9 +1,10 @@
 """Two-stage training through `capeen train` on a tiny synthetic data set and a tiny model.
 
 What a user relies on: stage encoder pre-trains only the image encoder, and stage backbone starts from it;
-stage backbone learns; stage exits trains only the exit heads (with distillation, or CE
-only); --exit-aware trains exits as auxiliary losses; a stopped run resumes to exactly the same weights; run
-state and checkpoints are safetensors + JSON, never pickle.
+stage backbone learns; stage exits trains only the exit heads (with distillation, or CE only), starting from
+copies of the final head or, with --keep-exits, from the init checkpoint's heads; --exit-aware trains exits as
+auxiliary losses; a stopped run resumes to exactly the same weights; run state and checkpoints are
+safetensors + JSON, never pickle.
 """
 
 from __future__ import annotations
@@ -147,6 +148,19 @@ def test_stage_exits_ce_only(data, backbone, tmp_path):
     for record in history:
         assert "val_exit_kl" not in record
         assert record["val_loss"] == pytest.approx(record["val_exit_ce"], rel=1e-6)
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_stage_exits_starts_from_the_init_heads_only_with_keep_exits(data, exits_distilled, tmp_path, keep):
+    # with lr 0 nothing moves, so the exported heads are exactly where stage exits started them
+    extra = ["--keep-exits"] if keep else []
+    assert _train(data, tmp_path / "ckpt", tmp_path / "run", "--stage", "exits", "--init", exits_distilled,
+                  "--steps", 2, "--lr", "0", "--warmup", 1, "--eval-every", 2, *extra) == 0
+    init, after = _weights(exits_distilled), _weights(tmp_path / "ckpt")
+    for layer in ("1", "2", "3"):
+        proj = after[f"exits.{layer}.proj.weight"]
+        assert torch.equal(proj, init[f"exits.{layer}.proj.weight"]) == keep
+        assert torch.equal(proj, init["decoder.transformer.wte.weight"]) != keep  # lm_head is tied to wte
 
 
 def test_backbone_exit_aware_reports_exit_ce(data, tmp_path):
