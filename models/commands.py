@@ -274,6 +274,10 @@ def _print_report(report: dict) -> None:
             setting += " simulated" if entry.get("simulated") else ""
             print(f"{setting}: stated right for every object: " +
                   ", ".join(f"{k} {v:.3f}" for k, v in entry["attribute_accuracy"].items()))
+            if entry.get("lone_object_shape_accuracy"):
+                print(f"{setting}: shape of a lone object, by size: " +
+                      ", ".join(f"{size} {v['accuracy']:.3f} ({v['images']} images)"
+                                for size, v in entry["lone_object_shape_accuracy"].items()))
     if "exit_agreement" in report:
         print("exit agreement with the final layer: " +
               ", ".join(f"L{k}: {v:.3f}" for k, v in report["exit_agreement"].items()))

@@ -134,6 +134,29 @@ def attribute_accuracy(captions: list[str], objects_per_image: list[list[dict]])
     return {key: value / max(1, len(captions)) for key, value in right.items()}
 
 
+def lone_object_shape_accuracy(captions: list[str], objects_per_image: list[list[dict]]) -> dict[str, dict]:
+    """Among images that hold one object, the share of captions that name its shape, by the object's size.
+
+    One object has no neighbour to occlude it or be confused with, so this isolates how well a shape is seen
+    at each size (`{size: {"accuracy", "images"}}`, sizes without a lone object left out). A caption that
+    names more or fewer than one object gets it wrong.
+    """
+    if len(captions) != len(objects_per_image):
+        raise ValueError(f"{len(captions)} captions but {len(objects_per_image)} images")
+    right: Counter = Counter()
+    seen: Counter = Counter()
+    for caption, objects in zip(captions, objects_per_image):
+        if len(objects) != 1:
+            continue
+        (lone,) = objects
+        seen[lone["size"]] += 1
+        stated = parse_caption(caption)
+        if stated is not None and sum(stated.values()) == 1:
+            ((shape, _, _),) = stated.keys()
+            right[lone["size"]] += shape == lone["shape"]
+    return {size: {"accuracy": right[size] / seen[size], "images": seen[size]} for size in SIZES if seen[size]}
+
+
 SCENE_TRIPLES: tuple[tuple[str, str, str], ...] = tuple(
     (shape, colour, size) for shape in SHAPES for colour in COLOURS for size in SIZES
 )

@@ -17,6 +17,7 @@ from models.scene import (
     COLOURS,
     SHAPES,
     attribute_accuracy,
+    lone_object_shape_accuracy,
     ground_truth,
     parse_caption,
     scene_accuracy,
@@ -251,6 +252,26 @@ def test_scene_correct_checks_counts_and_totals() -> None:
     assert scene_accuracy([], []) == 0.0
     with pytest.raises(ValueError):
         scene_accuracy(["x"], [])
+
+
+def test_lone_object_shape_accuracy_is_split_by_size_and_skips_crowded_scenes() -> None:
+    small_star = [{"shape": "star", "colour": "red", "size": "small"}]
+    large_circle = [{"shape": "circle", "colour": "blue", "size": "large"}]
+    crowded = [*small_star, *large_circle]
+    captions = [
+        "a small red star",  # right
+        "a large green star",  # shape right, the rest wrong: still counts for shape
+        "a small red diamond",  # shape wrong
+        "a small red star and a small red star",  # two objects named for one: wrong
+        "a large blue circle",  # right
+        "a small red star and a large blue circle",  # a crowded scene: not counted
+    ]
+    scenes = [small_star, small_star, small_star, small_star, large_circle, crowded]
+    assert lone_object_shape_accuracy(captions, scenes) == {
+        "small": {"accuracy": 2 / 4, "images": 4}, "large": {"accuracy": 1.0, "images": 1}}
+    assert lone_object_shape_accuracy(captions[-1:], scenes[-1:]) == {}
+    with pytest.raises(ValueError):
+        lone_object_shape_accuracy(["x"], [])
 
 
 def test_attribute_accuracy_tells_which_part_of_the_scene_is_wrong() -> None:
