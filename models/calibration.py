@@ -15,6 +15,10 @@ then trades cost against disagreement with the final layer's token, for a few we
 proxy only proposes: each proposal (written as a base threshold plus an offset per exit) is decoded for real,
 interleaved with the grid, and judged on CIDEr-D like every other setting.
 
+Keys and values of skipped layers are filled the engine's way (`kv_fill`, models.decoding); a threshold only
+holds for that way, so it is recorded with the choice and becomes the engine's default. With deferred filling,
+the layers computed later for positions catching up count too, at their measured cost per layer.
+
 The chosen threshold, exit set and offsets, and the whole sweep, go to thresholds.json.
 """
 
@@ -49,19 +53,21 @@ def candidate_exit_sets(exit_layers: Sequence[int]) -> list[tuple[int, ...]]:
     return unique
 
 
-def decode_cost(entry: dict, head_cost_ratio: float) -> float:
-    """Per-token decoder cost in layer units: layers computed plus heads evaluated, weighted."""
-    return entry["mean_exit_layer"] + head_cost_ratio * entry["heads_per_token"]
+def decode_cost(entry: dict, head_cost_ratio: float, catch_up_ratio: float = 0.0) -> float:
+    """Per-token decoder cost in layer units: layers computed up to the exit, heads evaluated, and (deferred
+    keys and values) layers computed later for positions catching up, each weighted by its measured cost."""
+    return (entry["mean_exit_layer"] + head_cost_ratio * entry["heads_per_token"]
+            + catch_up_ratio * entry.get("catch_up_layers_per_token", 0.0))
 
 
 def choose_setting(sweep: list[dict], full: dict, quality_fraction: float, head_cost_ratio: float,
-                   metric: str = "ciderD") -> dict | None:
+                   metric: str = "ciderD", catch_up_ratio: float = 0.0) -> dict | None:
     """The cheapest sweep entry whose metric is >= quality_fraction x full depth (None if there is none)."""
     floor = quality_fraction * full[metric]
     eligible = [entry for entry in sweep if entry[metric] >= floor]
     if not eligible:
         return None
-    return min(eligible, key=lambda entry: (decode_cost(entry, head_cost_ratio), -entry[metric]))
+    return min(eligible, key=lambda entry: (decode_cost(entry, head_cost_ratio, catch_up_ratio), -entry[metric]))
 
 
 @dataclass
@@ -155,16 +161,22 @@ def calibrate(engine: CaptionEngine, data: EvalSet, grid: Sequence[float] = DEFA
               exit_sets: Sequence[tuple[int, ...]] | None = None, schedules: bool = True) -> Thresholds:
     """Sweep `grid` over the exit sets (plus, with `schedules`, the proposed per-exit schedules) and choose."""
     sets = list(exit_sets) if exit_sets else candidate_exit_sets(engine.config.exit_layers)
-    ratio = head_cost(engine)["ratio"]
+    costs = head_cost(engine)
+    ratio = costs["ratio"]
+    catch_up = costs["catch_up_ratio"] if engine.kv_fill == "deferred" else 0.0
     proposals = propose_schedules(observe_exits(engine, data), engine.config.n_layer, ratio) if schedules else []
     report = evaluate_thresholds(engine, data, grid, batch_size=batch_size, exit_sets=sets, schedules=proposals)
     full, sweep = report["full"], report["thresholds"]
     for entry in sweep:
-        entry["cost_layers_per_token"] = decode_cost(entry, ratio)
-    chosen = choose_setting(sweep, full, quality_fraction, ratio)
+        entry["cost_layers_per_token"] = decode_cost(entry, ratio, catch_up)
+    chosen = choose_setting(sweep, full, quality_fraction, ratio, catch_up_ratio=catch_up)
+    criterion = f"fewest layers + {ratio:.3f} x heads" + \
+        (f" + {catch_up:.3f} x catch-up layers" if engine.kv_fill == "deferred" else "")
     details = {
-        "criterion": f"fewest layers + {ratio:.3f} x heads per token with CIDEr-D >= {quality_fraction:g} x full depth",
+        "criterion": f"{criterion} per token with CIDEr-D >= {quality_fraction:g} x full depth",
+        "kv_fill": engine.kv_fill,
         "head_cost_ratio": ratio,
+        "catch_up_cost_ratio": catch_up,
         "quality_fraction": quality_fraction,
         "calibration_split": split,
         "images": len(data),

@@ -17,6 +17,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from models.decoding import KV_FILLS
 from models.model import CapeenConfig, CapeenModel
 from models.tokenizer import WordTokenizer
 
@@ -63,6 +64,9 @@ class Thresholds:
             if not numbers or exits is None or len(offsets) != len(exits):
                 raise ValueError(f'"exit_offsets" must be a list of numbers, one per entry of "exit_layers", '
                                  f'got {offsets!r}')
+        kv_fill = data.get("kv_fill", "propagate")
+        if kv_fill not in KV_FILLS:
+            raise ValueError(f'"kv_fill" must be one of {", ".join(KV_FILLS)}, got {kv_fill!r}')
         rest = {k: v for k, v in data.items() if k not in ("threshold", "sweep")}
         return cls(threshold=None if threshold is None else float(threshold), sweep=sweep, details=rest)
 

@@ -56,7 +56,8 @@ def _engine(args):
     from models.engine import CaptionEngine
 
     try:
-        return CaptionEngine.from_checkpoint(args.checkpoint, device=args.device)
+        return CaptionEngine.from_checkpoint(args.checkpoint, device=args.device,
+                                             kv_fill=getattr(args, "kv_fill", None))
     except (CheckpointError, ValueError) as exc:
         raise UserError(str(exc)) from None
 
@@ -197,7 +198,7 @@ def calibrate_main(args) -> int:
         print(f"no threshold keeps CIDEr-D >= {args.quality:g} x full depth; the checkpoint stays uncalibrated")
         return 1
     plan = _exit_plan(result.details["exit_layers"], result.threshold, result.details.get("exit_offsets"))
-    print(f"calibrated threshold {result.threshold:g} with exits {plan} "
+    print(f"calibrated threshold {result.threshold:g} with exits {plan}, kv fill {engine.kv_fill}, "
           f"written to {engine.checkpoint.path / 'thresholds.json'}")
     return 0
 
@@ -212,7 +213,8 @@ def evaluate_main(args) -> int:
     except ValueError as exc:
         raise UserError(str(exc)) from None
     sweep_grid = _thresholds(args.thresholds) if args.mode == "sweep" else []
-    engines = [_engine(args)] + [_engine(argparse.Namespace(checkpoint=c, device=args.device)) for c in args.compare]
+    engines = [_engine(args)] + [_engine(argparse.Namespace(checkpoint=c, device=args.device, kv_fill=args.kv_fill))
+                                 for c in args.compare]
     reports = []
     for engine in engines:
         data = _eval_set(args, engine, args.split)
@@ -336,7 +338,8 @@ def bench_main(args) -> int:
     results["head_cost"] = head_cost(engine)
     hc = results["head_cost"]
     print(f"\none decoder layer step {hc['decoder_layer_us']:.1f} us, one exit check {hc['exit_check_us']:.1f} us "
-          f"({hc['ratio']:.1%} of a layer)")
+          f"({hc['ratio']:.1%} of a layer); one position catching up in a layer call {hc['catch_up_us']:.1f} us "
+          f"({hc['catch_up_ratio']:.1%}, kv fill deferred)")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
         print(f"wrote {args.json}")

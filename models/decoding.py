@@ -4,10 +4,19 @@ Each token runs the decoder one layer at a time. After every layer that carries 
 confidence (max softmax probability of that head) is compared with its sequence's threshold; once it reaches
 it, the token leaves with that head's argmax and **the remaining layers are not computed for it**.
 
-Later tokens still attend to every layer's keys and values at that position, so the skipped layers' KV-cache
-entries are filled from the exited hidden state (state propagation, as in CALM, Schuster et al. 2022). Only the
-key/value projections are needed, and each layer's LayerNorm scale and shift are folded into its K/V weights
-once, at start-up, so that filling all skipped layers is one LayerNorm and one matrix product.
+Later tokens still attend to every layer's keys and values at that position. Two ways fill the skipped
+layers' KV-cache entries (`kv_fill`):
+
+- `propagate` (CALM, Schuster et al. 2022): from the exited hidden state, on the spot. Only the key/value
+  projections are needed, and each layer's LayerNorm scale and shift are folded into its K/V weights once, at
+  start-up, so that filling all skipped layers is one LayerNorm and one matrix product. Cheap, but those keys
+  and values are approximations, and later tokens read them.
+- `deferred` (the synchronised parallel decoding of FREE, Bae et al. 2023): the exited position stays
+  pending, with its hidden state, until a later token of the same caption runs deeper. That token carries
+  the pending positions through the layers it computes, in the same layer calls, one row each. Every key and
+  value is then exactly what full computation would give, so the tokens equal `simulate_exits`'s. A layer
+  call at batch 1 costs about the same for one row as for a few, so catching up costs little time there; in
+  a large batch, whose layers are bound by their matrix products, the extra rows cost their share.
 
 Each exit may add an offset to a row's threshold (a calibrated schedule: a shallow exit, more often confidently
 wrong, can ask for more confidence than a deep one, as CALM's decaying thresholds do). A row with threshold t
@@ -53,6 +62,8 @@ class DecodeTrace:
     # per token: the argmax of each exit evaluated (only kept when decoding with `observe_exits`)
     exit_predictions: list[list[int]] = field(default_factory=list)
     threshold: float = FULL_DEPTH
+    # `kv_fill="deferred"`: layers computed later for positions that had left early (catching up)
+    catch_up_layers: int = 0
 
     @property
     def confidences(self) -> list[float]:
@@ -60,7 +71,8 @@ class DecodeTrace:
         return [c[-1] for c in self.exit_confidences]
 
     def layers_computed(self) -> int:
-        return sum(self.exit_layers)
+        """Decoder layers computed for this caption: each token's, plus any later catch-up."""
+        return sum(self.exit_layers) + self.catch_up_layers
 
 
 class SectionTimer:
@@ -80,6 +92,39 @@ class SectionTimer:
 
 
 _NO_TIMING = nullcontext()
+
+KV_FILLS = ("propagate", "deferred")
+
+
+class PendingPositions:
+    """A caption's positions that left early and whose deeper layers' keys and values are not computed yet.
+
+    Kept in position order. A later token raises every pending position it carries to its own exit depth, so
+    depths never increase along the positions: the ones to carry from a layer on are always a tail.
+    """
+
+    def __init__(self) -> None:
+        self.positions: list[int] = []
+        self.depths: list[int] = []  # layers computed so far for each position
+        self.hidden: torch.Tensor | None = None  # (len(positions), d): each one's input to its next layer
+
+    def take_tail(self, depth: int) -> tuple[list[int], torch.Tensor | None]:
+        """Remove and return the positions computed exactly `depth` layers deep (they join the next layer)."""
+        count = 0
+        while count < len(self.depths) and self.depths[-1 - count] == depth:
+            count += 1
+        if not count:
+            return [], None
+        positions, hidden = self.positions[-count:], self.hidden[-count:]
+        del self.positions[-count:], self.depths[-count:]
+        self.hidden = self.hidden[:-count] if self.positions else None
+        return positions, hidden
+
+    def put_tail(self, positions: list[int], depth: int, hidden: torch.Tensor) -> None:
+        """Append positions (later than any kept, in order) now computed `depth` layers deep."""
+        self.positions += positions
+        self.depths += [depth] * len(positions)
+        self.hidden = hidden if self.hidden is None else torch.cat([self.hidden, hidden])
 
 
 class LayerWeights(NamedTuple):
@@ -103,18 +148,31 @@ class LayerWeights(NamedTuple):
     mlp_proj_b: torch.Tensor
 
 
+class RiderLayout(NamedTuple):
+    """A layer call with pending positions riding along: entries are the running rows' tokens, then riders."""
+
+    rows: torch.Tensor | None  # active rows still running (None: all of them, in order)
+    cache_rows: torch.Tensor  # per entry: its cache row
+    positions: torch.Tensor  # per entry: its position
+    mask: torch.Tensor  # (running, 1, width, T): which positions each (row, slot) query may attend to
+    width: int  # slots per running row: one token plus its riders, the most of any row
+    padded: tuple[torch.Tensor, torch.Tensor] | None  # per entry: (running row, slot); None: one running row
+
+
 class EarlyExitDecoder:
     """Greedy decoding for a `CapeenModel` with per-sequence confidence thresholds."""
 
     def __init__(self, model: CapeenModel, exits: Sequence[int] | None = None,
-                 exit_offsets: Sequence[float] | None = None) -> None:
+                 exit_offsets: Sequence[float] | None = None, kv_fill: str = "propagate") -> None:
         self.model = model
         self.config = config = model.config
         self.blocks = list(model.decoder.transformer.h)
         self.exits = self.check_exits(exits)  # the exits consulted by default (a subset of those trained)
         self.exit_offsets = self.check_offsets(self.exits, exit_offsets)  # added to the threshold at each exit
+        self.kv_fill = self.check_kv_fill(kv_fill)
         self.n_layer, self.d, self.n_head = config.n_layer, config.n_embd, config.n_head
         self.timer: SectionTimer | None = None  # set to profile where decode time goes
+        self._causal: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
         self._prepare_weights()
 
     @torch.no_grad()
@@ -172,6 +230,12 @@ class EarlyExitDecoder:
             raise ValueError(f"exit offsets must be finite numbers, got {list(offsets)}")
         return values
 
+    @staticmethod
+    def check_kv_fill(kv_fill: str) -> str:
+        if kv_fill not in KV_FILLS:
+            raise ValueError(f"unknown kv_fill {kv_fill!r} (one of {', '.join(KV_FILLS)})")
+        return kv_fill
+
     def refresh(self) -> None:
         """Call after changing the model's weights in place (or its device/dtype)."""
         self._prepare_weights()
@@ -187,6 +251,7 @@ class EarlyExitDecoder:
         exits: Sequence[int] | None = None,
         simulate_exits: bool = False,
         exit_offsets: Sequence[float] | None = None,
+        kv_fill: str | None = None,
     ) -> list[DecodeTrace]:
         """Greedy-decode one caption per image.
 
@@ -198,7 +263,7 @@ class EarlyExitDecoder:
         `exit_offsets` (one per consulted exit, default none when `exits` is given) raise or lower the threshold
         at each exit. With `simulate_exits`, every layer runs and each token is the first confident exit's
         (module docstring); its trace records the exits up to that one and that exit's layer, as if the token
-        had left there.
+        had left there. `kv_fill` (default: the decoder's) says how skipped layers' keys and values are filled.
         """
         if simulate_exits and observe_exits:
             raise ValueError("simulate_exits and observe_exits are exclusive")
@@ -208,6 +273,8 @@ class EarlyExitDecoder:
         else:
             consulted = self.check_exits(exits)
             offsets = self.check_offsets(consulted, exit_offsets)
+        kv_fill = self.kv_fill if kv_fill is None else self.check_kv_fill(kv_fill)
+        deferred = kv_fill == "deferred" and not (simulate_exits or observe_exits)
         offset_after = {layer - 1: offset for layer, offset in zip(consulted, offsets)}  # 0-based layer -> offset
         cfg = self.config
         batch = encoder_states.shape[0]
@@ -232,6 +299,7 @@ class EarlyExitDecoder:
 
         traces = [DecodeTrace(threshold=t) for t in thresholds_list]
         alive = list(range(batch))  # original row of each active row
+        pending = [PendingPositions() for _ in range(batch)] if deferred else []  # per active row
         tokens = torch.full((batch,), cfg.bos_token_id, dtype=torch.long, device=device)
         wte, wpe = self.model.decoder.transformer.wte.weight, self.model.decoder.transformer.wpe.weight
 
@@ -248,10 +316,35 @@ class EarlyExitDecoder:
             step_points: list[list[int]] = [[] for _ in range(n)]
             step_preds: list[list[int]] = [[] for _ in range(n)]
             decided = [False] * n  # simulate_exits: the row's token is chosen, the row runs on
+            # kv_fill="deferred": pending positions carried through this step's layers (their rows run on)
+            catching_up = any(pend.positions for pend in pending)
+            riders: list[tuple[int, int, int]] = []  # (active row, position, layer it joined at), per row of ride_h
+            ride_h: torch.Tensor | None = None
+            layout = None  # index tensors of a layer call with riders, rebuilt when the entries change
 
             for layer in range(L):
+                if catching_up and layer:
+                    joined, joined_riders = [], []
+                    for r in row_ids:
+                        positions, hidden = pending[r].take_tail(layer)
+                        if positions:
+                            joined_riders += [(r, position, layer) for position in positions]
+                            joined.append(hidden)
+                    if joined:  # joiners go first: each row's riders stay in position order
+                        riders[:0] = joined_riders
+                        ride_h = torch.cat(joined if ride_h is None else [*joined, ride_h])
+                        layout = None
                 with self._section("decoder layers"):
-                    h = self._block(layer, h, rows, cache, cross, t)
+                    if ride_h is None:
+                        h = self._block(layer, h, rows, cache, cross, t)
+                    elif len(row_ids) == 1:  # one caption: its riders and token are positions t - m .. t
+                        x = self._block_one_row(layer, torch.cat([ride_h, h]), row_ids[0], cache, cross, t)
+                        ride_h, h = x[:-1], x[-1:]
+                    else:
+                        if layout is None:
+                            layout = self._rider_layout(row_ids, rows, riders, t, device)
+                        x = self._block_with_riders(layer, torch.cat([h, ride_h]), layout, cache, cross, t)
+                        h, ride_h = x[: len(row_ids)], x[len(row_ids):]
                 final_layer = layer == L - 1
                 if not final_layer and not (check_exits and layer in offset_after):
                     continue
@@ -272,22 +365,29 @@ class EarlyExitDecoder:
                         decided[r] = simulate_exits
                     else:
                         stay.append(i)
-                if simulate_exits:
-                    continue  # nothing leaves: every row runs every layer
-                if final_layer or len(stay) == len(row_ids):
+                if simulate_exits or len(stay) == len(row_ids):
+                    continue  # nothing leaves (under simulate_exits every row runs every layer)
+                if deferred:
+                    with self._section("deferred bookkeeping"):
+                        ride_h = self._leave_pending(layer, h, row_ids, stay, riders, ride_h, pending, traces,
+                                                     alive, t)
+                    layout = None  # the running rows change
+                if final_layer:
                     continue
                 if stay:
                     keep_index = torch.tensor(stay, device=device)
-                    leave_mask = torch.ones(len(row_ids), dtype=torch.bool, device=device)
-                    leave_mask[keep_index] = False
-                    with self._section("state propagation"):
-                        active = torch.arange(n, device=device) if rows is None else rows
-                        self._propagate(h[leave_mask], layer, active[leave_mask], cache, t)
+                    active = torch.arange(n, device=device) if rows is None else rows
+                    if not deferred:
+                        leave_mask = torch.ones(len(row_ids), dtype=torch.bool, device=device)
+                        leave_mask[keep_index] = False
+                        with self._section("state propagation"):
+                            self._propagate(h[leave_mask], layer, active[leave_mask], cache, t)
                     rows, h = active[keep_index], h[keep_index]
                     row_ids = [row_ids[i] for i in stay]
                 else:
-                    with self._section("state propagation"):
-                        self._propagate(h, layer, rows, cache, t)
+                    if not deferred:
+                        with self._section("state propagation"):
+                            self._propagate(h, layer, rows, cache, t)
                     break  # every row has left: the remaining layers are not computed at all
 
             keep = []
@@ -308,11 +408,66 @@ class EarlyExitDecoder:
                 cache, cross = cache.index_select(2, index), cross.index_select(2, index)
                 alive = [alive[r] for r in keep]
                 next_list = [next_list[r] for r in keep]
+                if deferred:
+                    pending = [pending[r] for r in keep]
             tokens = torch.tensor(next_list, dtype=torch.long, device=device)
         return traces
 
     def _section(self, name: str):
         return self.timer(name) if self.timer is not None else _NO_TIMING
+
+    def _leave_pending(self, layer: int, h: torch.Tensor, row_ids: list[int], stay: list[int],
+                       riders: list[tuple[int, int, int]], ride_h: torch.Tensor | None,
+                       pending: list[PendingPositions], traces: list[DecodeTrace], alive: list[int],
+                       t: int) -> torch.Tensor | None:
+        """kv_fill="deferred": the running rows not in `stay` left after 0-based `layer`. Their token and the
+        positions they carried stay pending at that depth (or are complete after the last layer), and their
+        riders leave the layer calls (`riders` is updated in place; the riders' hidden states are returned)."""
+        depth = layer + 1
+        staying = {row_ids[i] for i in stay}
+        carried_by: dict[int, list[int]] = defaultdict(list)  # leaving row -> its riders' indices
+        kept = []
+        for k, (r, _, _) in enumerate(riders):
+            (kept if r in staying else carried_by[r]).append(k)
+        for i, r in enumerate(row_ids):
+            if r in staying:
+                continue
+            carried = sorted(carried_by.get(r, ()), key=lambda k: riders[k][1])  # in position order
+            traces[alive[r]].catch_up_layers += sum(depth - riders[k][2] for k in carried)
+            if depth == self.n_layer:
+                continue  # every layer computed: nothing left pending
+            hidden = h[i:i + 1] if not carried else torch.cat([ride_h[carried], h[i:i + 1]])
+            pending[r].put_tail([riders[k][1] for k in carried] + [t], depth, hidden)
+        if len(kept) < len(riders):
+            riders[:] = [riders[k] for k in kept]
+            ride_h = ride_h[kept] if kept else None
+        return ride_h
+
+    @staticmethod
+    def _rider_layout(row_ids: list[int], rows: torch.Tensor | None, riders: list[tuple[int, int, int]], t: int,
+                      device: torch.device) -> RiderLayout:
+        """Where each entry of a layer call with riders goes: the running rows' tokens, then the riders."""
+        running = len(row_ids)
+        slot_of = {r: i for i, r in enumerate(row_ids)}
+        counts = [1] * running
+        entry_row, entry_slot, positions = list(range(running)), [0] * running, [t] * running
+        for r, position, _ in riders:
+            i = slot_of[r]
+            entry_row.append(i)
+            entry_slot.append(counts[i])
+            counts[i] += 1
+            positions.append(position)
+        width = max(counts)
+        position_index = torch.tensor(positions, device=device)
+        entry_row_index, entry_slot_index = torch.tensor(entry_row, device=device), torch.tensor(entry_slot, device=device)
+        # a padding slot sees position 0 only, so that no softmax is over nothing
+        allowed = torch.zeros(running, width, t + 1, dtype=torch.bool, device=device)
+        allowed[:, :, 0] = True
+        allowed[entry_row_index, entry_slot_index] = \
+            torch.arange(t + 1, device=device)[None, :] <= position_index[:, None]
+        cache_rows = torch.tensor([row_ids[i] for i in entry_row], device=device)
+        padded = None if running == 1 else (entry_row_index, entry_slot_index)
+        return RiderLayout(rows, cache_rows, position_index, allowed.unsqueeze(1), width, padded)
 
     def _block(self, layer: int, h: torch.Tensor, rows: torch.Tensor | None, cache: torch.Tensor,
                cross: torch.Tensor, t: int) -> torch.Tensor:
@@ -347,8 +502,86 @@ class EarlyExitDecoder:
         q_cross = torch.addmm(w.q_b, x, w.q_w).view(n, H, 1, hd)
         attn = F.scaled_dot_product_attention(q_cross, cross_k, cross_v)
         h = torch.addmm(h + w.cross_proj_b, attn.view(n, d), w.cross_proj_w)
-        x = F.gelu(torch.addmm(w.fc_b, torch.layer_norm(h, (d,), w.ln2_w, w.ln2_b, eps), w.fc_w), approximate="tanh")
-        return torch.addmm(h + w.mlp_proj_b, x, w.mlp_proj_w)
+        return self._mlp(w, h)
+
+    def _mlp(self, w: LayerWeights, h: torch.Tensor) -> torch.Tensor:
+        x = torch.layer_norm(h, (self.d,), w.ln2_w, w.ln2_b, self.eps)
+        return torch.addmm(h + w.mlp_proj_b, F.gelu(torch.addmm(w.fc_b, x, w.fc_w), approximate="tanh"), w.mlp_proj_w)
+
+    def _block_with_riders(self, layer: int, x: torch.Tensor, layout: RiderLayout, cache: torch.Tensor,
+                           cross: torch.Tensor, t: int) -> torch.Tensor:
+        """`_block` for the running rows' tokens plus pending positions riding along (x: (m, d), the entries of
+        `layout`): each entry writes its own position's keys/values and attends to its row up to it."""
+        w = self.layer_weights[layer]
+        m, H, d, eps = x.shape[0], self.n_head, self.d, self.eps
+        hd = d // H
+        qkv = torch.addmm(w.attn_b, torch.layer_norm(x, (d,), w.ln1_w, w.ln1_b, eps), w.attn_w)
+        q, kv = qkv[:, :d], qkv[:, d:].view(m, 2, H, hd)
+        layer_cache = cache[layer]  # (2, B, H, T, hd)
+        # written before anyone attends: a rider sees the riders before it in its row at this very layer
+        layer_cache.permute(1, 3, 0, 2, 4).index_put_((layout.cache_rows, layout.positions), kv)
+        past = layer_cache.narrow(3, 0, t + 1)
+        layer_cross = cross[layer]
+        if layout.rows is not None:
+            past, layer_cross = past.index_select(1, layout.rows), layer_cross.index_select(1, layout.rows)
+        attn = self._attend_by_row(q, past[0], past[1], layout, layout.mask)
+        h = torch.addmm(x + w.attn_proj_b, attn, w.attn_proj_w)
+        q_cross = torch.addmm(w.q_b, torch.layer_norm(h, (d,), w.lnx_w, w.lnx_b, eps), w.q_w)
+        attn = self._attend_by_row(q_cross, layer_cross[0], layer_cross[1], layout, None)
+        h = torch.addmm(h + w.cross_proj_b, attn, w.cross_proj_w)
+        return self._mlp(w, h)
+
+    def _block_one_row(self, layer: int, x: torch.Tensor, row: int, cache: torch.Tensor, cross: torch.Tensor,
+                       t: int) -> torch.Tensor:
+        """`_block` for one row's consecutive positions t - m + 1 .. t (x: (m, d), in order).
+
+        A caption's pending positions always end at its current one: a token that runs every layer completes
+        all of them, so they are the positions after the last such token, and the ones a layer carries are
+        the latest of those. Slices and a causal mask then do what `_block_with_riders` needs index tensors for.
+        """
+        w = self.layer_weights[layer]
+        m, H, d, eps = x.shape[0], self.n_head, self.d, self.eps
+        hd = d // H
+        start = t + 1 - m
+        qkv = torch.addmm(w.attn_b, torch.layer_norm(x, (d,), w.ln1_w, w.ln1_b, eps), w.attn_w)
+        q, kv = qkv[:, :d], qkv[:, d:].view(m, 2, 1, H, hd).permute(1, 2, 3, 0, 4)  # (2, 1, H, m, hd)
+        layer_cache = cache[layer].narrow(1, row, 1)  # (2, 1, H, T, hd)
+        layer_cache.narrow(3, start, m).copy_(kv)
+        past = layer_cache.narrow(3, 0, t + 1)
+        # 4-d inputs: the fused CPU attention kernel takes those, 3-d ones fall back to the slow reference
+        causal = self._causal_mask(t + 1, x.device, x.dtype)[start:]  # position start + i sees those <= start + i
+        attn = F.scaled_dot_product_attention(q.view(1, m, H, hd).transpose(1, 2), past[0], past[1], attn_mask=causal)
+        h = torch.addmm(x + w.attn_proj_b, attn.transpose(1, 2).reshape(m, d), w.attn_proj_w)
+        q_cross = torch.addmm(w.q_b, torch.layer_norm(h, (d,), w.lnx_w, w.lnx_b, eps), w.q_w)
+        layer_cross = cross[layer].narrow(1, row, 1)  # (2, 1, H, P, hd)
+        attn = F.scaled_dot_product_attention(q_cross.view(1, m, H, hd).transpose(1, 2), layer_cross[0], layer_cross[1])
+        h = torch.addmm(h + w.cross_proj_b, attn.transpose(1, 2).reshape(m, d), w.cross_proj_w)
+        return self._mlp(w, h)
+
+    def _causal_mask(self, size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """(size, size) additive causal mask (0 or -inf), cached: a slice of one made for every position."""
+        mask = self._causal.get((device, dtype))
+        if mask is None:
+            n = self.config.n_positions
+            future = torch.ones(n, n, dtype=torch.bool, device=device).triu(1)
+            mask = torch.zeros(n, n, device=device, dtype=dtype).masked_fill(future, float("-inf"))
+            self._causal[(device, dtype)] = mask
+        return mask[:size, :size]
+
+    def _attend_by_row(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, layout: RiderLayout,
+                       mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention for entries (q: (m, d)) against their rows' keys/values ((running, H, S, hd)); (m, d) out."""
+        m, d, H = q.shape[0], self.d, self.n_head
+        running, width = keys.shape[0], layout.width
+        if layout.padded is None:  # one running row: the entries are its slots, in order
+            grouped = q.view(1, m, H, d // H)
+        else:
+            grouped = q.new_zeros(running, width, d)
+            grouped[layout.padded] = q
+            grouped = grouped.view(running, width, H, d // H)
+        out = F.scaled_dot_product_attention(grouped.transpose(1, 2), keys, values, attn_mask=mask)
+        out = out.transpose(1, 2).reshape(running, width, d)
+        return out.view(m, d) if layout.padded is None else out[layout.padded]
 
     def _head(self, layer: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Confidence (max softmax probability) and argmax of the exit after 1-based `layer` (n_layer: final)."""

@@ -70,7 +70,8 @@ def _synchronize(device: torch.device) -> None:
 
 
 class CaptionEngine:
-    def __init__(self, checkpoint: Checkpoint, device: str | torch.device = "cpu", half: bool = False) -> None:
+    def __init__(self, checkpoint: Checkpoint, device: str | torch.device = "cpu", half: bool = False,
+                 kv_fill: str | None = None) -> None:
         self.device = resolve_device(device) if isinstance(device, str) else device
         # half precision only pays on a GPU; CPU kernels for fp16/bf16 are slower than fp32 at these sizes
         self.dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) \
@@ -80,14 +81,17 @@ class CaptionEngine:
         self.tokenizer = checkpoint.tokenizer
         self.config = self.model.config
         # a calibration may have chosen to consult only some of the trained exits (see models.calibration)
-        # and to add an offset to the threshold at each (a schedule of per-exit thresholds)
+        # and to add an offset to the threshold at each (a schedule of per-exit thresholds); its threshold
+        # holds for the way it filled skipped layers' keys and values, which is then the default here
         details = checkpoint.thresholds.details
         self.decoder = EarlyExitDecoder(self.model, exits=details.get("exit_layers"),
-                                        exit_offsets=details.get("exit_offsets"))
+                                        exit_offsets=details.get("exit_offsets"),
+                                        kv_fill=kv_fill or details.get("kv_fill", "propagate"))
 
     @classmethod
-    def from_checkpoint(cls, path: Path | str | None = None, device: str = "auto", half: bool = False) -> "CaptionEngine":
-        return cls(load_checkpoint(path, device="cpu"), device=device, half=half)
+    def from_checkpoint(cls, path: Path | str | None = None, device: str = "auto", half: bool = False,
+                        kv_fill: str | None = None) -> "CaptionEngine":
+        return cls(load_checkpoint(path, device="cpu"), device=device, half=half, kv_fill=kv_fill)
 
     @property
     def calibrated_threshold(self) -> float | None:
@@ -102,6 +106,11 @@ class CaptionEngine:
     def exit_offsets(self) -> tuple[float, ...]:
         """Added to a request's threshold at each of `exit_layers` (all zero unless calibrated otherwise)."""
         return self.decoder.exit_offsets
+
+    @property
+    def kv_fill(self) -> str:
+        """How the skipped layers' keys and values are filled (models.decoding): propagate or deferred."""
+        return self.decoder.kv_fill
 
     @property
     def name(self) -> str:

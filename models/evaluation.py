@@ -112,6 +112,7 @@ class DecodeRun:
     traces: list[DecodeTrace] = field(default_factory=list)
     encode_s: float = 0.0
     decode_s: float = 0.0
+    kv_fill: str = ""
 
 
 class Setting(NamedTuple):
@@ -139,12 +140,14 @@ def decode_interleaved(engine: CaptionEngine, data: EvalSet, settings: Sequence[
             run.decode_s += out.timings.decode_s
             run.captions.extend(r.caption for r in out.results)
             run.traces.extend(r.trace for r in out.results)
+            run.kv_fill = engine.kv_fill
     return runs
 
 
 def summarize(run: DecodeRun, full: DecodeRun, data: EvalSet, n_layer: int, meteor: bool = False) -> dict:
     """Quality, depth and measured speed of one setting, with speedups relative to the full-depth run."""
     steps = sum(len(t.exit_layers) for t in run.traces)
+    exited = sum(sum(t.exit_layers) for t in run.traces)
     computed = sum(t.layers_computed() for t in run.traces)
     n = len(run.captions)
     summary = {
@@ -152,8 +155,11 @@ def summarize(run: DecodeRun, full: DecodeRun, data: EvalSet, n_layer: int, mete
         "exit_layers": None if run.threshold > 1 else list(run.exits or ()),
         "exit_offsets": None if run.threshold > 1 or not run.offsets else list(run.offsets),
         "simulated": run.simulated,
+        "kv_fill": run.kv_fill,
         **caption_metrics(run.captions, data.references, meteor=meteor),
-        "mean_exit_layer": computed / max(1, steps),
+        "mean_exit_layer": exited / max(1, steps),
+        # kv_fill="deferred": layers computed later for positions that had left early
+        "catch_up_layers_per_token": (computed - exited) / max(1, steps),
         "layers_saved": 1.0 - computed / max(1, steps * n_layer),
         "decode_ms_per_caption": 1000 * run.decode_s / n,
         "total_ms_per_caption": 1000 * (run.decode_s + run.encode_s) / n,

@@ -16,7 +16,7 @@ from capeen.errors import UserError
 if TYPE_CHECKING:
     from service.settings import Settings
 
-_FLAGS = ("host", "port", "checkpoint", "device", "half")
+_FLAGS = ("host", "port", "checkpoint", "device", "half", "kv_fill")
 # uvicorn's grace period for in-flight requests at shutdown, beyond the request deadline
 _SHUTDOWN_GRACE_S = 5.0
 
@@ -46,7 +46,8 @@ def serve_main(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        engine = CaptionEngine.from_checkpoint(settings.checkpoint, device=settings.device, half=settings.half)
+        engine = CaptionEngine.from_checkpoint(settings.checkpoint, device=settings.device, half=settings.half,
+                                               kv_fill=settings.kv_fill)
     except (CheckpointError, ValueError) as exc:
         raise UserError(str(exc)) from None
     uvicorn.run(create_app(settings, engine), host=settings.host, port=settings.port, log_level=settings.log_level,

@@ -57,8 +57,9 @@ class ServingMetrics:
                                           "left at (one observation per token)",
                                           buckets=[float(layer) for layer in range(1, n_layer + 1)],
                                           registry=registry)
-        self.layers_computed = Counter("capeen_decoder_layers_computed", "decoder layers computed over all tokens",
-                                       registry=registry)
+        self.layers_computed = Counter("capeen_decoder_layers_computed", "decoder layers computed over all tokens "
+                                       "(with kv_fill=deferred, also those computed later for positions that had "
+                                       "left early)", registry=registry)
         self.layers_full = Counter("capeen_decoder_layers_full", "decoder layers a full-depth decode of the same "
                                    "tokens would have computed", registry=registry)
         self.arm_pulls = Counter("capeen_bandit_arm_pulls", "adaptive requests decoded with each arm (threshold)",
@@ -77,7 +78,7 @@ class ServingMetrics:
         for layer in trace.exit_layers:
             self.token_exit_layer.observe(layer)
         self.tokens.inc(len(trace.exit_layers))
-        self.layers_computed.inc(sum(trace.exit_layers))
+        self.layers_computed.inc(trace.layers_computed())
         self.layers_full.inc(self.n_layer * len(trace.exit_layers))
 
     def describe_model(self, info: Mapping[str, object]) -> None:

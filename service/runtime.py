@@ -56,6 +56,7 @@ class Runtime:
             "exits": exit_positions(self.engine),
             "exit_offsets": exit_offsets(self.engine),
             "calibrated_threshold": self.engine.calibrated_threshold,
+            "kv_fill": self.engine.kv_fill,
             "device": str(self.engine.device),
             "dtype": str(self.engine.dtype).removeprefix("torch."),
             "vocab_size": config.vocab_size,
@@ -82,7 +83,8 @@ def start_runtime(settings: Settings, registry: CollectorRegistry, engine: Capti
         # Pillow's own decompression-bomb guard would otherwise cap CAPEEN_MAX_PIXELS at its default
         Image.MAX_IMAGE_PIXELS = settings.max_pixels
     if engine is None:
-        engine = CaptionEngine.from_checkpoint(settings.checkpoint, device=settings.device, half=settings.half)
+        engine = CaptionEngine.from_checkpoint(settings.checkpoint, device=settings.device, half=settings.half,
+                                               kv_fill=settings.kv_fill)
     engine.warmup()
     config = engine.config
     metrics = ServingMetrics(registry, n_layer=config.n_layer, max_batch_size=settings.max_batch_size)

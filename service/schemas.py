@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, Field
 
 
@@ -37,6 +39,9 @@ class ModelInfo(BaseModel):
         description="added to a request's threshold at each of `exits`: a token leaves at an exit once its "
                     "confidence reaches threshold + offset (the final layer's is 0)")
     calibrated_threshold: float | None
+    kv_fill: Literal["propagate", "deferred"] = Field(
+        description="how the keys and values of layers a token skipped are filled: propagate (CALM: from its "
+                    "exited state, at once) or deferred (exact: computed when a later token runs deeper)")
     device: str
     dtype: str
     vocab_size: int

@@ -26,6 +26,10 @@ class Settings(BaseSettings):
     checkpoint: Path | None = Field(None, description="checkpoint directory; unset: the shipped default")
     device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto: CUDA when available, else CPU")
     half: bool = Field(False, description="half precision (bf16, else fp16) on CUDA; ignored on CPU")
+    kv_fill: Literal["propagate", "deferred"] | None = Field(
+        None, description="how the keys and values of layers a token skipped are filled: propagate (CALM, "
+        "approximate) or deferred (exact, computed when a later token runs deeper); unset: the way the "
+        "checkpoint's threshold was calibrated for")
     max_batch_size: int = Field(16, ge=1, description="most requests decoded together in one batch")
     max_wait_ms: float = Field(20.0, ge=0, description="longest a batch waits for requests still being decoded "
                                "(it never waits when none is, so a lone request goes at once)")

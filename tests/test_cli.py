@@ -291,6 +291,23 @@ def test_calibrate_writes_thresholds_json_with_the_sweep(capsys, tiny_checkpoint
         assert written["threshold"] is None
 
 
+def test_calibrate_with_deferred_kv_fill_makes_it_the_checkpoints_default(capsys, tiny_checkpoint, data, tmp_path):
+    from models.engine import CaptionEngine
+
+    directory = shutil.copytree(tiny_checkpoint, tmp_path / "ck")
+    rc, out, err = run(capsys, "calibrate", "--checkpoint", directory, "--data", data, "--limit", "3",
+                       "--thresholds", "0.4,0.8", "--quality", "0.01", "--batch-size", "3", "--device", "cpu",
+                       "--no-schedules", "--kv-fill", "deferred")
+    assert rc == 0 and "Traceback" not in err and "kv fill deferred" in out
+    written = json.loads((directory / "thresholds.json").read_text())
+    assert written["kv_fill"] == "deferred" and "catch-up layers" in written["criterion"]
+    assert all(entry["kv_fill"] == "deferred" for entry in written["sweep"])
+    assert all(entry["catch_up_layers_per_token"] >= 0 for entry in written["sweep"])
+    assert CaptionEngine.from_checkpoint(directory, device="cpu").kv_fill == "deferred"
+    assert CaptionEngine.from_checkpoint(directory, device="cpu", kv_fill="propagate").kv_fill == "propagate"
+    assert CaptionEngine.from_checkpoint(tiny_checkpoint, device="cpu").kv_fill == "propagate"  # uncalibrated way
+
+
 def test_evaluate_with_chosen_exits_and_offsets(capsys, tiny_checkpoint, data, tmp_path):
     report_path = tmp_path / "report.json"
     rc, out, err = run(capsys, "evaluate", "--checkpoint", tiny_checkpoint, "--data", data, "--limit", "2",

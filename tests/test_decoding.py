@@ -167,3 +167,55 @@ def test_observe_exits_records_every_exit_without_leaving(model):
         assert all(points == [1, 2, 3, 4, 5, 6] for points in o.exit_points)
         assert all(len(p) == 6 for p in o.exit_predictions)
         assert o.confidences == pytest.approx(f.confidences, abs=1e-5)
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.8, 0.9])
+def test_deferred_kv_fill_gives_the_exact_tokens_of_simulated_exits_while_skipping(model, threshold):
+    """Deferred keys and values are computed exactly, later: the same tokens and exits as the paper's simulation
+    (every layer run), and each position is computed as deep as the deepest token after it needed."""
+    engine = EarlyExitDecoder(model, kv_fill="deferred")
+    torch.manual_seed(1)
+    states = torch.randn(8, 5, model.config.n_embd)
+    batched = engine.decode(states, threshold, max_tokens=10)
+    caught_up = 0
+    for row in range(8):
+        tokens, exits = reference_decode(model, states[row:row + 1], threshold, 10, simulate=True)
+        alone = engine.decode(states[row:row + 1], threshold, max_tokens=10)[0]
+        for trace in (batched[row], alone):
+            assert trace.token_ids == tokens and trace.exit_layers == exits
+            depths = [max(exits[p:]) for p in range(len(exits))]  # what the tokens after each one needed
+            assert trace.catch_up_layers == sum(depths) - sum(exits)
+            assert trace.layers_computed() == sum(depths)
+        caught_up += alone.catch_up_layers
+    assert caught_up > 0  # some tokens did leave early and were caught up later
+    # CALM propagation approximates the same keys and values: later tokens see different states
+    propagated = EarlyExitDecoder(model).decode(states, threshold, max_tokens=10)
+    gaps = [abs(a - b) for p, d in zip(propagated, batched) if p.token_ids == d.token_ids
+            for pc, dc in zip(p.exit_confidences, d.exit_confidences) for a, b in zip(pc, dc)]
+    assert max(gaps) > 1e-3
+
+
+def test_deferred_kv_fill_does_not_depend_on_the_batch(model):
+    engine = EarlyExitDecoder(model, kv_fill="deferred")
+    torch.manual_seed(2)
+    states = torch.randn(8, 5, model.config.n_embd)
+    thresholds = [0.0, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, FULL_DEPTH]
+    batched = engine.decode(states, thresholds, max_tokens=10)
+    for row in range(8):
+        alone = engine.decode(states[row:row + 1], thresholds[row], max_tokens=10)[0]
+        assert alone.token_ids == batched[row].token_ids and alone.exit_layers == batched[row].exit_layers
+        assert alone.catch_up_layers == batched[row].catch_up_layers
+        for a, b in zip(alone.exit_confidences, batched[row].exit_confidences):
+            assert a == pytest.approx(b, abs=1e-5)
+    assert batched[7].catch_up_layers == 0 and set(batched[7].exit_layers) == {6}  # full depth leaves nothing behind
+
+
+def test_kv_fill_is_chosen_per_decoder_or_per_call(model):
+    states = torch.randn(3, 5, model.config.n_embd)
+    deferred = EarlyExitDecoder(model, kv_fill="deferred").decode(states, 0.8, max_tokens=10)
+    per_call = EarlyExitDecoder(model).decode(states, 0.8, max_tokens=10, kv_fill="deferred")
+    assert [t.token_ids for t in deferred] == [t.token_ids for t in per_call]
+    with pytest.raises(ValueError, match="unknown kv_fill 'exact'"):
+        EarlyExitDecoder(model, kv_fill="exact")
+    with pytest.raises(ValueError, match="unknown kv_fill"):
+        EarlyExitDecoder(model).decode(states, 0.8, kv_fill="")

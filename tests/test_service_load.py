@@ -167,6 +167,21 @@ def test_graceful_shutdown_drains_and_keeps_the_bandit(tiny_engine, tmp_path) ->
     assert bandit["rounds"] == 3 and sum(arm["pulls"] for arm in bandit["arms"]) == 3
 
 
+def test_kv_fill_setting_decodes_the_deferred_way(tiny_checkpoint) -> None:
+    from models.engine import CaptionEngine
+    from models.images import load_image
+
+    image = encode(noise_image(7))
+    settings = Settings(checkpoint=tiny_checkpoint, kv_fill="deferred", log_level="warning")
+    with running_server(settings) as server:
+        assert httpx.get(f"{server.url}/v1/model").json()["kv_fill"] == "deferred"
+        body = httpx.post(f"{server.url}/caption", files=upload(image), data={"mode": "fixed", "threshold": "0.5"},
+                          timeout=30).json()
+    expected = CaptionEngine.from_checkpoint(tiny_checkpoint, device="cpu", kv_fill="deferred")
+    result = expected.caption([load_image(image)], 0.5).results[0]
+    assert (body["caption"], body["exit_layers"]) == (result.caption, result.exit_layers)
+
+
 def _serve(*args: str, **env: str) -> subprocess.CompletedProcess:
     environment = {**os.environ, "OMP_NUM_THREADS": "1", **env}
     capeen = Path(sys.executable).with_name("capeen")  # the console script (`python -m capeen.cli` would
@@ -181,8 +196,9 @@ def _serve(*args: str, **env: str) -> subprocess.CompletedProcess:
         ((), {"CAPEEN_PORT": "eighty"}, "CAPEEN_PORT"),
         ((), {"CAPEEN_POLICY": "greedy"}, "CAPEEN_POLICY"),
         ((), {"CAPEEN_BANDIT_THRESHOLDS": "0.3,high"}, "CAPEEN_BANDIT_THRESHOLDS"),
+        ((), {"CAPEEN_KV_FILL": "exact"}, "CAPEEN_KV_FILL"),
     ],
-    ids=["bad-checkpoint", "bad-port", "bad-policy", "bad-grid"],
+    ids=["bad-checkpoint", "bad-port", "bad-policy", "bad-grid", "bad-kv-fill"],
 )
 def test_serve_reports_bad_configuration_in_one_line(args, env, says) -> None:
     done = _serve(*args, **env)

@@ -275,6 +275,7 @@ BROKEN = {
     "thresholds.json invalid JSON": (_write(THRESHOLDS_FILE, b"{"), THRESHOLDS_FILE),
     "exit offsets not one per exit": (
         _write(THRESHOLDS_FILE, b'{"threshold": 0.5, "exit_layers": [1, 2], "exit_offsets": [0.1]}'), THRESHOLDS_FILE),
+    "unknown kv_fill": (_write(THRESHOLDS_FILE, b'{"threshold": 0.5, "kv_fill": "exact"}'), THRESHOLDS_FILE),
     "exit offsets without exits": (_write(THRESHOLDS_FILE, b'{"threshold": 0.5, "exit_offsets": [0.1]}'),
                                    THRESHOLDS_FILE),
     "exit offset a string": (
