@@ -85,7 +85,7 @@ class PolicyLog:
     rewards: list[float] = field(default_factory=list)  # real: from its own early-exit decode
     same_trace_rewards: list[float] = field(default_factory=list)  # its arm's reward on the full-depth trace
     captions: list[str] = field(default_factory=list)
-    layers: list[int] = field(default_factory=list)  # layers computed per request (sum over decode steps)
+    layers: list[int] = field(default_factory=list)  # exit layers per request (sum over decode steps)
     steps: list[int] = field(default_factory=list)  # decode steps per request (end token included)
     decode_s: list[float] = field(default_factory=list)
 
@@ -178,7 +178,9 @@ def run_drift(
         result = out.results[0]
         if log is not None:
             log.captions.append(result.caption)
-            log.layers.append(result.trace.layers_computed())
+            # the depth tokens left at; deferred keys and values also compute later layers for some positions,
+            # which is work (`layers_computed`), not depth
+            log.layers.append(sum(result.trace.exit_layers))
             log.steps.append(len(result.trace.exit_layers))
             log.decode_s.append(out.timings.decode_s)
         return result
