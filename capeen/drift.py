@@ -275,6 +275,7 @@ def run_drift(
     report = {
         "checkpoint": engine.name,
         "device": str(engine.device),
+        "kv_fill": getattr(engine, "kv_fill", "propagate"),
         "n_layer": config.n_layer,
         "exit_positions": list(layout.exit_positions),
         "phases": [str(d) for d in phases],
@@ -549,6 +550,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", help="write the full report to this JSON file")
     p.add_argument("--plot", help="write a PNG of the threshold chosen over the stream")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--kv-fill", choices=["propagate", "deferred"],
+                   help="how skipped layers' keys/values are filled (default: the calibrated way)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is fastest for this decoder)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -616,7 +619,7 @@ def bench_drift_main(args) -> int:
 
     torch.set_num_threads(args.threads)
     try:
-        engine = CaptionEngine.from_checkpoint(args.checkpoint, device=args.device)
+        engine = CaptionEngine.from_checkpoint(args.checkpoint, device=args.device, kv_fill=args.kv_fill)
     except (CheckpointError, ValueError, RuntimeError, OSError) as exc:  # RuntimeError: torch's bad --device
         raise UserError(str(exc)) from None
     fixed_threshold = args.threshold if args.threshold is not None else engine.calibrated_threshold

@@ -52,6 +52,7 @@ def test_report_structure(report):
     assert data["requests"] == PHASE_LENGTH * 4
     assert [p["distortion"] for p in data["per_phase"]] == ["none", "noise:40", "blur:1.5", "none"]
     assert data["exit_positions"] == [1, 2, 3, 4]
+    assert data["kv_fill"] == "propagate"  # the tiny checkpoint's calibration did not choose otherwise
     assert data["fixed_threshold"] == 0.6 and 0.6 in data["grid"]
     # The bandit's defaults: the variance index, c = 1, min_std 0.005.
     assert (data["bonus"], data["exploration"], data["min_std"]) == ("variance", 1.0, 0.005)
@@ -160,6 +161,17 @@ def test_a_grid_below_the_calibrated_threshold(tmp_path, tiny_data, checkpoint):
     assert report["grid"] == [0.2, 0.4, 0.6]  # the calibrated threshold of the checkpoint is always an arm
     chosen = report["stream"]["sw-ucb"]["thresholds"]
     assert len(chosen) == 6 and set(chosen) <= {0.2, 0.4, 0.6}
+
+
+def test_kv_fill_option_reaches_the_engine(tmp_path, tiny_data, checkpoint):
+    args = _args("--checkpoint", str(checkpoint), "--data", str(tiny_data), "--phase-length", "3",
+                 "--phases", "none,blur:1.5", "--policies", "fixed", "--device", "cpu", "--kv-fill", "deferred",
+                 "--json", str(tmp_path / "drift.json"), "--quiet", "--no-decode-best")
+    assert bench_drift_main(args) == 0
+    report = json.loads((tmp_path / "drift.json").read_text())
+    assert report["kv_fill"] == "deferred"
+    for phase in report["per_phase"]:
+        assert 1.0 <= phase["policies"]["fixed"]["mean_exit_layer"] <= 4.0
 
 
 def test_missing_data_is_a_user_error(tmp_path, checkpoint):
