@@ -14,9 +14,10 @@ layers' KV-cache entries (`kv_fill`):
 - `deferred` (the synchronised parallel decoding of FREE, Bae et al. 2023): the exited position stays
   pending, with its hidden state, until a later token of the same caption runs deeper. That token carries
   the pending positions through the layers it computes, in the same layer calls, one row each. Every key and
-  value is then exactly what full computation would give, so the tokens equal `simulate_exits`'s. A layer
-  call at batch 1 costs about the same for one row as for a few, so catching up costs little time there; in
-  a large batch, whose layers are bound by their matrix products, the extra rows cost their share.
+  value is then exactly what full computation would give, so the tokens equal `simulate_exits`'s. A row
+  riding along costs less than a layer call of its own (at batch 1 on a CPU, about half of one: the call's
+  fixed costs are paid once), and in a large batch, whose layers are bound by their matrix products, about
+  a full row.
 
 Each exit may add an offset to a row's threshold (a calibrated schedule: a shallow exit, more often confidently
 wrong, can ask for more confidence than a deep one, as CALM's decaying thresholds do). A row with threshold t
@@ -156,7 +157,7 @@ class RiderLayout(NamedTuple):
     positions: torch.Tensor  # per entry: its position
     mask: torch.Tensor  # (running, 1, width, T): which positions each (row, slot) query may attend to
     width: int  # slots per running row: one token plus its riders, the most of any row
-    padded: tuple[torch.Tensor, torch.Tensor] | None  # per entry: (running row, slot); None: one running row
+    slots: tuple[torch.Tensor, torch.Tensor]  # per entry: (running row, slot)
 
 
 class EarlyExitDecoder:
@@ -446,7 +447,8 @@ class EarlyExitDecoder:
     @staticmethod
     def _rider_layout(row_ids: list[int], rows: torch.Tensor | None, riders: list[tuple[int, int, int]], t: int,
                       device: torch.device) -> RiderLayout:
-        """Where each entry of a layer call with riders goes: the running rows' tokens, then the riders."""
+        """Where each entry of a layer call with riders goes: the running rows' tokens, then the riders (two
+        running rows or more; one alone takes `_block_one_row`)."""
         running = len(row_ids)
         slot_of = {r: i for i, r in enumerate(row_ids)}
         counts = [1] * running
@@ -466,8 +468,8 @@ class EarlyExitDecoder:
         allowed[entry_row_index, entry_slot_index] = \
             torch.arange(t + 1, device=device)[None, :] <= position_index[:, None]
         cache_rows = torch.tensor([row_ids[i] for i in entry_row], device=device)
-        padded = None if running == 1 else (entry_row_index, entry_slot_index)
-        return RiderLayout(rows, cache_rows, position_index, allowed.unsqueeze(1), width, padded)
+        return RiderLayout(rows, cache_rows, position_index, allowed.unsqueeze(1), width,
+                           (entry_row_index, entry_slot_index))
 
     def _block(self, layer: int, h: torch.Tensor, rows: torch.Tensor | None, cache: torch.Tensor,
                cross: torch.Tensor, t: int) -> torch.Tensor:
@@ -571,17 +573,13 @@ class EarlyExitDecoder:
     def _attend_by_row(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, layout: RiderLayout,
                        mask: torch.Tensor | None) -> torch.Tensor:
         """Attention for entries (q: (m, d)) against their rows' keys/values ((running, H, S, hd)); (m, d) out."""
-        m, d, H = q.shape[0], self.d, self.n_head
+        d, H = self.d, self.n_head
         running, width = keys.shape[0], layout.width
-        if layout.padded is None:  # one running row: the entries are its slots, in order
-            grouped = q.view(1, m, H, d // H)
-        else:
-            grouped = q.new_zeros(running, width, d)
-            grouped[layout.padded] = q
-            grouped = grouped.view(running, width, H, d // H)
+        grouped = q.new_zeros(running, width, d)  # padded: each running row's token and riders, in slots
+        grouped[layout.slots] = q
+        grouped = grouped.view(running, width, H, d // H)
         out = F.scaled_dot_product_attention(grouped.transpose(1, 2), keys, values, attn_mask=mask)
-        out = out.transpose(1, 2).reshape(running, width, d)
-        return out.view(m, d) if layout.padded is None else out[layout.padded]
+        return out.transpose(1, 2).reshape(running, width, d)[layout.slots]
 
     def _head(self, layer: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Confidence (max softmax probability) and argmax of the exit after 1-based `layer` (n_layer: final)."""
