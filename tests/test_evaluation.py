@@ -220,6 +220,17 @@ def test_choose_setting_counts_head_checks_at_their_cost():
     assert decode_cost(many_heads, 0.5) == pytest.approx(3.5)
 
 
+def test_choose_setting_counts_catch_up_layers_at_their_cost():
+    """Deferred keys and values: a setting that leaves early but leaves much to catch up can cost more."""
+    early = dict(_entry(0.7, 1.0, 3.0, 2.0), catch_up_layers_per_token=5.0)
+    late = dict(_entry(0.9, 1.0, 5.0, 2.0), catch_up_layers_per_token=1.0)
+    sweep = [early, late]
+    assert choose_setting(sweep, {"ciderD": 1.0}, 0.99, head_cost_ratio=0.0) is early  # catch-up free
+    assert choose_setting(sweep, {"ciderD": 1.0}, 0.99, head_cost_ratio=0.0, catch_up_ratio=0.6) is late  # 6.0 vs 5.6
+    assert decode_cost(early, 0.0, 0.6) == pytest.approx(6.0)
+    assert decode_cost(_entry(0.9, 1.0, 2.0, 1.0), 0.0, 0.6) == pytest.approx(2.0)  # propagate: none to catch up
+
+
 def test_choose_setting_none_when_nothing_meets_the_floor():
     assert choose_setting(SWEEP, {"ciderD": 2.0}, 0.99, head_cost_ratio=0.1) is None
     assert choose_setting([], {"ciderD": 1.0}, 0.5, head_cost_ratio=0.1) is None
