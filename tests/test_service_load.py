@@ -171,15 +171,25 @@ def test_kv_fill_setting_decodes_the_deferred_way(tiny_checkpoint) -> None:
     from models.engine import CaptionEngine
     from models.images import load_image
 
-    image = encode(noise_image(7))
-    settings = Settings(checkpoint=tiny_checkpoint, kv_fill="deferred", log_level="warning")
+    images = [encode(noise_image(seed)) for seed in range(6)]
+    settings = Settings(checkpoint=tiny_checkpoint, kv_fill="deferred", max_wait_ms=200, log_level="warning")
+    bodies: dict[int, dict] = {}
+
+    def ask(url: str, k: int) -> None:
+        bodies[k] = httpx.post(f"{url}/caption", files=upload(images[k]),
+                               data={"mode": "fixed", "threshold": "0.5"}, timeout=30).json()
+
     with running_server(settings) as server:
         assert httpx.get(f"{server.url}/v1/model").json()["kv_fill"] == "deferred"
-        body = httpx.post(f"{server.url}/caption", files=upload(image), data={"mode": "fixed", "threshold": "0.5"},
-                          timeout=30).json()
-    expected = CaptionEngine.from_checkpoint(tiny_checkpoint, device="cpu", kv_fill="deferred")
-    result = expected.caption([load_image(image)], 0.5).results[0]
-    assert (body["caption"], body["exit_layers"]) == (result.caption, result.exit_layers)
+        senders = [threading.Thread(target=ask, args=(server.url, k)) for k in range(6)]
+        for sender in senders:
+            sender.start()
+        for sender in senders:
+            sender.join(30)
+    engine = CaptionEngine.from_checkpoint(tiny_checkpoint, device="cpu", kv_fill="deferred")
+    for k, image in enumerate(images):  # decoded in batches with the others, each as it would be alone
+        alone = engine.caption([load_image(image)], 0.5).results[0]
+        assert (bodies[k]["caption"], bodies[k]["exit_layers"]) == (alone.caption, alone.exit_layers)
 
 
 def _serve(*args: str, **env: str) -> subprocess.CompletedProcess:
