@@ -162,17 +162,25 @@ def head_cost(engine: CaptionEngine, position: int = 12, repeats: int = 2000) ->
     def layer_with_rider() -> None:  # kv_fill="deferred": one earlier position catching up in the same call
         dec._block_one_row(0, pair, 0, cache, cross, position)
 
-    def timeit(fn) -> float:
-        with torch.inference_mode():
-            for _ in range(50):
-                fn()
-            _sync(engine.device)
-            start = time.perf_counter()
-            for _ in range(repeats):
-                fn()
-            _sync(engine.device)
-        return 1e6 * (time.perf_counter() - start) / repeats
+    def timeit(fn, count: int) -> float:
+        _sync(engine.device)
+        start = time.perf_counter()
+        for _ in range(count):
+            fn()
+        _sync(engine.device)
+        return 1e6 * (time.perf_counter() - start) / count
 
-    layer_us, head_us, with_rider_us = timeit(layer), timeit(exit_check), timeit(layer_with_rider)
+    # interleaved rounds, median per part: the calibration weighs heads and catch-up rows with these ratios,
+    # and a machine whose speed drifts during one long timing would skew them
+    parts = (layer, exit_check, layer_with_rider)
+    rounds = 7
+    samples: list[list[float]] = [[] for _ in parts]
+    with torch.inference_mode():
+        for fn in parts:
+            timeit(fn, 50)
+        for _ in range(rounds):
+            for fn, times in zip(parts, samples):
+                times.append(timeit(fn, max(1, repeats // rounds)))
+    layer_us, head_us, with_rider_us = (statistics.median(times) for times in samples)
     return {"decoder_layer_us": layer_us, "exit_check_us": head_us, "ratio": head_us / layer_us,
             "catch_up_us": with_rider_us - layer_us, "catch_up_ratio": max(0.0, with_rider_us - layer_us) / layer_us}
