@@ -13,6 +13,7 @@ import sys
 
 # Defined in its own module so that `python -m capeen.cli` (which loads this file twice) still catches it.
 from capeen.errors import UserError
+from capeen.options import add_kv_fill
 
 
 def _handler(target: str):
@@ -81,7 +82,7 @@ def _add_caption(sub) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--json", action="store_true", help="print JSON: caption, tokens, exit_layers, confidences")
-    _add_kv_fill(p)
+    add_kv_fill(p)
     p.set_defaults(func=_handler("models.commands:caption_main"))
 
 
@@ -94,8 +95,7 @@ def _add_serve(sub) -> None:
     p.add_argument("--checkpoint", help="checkpoint directory (CAPEEN_CHECKPOINT, default: the shipped one)")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], help="CAPEEN_DEVICE, default auto")
     p.add_argument("--half", action="store_true", default=None, help="half precision on CUDA (CAPEEN_HALF)")
-    p.add_argument("--kv-fill", choices=["propagate", "deferred"],
-                   help="how skipped layers' keys/values are filled (CAPEEN_KV_FILL, default: the calibrated way)")
+    add_kv_fill(p, env_var="CAPEEN_KV_FILL")
     p.set_defaults(func=_handler("service.cli:serve_main"))
 
 
@@ -107,13 +107,7 @@ def _add_model_source(p, default_split: str) -> None:
     p.add_argument("--batch-size", type=int, default=1, help="images decoded together (1: per-caption latency)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is fastest for this decoder)")
-    _add_kv_fill(p)
-
-
-def _add_kv_fill(p) -> None:
-    p.add_argument("--kv-fill", choices=["propagate", "deferred"],
-                   help="how skipped layers' keys/values are filled: propagate (CALM, approximate, on the spot) or "
-                        "deferred (exact, computed when a later token runs deeper); default: the calibrated one")
+    add_kv_fill(p)
 
 
 def _add_calibrate(sub) -> None:

@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from capeen.errors import UserError
+from capeen.options import add_kv_fill
 
 # numpy, torch, matplotlib and the model code are imported inside the functions that need them, so that
 # building the `capeen` parser (add_arguments) stays as light as the rest of the CLI.
@@ -550,8 +551,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", help="write the full report to this JSON file")
     p.add_argument("--plot", help="write a PNG of the threshold chosen over the stream")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--kv-fill", choices=["propagate", "deferred"],
-                   help="how skipped layers' keys/values are filled (default: the calibrated way)")
+    add_kv_fill(p)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is fastest for this decoder)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 

@@ -388,3 +388,10 @@ def test_python_m_capeen_caption_as_a_subprocess(tiny_checkpoint, images):
     (item,) = json.loads(proc.stdout)
     assert item["image"] == str(images["a.png"])
     assert len(item["tokens"]) == len(item["exit_layers"]) == len(item["confidences"])
+
+
+def test_the_cli_offers_every_way_the_decoder_fills_keys_and_values():
+    from capeen.options import KV_FILLS as CLI_KV_FILLS
+    from models.decoding import KV_FILLS
+
+    assert CLI_KV_FILLS == KV_FILLS

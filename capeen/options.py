@@ -1,0 +1,17 @@
+"""Command-line options that several subcommands share (standard library only: `capeen --help` stays light)."""
+
+from __future__ import annotations
+
+import argparse
+
+# models.decoding.KV_FILLS, spelled out here so that parsing arguments does not import torch
+KV_FILLS = ("propagate", "deferred")
+
+
+def add_kv_fill(parser: argparse.ArgumentParser, env_var: str | None = None) -> None:
+    """`--kv-fill`: how the keys and values of layers a token skipped are filled (models.decoding)."""
+    where = f"{env_var}, " if env_var else ""
+    parser.add_argument("--kv-fill", choices=KV_FILLS,
+                        help="how skipped layers' keys/values are filled: propagate (CALM, approximate, on the "
+                             "spot) or deferred (exact, computed when a later token runs deeper); "
+                             f"{where}default: the way the checkpoint was calibrated")
