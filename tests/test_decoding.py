@@ -125,9 +125,10 @@ def test_full_depth_runs_every_layer_and_zero_threshold_leaves_at_the_first_exit
     assert all(len(c) == 1 for trace in full for c in trace.exit_confidences)  # no exit evaluated at full depth
 
 
-def test_a_caption_does_not_depend_on_its_batch(model):
-    engine = EarlyExitDecoder(model)
-    torch.manual_seed(1)
+@pytest.mark.parametrize("kv_fill, seed", [("propagate", 1), ("deferred", 2)])
+def test_a_caption_does_not_depend_on_its_batch(model, kv_fill, seed):
+    engine = EarlyExitDecoder(model, kv_fill=kv_fill)
+    torch.manual_seed(seed)
     states = torch.randn(8, 5, model.config.n_embd)
     thresholds = [0.0, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, FULL_DEPTH]
     batched = engine.decode(states, thresholds, max_tokens=10)
@@ -135,8 +136,10 @@ def test_a_caption_does_not_depend_on_its_batch(model):
         alone = engine.decode(states[row:row + 1], thresholds[row], max_tokens=10)[0]
         assert alone.token_ids == batched[row].token_ids
         assert alone.exit_layers == batched[row].exit_layers
+        assert alone.catch_up_layers == batched[row].catch_up_layers
         for a, b in zip(alone.exit_confidences, batched[row].exit_confidences):
             assert a == pytest.approx(b, abs=1e-5)
+    assert batched[7].catch_up_layers == 0 and set(batched[7].exit_layers) == {6}  # full depth leaves nothing behind
 
 
 @pytest.mark.parametrize("threshold", [0.0, 0.5, 0.8])
@@ -193,21 +196,6 @@ def test_deferred_kv_fill_gives_the_exact_tokens_of_simulated_exits_while_skippi
     gaps = [abs(a - b) for p, d in zip(propagated, batched) if p.token_ids == d.token_ids
             for pc, dc in zip(p.exit_confidences, d.exit_confidences) for a, b in zip(pc, dc)]
     assert max(gaps) > 1e-3
-
-
-def test_deferred_kv_fill_does_not_depend_on_the_batch(model):
-    engine = EarlyExitDecoder(model, kv_fill="deferred")
-    torch.manual_seed(2)
-    states = torch.randn(8, 5, model.config.n_embd)
-    thresholds = [0.0, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, FULL_DEPTH]
-    batched = engine.decode(states, thresholds, max_tokens=10)
-    for row in range(8):
-        alone = engine.decode(states[row:row + 1], thresholds[row], max_tokens=10)[0]
-        assert alone.token_ids == batched[row].token_ids and alone.exit_layers == batched[row].exit_layers
-        assert alone.catch_up_layers == batched[row].catch_up_layers
-        for a, b in zip(alone.exit_confidences, batched[row].exit_confidences):
-            assert a == pytest.approx(b, abs=1e-5)
-    assert batched[7].catch_up_layers == 0 and set(batched[7].exit_layers) == {6}  # full depth leaves nothing behind
 
 
 def test_kv_fill_is_chosen_per_decoder_or_per_call(model):

@@ -152,23 +152,24 @@ def test_bad_options_are_user_errors(tiny_data, checkpoint, flag, value):
     assert "\n" not in str(info.value)
 
 
-def test_a_grid_below_the_calibrated_threshold(tmp_path, tiny_data, checkpoint):
+def _short_run(tmp_path, tiny_data, checkpoint, *options: str) -> dict:
+    """Two phases of 3 requests, without decoding the best fixed arm; the JSON report."""
     args = _args("--checkpoint", str(checkpoint), "--data", str(tiny_data), "--phase-length", "3",
-                 "--phases", "none,blur:1.5", "--policies", "fixed,sw-ucb", "--grid", "0.2,0.4", "--device", "cpu",
-                 "--json", str(tmp_path / "drift.json"), "--quiet", "--no-decode-best")
+                 "--phases", "none,blur:1.5", "--device", "cpu", "--json", str(tmp_path / "drift.json"), "--quiet",
+                 "--no-decode-best", *options)
     assert bench_drift_main(args) == 0
-    report = json.loads((tmp_path / "drift.json").read_text())
+    return json.loads((tmp_path / "drift.json").read_text())
+
+
+def test_a_grid_below_the_calibrated_threshold(tmp_path, tiny_data, checkpoint):
+    report = _short_run(tmp_path, tiny_data, checkpoint, "--policies", "fixed,sw-ucb", "--grid", "0.2,0.4")
     assert report["grid"] == [0.2, 0.4, 0.6]  # the calibrated threshold of the checkpoint is always an arm
     chosen = report["stream"]["sw-ucb"]["thresholds"]
     assert len(chosen) == 6 and set(chosen) <= {0.2, 0.4, 0.6}
 
 
 def test_kv_fill_option_reaches_the_engine(tmp_path, tiny_data, checkpoint):
-    args = _args("--checkpoint", str(checkpoint), "--data", str(tiny_data), "--phase-length", "3",
-                 "--phases", "none,blur:1.5", "--policies", "fixed", "--device", "cpu", "--kv-fill", "deferred",
-                 "--json", str(tmp_path / "drift.json"), "--quiet", "--no-decode-best")
-    assert bench_drift_main(args) == 0
-    report = json.loads((tmp_path / "drift.json").read_text())
+    report = _short_run(tmp_path, tiny_data, checkpoint, "--policies", "fixed", "--kv-fill", "deferred")
     assert report["kv_fill"] == "deferred"
     for phase in report["per_phase"]:
         assert 1.0 <= phase["policies"]["fixed"]["mean_exit_layer"] <= 4.0
