@@ -8,8 +8,8 @@ confidence threshold; a token that leaves the decoder at exit i earns
 where C_i is the confidence (max softmax probability) at the exit the token left at, C_1 the confidence
 at the first exit, p_i the 1-based layer of that exit, L the number of decoder layers and mu the price
 of running the whole decoder in units of confidence (default 0.1). A request earns the mean of r over
-its tokens. reward.py explains the choice; policies.py the UCB1, sliding-window and discounted policies
-and their index, whose exploration bonus scales with each arm's estimated reward variance;
+its tokens. reward.py explains the choice; policies.py the UCB1, sliding-window, discounted and
+change-detecting policies and their index, whose exploration bonus scales with each arm's estimated reward variance;
 store.py the crash-safe snapshot; simulate.py the synthetic traffic used to measure regret.
 
 Pure Python and numpy: importing this package never imports torch or a web framework.
@@ -18,7 +18,10 @@ Pure Python and numpy: importing this package never imports torch or a web frame
 from bandit.policies import (
     BONUSES,
     DEFAULT_BONUS,
+    DEFAULT_CHANGE_THRESHOLD,
+    DEFAULT_CHANGE_WINDOW,
     DEFAULT_EXPLORATION,
+    DEFAULT_EXPLORE_EVERY,
     DEFAULT_GAMMA,
     DEFAULT_MIN_STD,
     DEFAULT_WINDOW,
@@ -26,6 +29,7 @@ from bandit.policies import (
     RANGE_EXPLORATION,
     UCB1,
     Arm,
+    ChangeDetectingUCB,
     DiscountedUCB,
     Policy,
     SlidingWindowUCB,
@@ -40,7 +44,10 @@ from bandit.store import LoadResult, SnapshotError, load_or_new, write_json_atom
 __all__ = [
     "BONUSES",
     "DEFAULT_BONUS",
+    "DEFAULT_CHANGE_THRESHOLD",
+    "DEFAULT_CHANGE_WINDOW",
     "DEFAULT_EXPLORATION",
+    "DEFAULT_EXPLORE_EVERY",
     "DEFAULT_GAMMA",
     "DEFAULT_MIN_STD",
     "DEFAULT_MU",
@@ -49,6 +56,7 @@ __all__ = [
     "RANGE_EXPLORATION",
     "UCB1",
     "Arm",
+    "ChangeDetectingUCB",
     "DiscountedUCB",
     "ExitLayout",
     "LoadResult",

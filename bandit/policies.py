@@ -103,6 +103,20 @@ DEFAULT_WINDOW = 1000
 """Sliding window in requests: a few minutes of traffic at a few requests per second."""
 DEFAULT_GAMMA = 0.999
 """Discount per request; its effective memory 1 / (1 - gamma) = 1000 requests matches DEFAULT_WINDOW."""
+DEFAULT_CHANGE_WINDOW = 100
+"""CD-UCB's test window per arm: the last 100 rewards, 50 against 50. A lasting shift of the reward is seen within
+about 50 observations of an arm; a shift of s * sqrt(4 / 100) * z = s, one per-request standard deviation at
+z = 5, is the smallest it detects for sure."""
+DEFAULT_EXPLORE_EVERY = 0
+"""CD-UCB's forced exploration (M-UCB's): one request in this many decoded with the highest threshold; 0: none.
+
+Off by default. Side observations already show the detector every arm up to the one in use on every request,
+and a drift of the images moves the confidences behind all of them (bench-drift: every arm's reward moved
+with each distortion). Forced decodes only help with a change confined to arms above the one in use, and they
+cost: on bench-drift, 1 in 50 lowered CD-UCB from 97.7% to 90.3% of the best fixed arms' reward, because the
+extra samples of the deepest arms kept the index trying them. BENCHMARKS.md has the figures."""
+DEFAULT_CHANGE_THRESHOLD = 5.0
+"""CD-UCB's z: a chance crossing has probability about 6e-7 per test for Gaussian rewards."""
 
 
 def default_exploration(bonus: str = DEFAULT_BONUS) -> float:
@@ -594,7 +608,138 @@ class SlidingWindowUCB(Policy):
         return parsed
 
 
-POLICIES: dict[str, type[Policy]] = {cls.name: cls for cls in (UCB1, SlidingWindowUCB, DiscountedUCB)}
+class ChangeDetectingUCB(Policy):
+    """CD-UCB: UCB1's whole memory, emptied when a change is detected (in the manner of M-UCB, Cao et al. 2019).
+
+    Forgetting on a schedule (SW-UCB, D-UCB) costs exploration in every window whether or not the traffic
+    changed. CD-UCB remembers everything, as UCB1 does, and tests instead, after every update, each arm whose
+    last `change_window` rewards are all remembered: the older half's mean against the newer half's. If
+
+        |mean_new - mean_old| > z * s * sqrt(4 / change_window),   s^2 = the two halves' pooled variance,
+                                                                       floored at min_std^2
+
+    (a two-sample z-test; z is `change_threshold`), the rewards have moved: every statistic is emptied and
+    learning starts again with that request. For Gaussian rewards a test crosses z = 5 by chance with
+    probability 6e-7; the buffers are tested after each request in which they change, so false alarms are rare
+    but tests are not independent of one another (each half is reused), which makes them rarer still. Side
+    observations feed the test of every lower arm on every request, so a shift of the traffic is seen on the
+    low arms even while the best arm is pulled. Per update: O(arms x change_window), a constant window.
+    """
+
+    name = "cd-ucb"
+
+    def __init__(self, thresholds: Sequence[float], *, change_window: int = DEFAULT_CHANGE_WINDOW,
+                 change_threshold: float = DEFAULT_CHANGE_THRESHOLD, explore_every: int = DEFAULT_EXPLORE_EVERY,
+                 **kwargs: Any) -> None:
+        if isinstance(explore_every, bool) or not isinstance(explore_every, int) or explore_every < 0:
+            raise ValueError(f"explore_every must be an integer >= 0, got {explore_every!r}")
+        self.explore_every = explore_every
+        if isinstance(change_window, bool) or not isinstance(change_window, int) or change_window < 4 \
+                or change_window % 2:
+            raise ValueError(f"change_window must be an even integer >= 4, got {change_window!r}")
+        if not (math.isfinite(change_threshold) and change_threshold > 0):
+            raise ValueError(f"change_threshold must be a finite number > 0, got {change_threshold}")
+        self.change_window = change_window
+        self.change_threshold = float(change_threshold)
+        super().__init__(thresholds, **kwargs)
+        self._changes: list[int] = []  # the request (1-based) at which each change was detected
+
+    def _extra_config(self) -> dict[str, Any]:
+        return {"change_window": self.change_window, "change_threshold": self.change_threshold,
+                "explore_every": self.explore_every}
+
+    def select(self) -> Arm:
+        """Every `explore_every`-th request since the last change: the highest arm, which observes every arm
+        (side observations; without them the arms take turns), so that a change among arms the index no
+        longer picks is seen too. Otherwise UCB's choice."""
+        with self._lock:
+            horizon = self._horizon
+        if self.explore_every and horizon % self.explore_every == self.explore_every - 1:
+            if self.side_observations:
+                return self.arms[-1]
+            return self.arms[(horizon // self.explore_every) % len(self.arms)]
+        return super().select()
+
+    @property
+    def changes(self) -> list[int]:
+        """The requests (1-based, counted since start) at which a change was detected and memory emptied."""
+        with self._lock:
+            return list(self._changes)
+
+    def _reset(self) -> None:
+        arms = len(self.arms)
+        self._sums = np.zeros(arms)
+        self._squares = np.zeros(arms)
+        self._counts = np.zeros(arms, dtype=np.int64)
+        self._horizon = 0
+        self._recent = np.full((arms, self.change_window), np.nan)  # per arm, its last rewards, oldest first
+
+    def _add(self, rewards: np.ndarray) -> None:
+        seen = ~np.isnan(rewards)
+        self._recent[seen, :-1] = self._recent[seen, 1:]
+        self._recent[seen, -1] = rewards[seen]
+        if self._changed(seen):
+            self._changes.append(self._rounds)
+            self._reset()
+            self._recent[seen, -1] = rewards[seen]
+        self._horizon += 1
+        self._sums[seen] += rewards[seen]
+        self._squares[seen] += rewards[seen] ** 2
+        self._counts += seen
+
+    def _changed(self, seen: np.ndarray) -> bool:
+        full = seen & ~np.isnan(self._recent[:, 0])
+        if not full.any():
+            return False
+        half = self.change_window // 2
+        older, newer = self._recent[full, :half], self._recent[full, half:]
+        pooled = (older.var(axis=1, ddof=1) + newer.var(axis=1, ddof=1)) / 2
+        spread = np.sqrt(np.maximum(pooled, self.min_std**2))
+        shift = np.abs(newer.mean(axis=1) - older.mean(axis=1))
+        return bool(np.any(shift > self.change_threshold * spread * math.sqrt(2 / half)))
+
+    def _moments(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+        return self._counts.astype(float), self._sums.copy(), self._squares.copy(), float(self._horizon)
+
+    def _state(self) -> dict[str, Any]:
+        recent = [[None if math.isnan(v) else v for v in row.tolist()] for row in self._recent]
+        return {"sums": self._sums.tolist(), "squares": self._squares.tolist(), "counts": self._counts.tolist(),
+                "horizon": self._horizon, "recent": recent, "changes": list(self._changes)}
+
+    def _parse_state(self, state: Mapping[str, Any], rounds: int, observations: np.ndarray) -> dict[str, Any]:
+        horizon = state.get("horizon")
+        if not isinstance(horizon, int) or isinstance(horizon, bool) or not 0 <= horizon <= rounds:
+            raise SnapshotError(f"snapshot horizon is {horizon!r}")
+        counts = _int_array(state, "counts", len(self.arms))
+        if np.any(counts > horizon) or np.any(counts > observations):
+            raise SnapshotError("snapshot counts exceed its horizon or its observations")
+        sums = _float_array(state, "sums", len(self.arms))
+        rows = state.get("recent")
+        if not isinstance(rows, list) or len(rows) != len(self.arms):
+            raise SnapshotError(f"snapshot recent must list {len(self.arms)} rows")
+        recent = np.full((len(self.arms), self.change_window), np.nan)
+        for arm, row in enumerate(rows):
+            if not isinstance(row, list) or len(row) != self.change_window:
+                raise SnapshotError(f"snapshot recent rows must hold {self.change_window} rewards")
+            known = [v is not None for v in row]
+            if any(a and not b for a, b in pairwise(known)) or sum(known) > counts[arm]:
+                raise SnapshotError("snapshot recent rows must end with at most their arm's count of rewards")
+            if not all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v))
+                       for v in row):
+                raise SnapshotError("snapshot recent holds a reward that is neither null nor a finite number")
+            recent[arm] = [np.nan if v is None else v for v in row]
+        changes = state.get("changes")
+        if not isinstance(changes, list) or not all(
+                isinstance(c, int) and not isinstance(c, bool) and 0 < c <= rounds for c in changes) \
+                or any(b <= a for a, b in pairwise(changes)):
+            raise SnapshotError("snapshot changes must be increasing request numbers up to its rounds")
+        return {"_sums": sums, "_squares": _squares(state, sums, counts.astype(float)), "_counts": counts,
+                "_horizon": horizon, "_recent": recent, "_changes": list(changes)}
+
+
+POLICIES: dict[str, type[Policy]] = {
+    cls.name: cls for cls in (UCB1, SlidingWindowUCB, DiscountedUCB, ChangeDetectingUCB)
+}
 
 
 def make_policy(
@@ -603,12 +748,16 @@ def make_policy(
     *,
     window: int = DEFAULT_WINDOW,
     gamma: float = DEFAULT_GAMMA,
+    change_window: int = DEFAULT_CHANGE_WINDOW,
+    change_threshold: float = DEFAULT_CHANGE_THRESHOLD,
+    explore_every: int = DEFAULT_EXPLORE_EVERY,
     **options: Any,
 ) -> Policy:
-    """Build policy `name` ("ucb1", "sw-ucb" or "d-ucb") over `thresholds` (default: `default_grid`).
+    """Build policy `name` ("ucb1", "sw-ucb", "d-ucb" or "cd-ucb") over `thresholds` (default: `default_grid`).
 
     `options` are `Policy`'s keywords: exit_positions and num_layers (required), exit_offsets, calibrated, exploration,
-    bonus, min_std, mu, side_observations. `window` is used by sw-ucb only and `gamma` by d-ucb only.
+    bonus, min_std, mu, side_observations. `window` is used by sw-ucb only, `gamma` by d-ucb only, and
+    `change_window`, `change_threshold` and `explore_every` by cd-ucb only.
 
     The default bonus is "variance" with c = DEFAULT_EXPLORATION = 1 (the module docstring and the constants
     say why). With `bonus="range"` the default c is RANGE_EXPLORATION = 0.2, far below UCB1's textbook
@@ -619,6 +768,8 @@ def make_policy(
     """
     if name not in POLICIES:
         raise ValueError(f"unknown policy {name!r}; choose one of {sorted(POLICIES)}")
-    memory = {"sw-ucb": {"window": window}, "d-ucb": {"gamma": gamma}}.get(name, {})
+    memory = {"sw-ucb": {"window": window}, "d-ucb": {"gamma": gamma},
+              "cd-ucb": {"change_window": change_window, "change_threshold": change_threshold,
+                         "explore_every": explore_every}}.get(name, {})
     grid = default_grid(options.get("calibrated")) if thresholds is None else thresholds
     return POLICIES[name](grid, **memory, **options)

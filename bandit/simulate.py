@@ -265,13 +265,14 @@ def stationary_regret(policy_name: str, steps: int, seed: int) -> np.ndarray:
 
 
 def change_delay(name: str, change: int, after: int, seed: int, window: int, gamma: float,
-                 gaussian: bool = False) -> int:
+                 gaussian: bool = False, **options: Any) -> int:
     """Steps until policy `name` makes the new best arm of CHANGE_AFTER its most pulled; `after` if never.
 
     Bernoulli arms with the range index, or with `gaussian` the small-spread Gaussian arms (means scaled by
     SMALL_SPREAD_SCALE, std SMALL_SPREAD_STD) with the default (variance) index and side observations.
+    `options` go to `make_policy` (e.g. cd-ucb's explore_every).
     """
-    grid, memory = label_grid(len(CHANGE_BEFORE)), {"window": window, "gamma": gamma}
+    grid, memory = label_grid(len(CHANGE_BEFORE)), {"window": window, "gamma": gamma, **options}
     if gaussian:
         policy = make_policy(name, grid, **memory, **_layout_kwargs())
         stds = [SMALL_SPREAD_STD] * len(CHANGE_BEFORE)
@@ -335,6 +336,10 @@ def main() -> None:
     for name in POLICIES:
         delays = [change_delay(name, 5000, 3000, seed, window=500, gamma=0.998, gaussian=True) for seed in seeds]
         print(f"  {name:6s} steps until the new best arm leads the last 200 pulls: {delays}")
+    for every in (20, 50):
+        delays = [change_delay("cd-ucb", 5000, 3000, seed, window=500, gamma=0.998, gaussian=True,
+                               explore_every=every) for seed in seeds]
+        print(f"  cd-ucb, forced exploration 1 in {every}: {delays}")
     print("Small reward spread: Gaussian arms with the first default checkpoint's per-request means and spreads "
           "(SHIPPED_*):")
     for name in ("ucb1", "uniform"):

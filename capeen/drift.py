@@ -5,7 +5,7 @@ with its own distortion (default: clean, Gaussian noise, Gaussian blur, clean), 
 the same stream, the same images with the same noise:
 
 * `fixed`: the checkpoint's calibrated threshold (or `--threshold`), never changed;
-* `ucb1`, `sw-ucb`, `d-ucb`: the bandit picks a threshold per request (`select()`), the engine really
+* `ucb1`, `sw-ucb`, `d-ucb`, `cd-ucb`: the bandit picks a threshold per request (`select()`), the engine really
   decodes with it, early exits included, and the bandit learns from that decode's trace (`update()`). The
   index is bandit's default, whose bonus scales with each arm's estimated reward variance; `--bonus range`
   runs the former range index (bandit/policies.py).
@@ -52,8 +52,8 @@ from capeen.options import add_kv_fill
 # numpy, torch, matplotlib and the model code are imported inside the functions that need them, so that
 # building the `capeen` parser (add_arguments) stays as light as the rest of the CLI.
 
-POLICY_NAMES = ("fixed", "ucb1", "sw-ucb", "d-ucb")
-DRIFT_AWARE = ("sw-ucb", "d-ucb")
+POLICY_NAMES = ("fixed", "ucb1", "sw-ucb", "d-ucb", "cd-ucb")
+DRIFT_AWARE = ("sw-ucb", "d-ucb", "cd-ucb")
 DEFAULT_PHASES = "none,noise:40,blur:2,none"
 DEFAULT_PHASE_LENGTH = 300
 DONE_WHEN_PCT = 95.0
@@ -101,8 +101,8 @@ class _Fixed:
         return self.threshold
 
 
-def _make_policies(names, *, grid, layout, calibrated, fixed_threshold, mu, window, gamma, exploration, bonus,
-                   min_std):
+def _make_policies(names, *, grid, layout, calibrated, fixed_threshold, mu, window, gamma, change_window,
+                   change_threshold, explore_every, exploration, bonus, min_std):
     from bandit import make_policy
 
     policies = {}
@@ -113,8 +113,8 @@ def _make_policies(names, *, grid, layout, calibrated, fixed_threshold, mu, wind
             policies[name] = make_policy(
                 name, grid, exit_positions=layout.exit_positions, exit_offsets=layout.offsets,
                 num_layers=layout.num_layers,
-                calibrated=calibrated, mu=mu, window=window, gamma=gamma, exploration=exploration, bonus=bonus,
-                min_std=min_std,
+                calibrated=calibrated, mu=mu, window=window, gamma=gamma, change_window=change_window,
+                change_threshold=change_threshold, explore_every=explore_every, exploration=exploration, bonus=bonus, min_std=min_std,
             )
     return policies
 
@@ -130,6 +130,9 @@ def run_drift(
     mu: float,
     window: int,
     gamma: float,
+    change_window: int,
+    change_threshold: float,
+    explore_every: int,
     exploration: float,
     bonus: str,
     min_std: float,
@@ -164,6 +167,8 @@ def run_drift(
     grid_array = np.asarray(grid)
     bandits = _make_policies(policies, grid=grid, layout=layout, calibrated=fixed_threshold,
                              fixed_threshold=fixed_threshold, mu=mu, window=window, gamma=gamma,
+                             change_window=change_window, change_threshold=change_threshold,
+                             explore_every=explore_every,
                              exploration=exploration, bonus=bonus, min_std=min_std)
     logs = {name: PolicyLog(name) for name in policies}
     n_requests = phase_length * len(phases)
@@ -288,6 +293,9 @@ def run_drift(
         "mu": mu,
         "window": window,
         "gamma": gamma,
+        "change_window": change_window,
+        "change_threshold": change_threshold,
+        "explore_every": explore_every,
         "exploration": exploration,
         "bonus": bonus,
         "min_std": min_std,
@@ -296,6 +304,9 @@ def run_drift(
         "grid": list(grid),
         "policies": list(policies),
         "decode_best": decode_best,
+        # cd-ucb's detected changes, as request numbers of the stream (1-based): where its memory was emptied
+        "changes_detected": {name: list(policy.changes) for name, policy in bandits.items()
+                             if hasattr(policy, "changes")},
         "elapsed_s": elapsed,
         "per_phase": phase_reports,
         "overall": {"best_fixed_per_phase_reward": total.best, "full_depth_reward": total.full_depth,
@@ -378,7 +389,7 @@ def done_when(report: dict[str, Any]) -> dict[str, Any]:
     overall = report["overall"]["policies"]
     candidates = [n for n in DRIFT_AWARE if n in overall]
     if not candidates or "fixed" not in overall:
-        return {"checked": False, "why": "needs --policies with fixed and sw-ucb or d-ucb"}
+        return {"checked": False, "why": "needs --policies with fixed and sw-ucb, d-ucb or cd-ucb"}
     best = max(candidates, key=lambda n: overall[n]["reward"])
     # The issue asks for the plain ratio R / B. When every fixed arm loses (B <= 0, e.g. a model whose first
     # exit is already confident, so deeper layers never repay mu), that ratio ranks a larger loss higher, and
@@ -427,7 +438,8 @@ def format_table(report: dict[str, Any]) -> str:
     lines = [
         (f"**{report['checkpoint']}**: {report['requests']} requests, phases {', '.join(report['phases'])} "
          f"({report['phase_length']} each), mu={report['mu']:g}, window={report['window']}, "
-         f"gamma={report['gamma']:g}, {index}, fixed threshold {report['fixed_threshold']:g}, seed {report['seed']}"),
+         f"gamma={report['gamma']:g}, change window {report['change_window']}, "
+         f"z={report['change_threshold']:g}, forced exploration 1 in {report['explore_every']}, {index}, fixed threshold {report['fixed_threshold']:g}, seed {report['seed']}"),
         "",
         ("Reward R summed over the phase; B: best fixed arm in hindsight, F: full depth, both read off the "
          "full-depth traces. % of best = R/B (n/a when B <= 0); % of gain = (R-F)/(B-F); "
@@ -463,6 +475,8 @@ def format_table(report: dict[str, Any]) -> str:
     lines.append(f"| full depth | {overall['full_depth_reward']:.2f} | | 0.0 | 0.0 | {report['n_layer']:.2f} |")
     lines.append(f"| per-phase best fixed | {overall['best_fixed_per_phase_reward']:.2f} | "
                  f"{'100.0' if overall['best_fixed_per_phase_reward'] > 0 else 'n/a'} | 100.0 | 100.0 | |")
+    for name, changes in report.get("changes_detected", {}).items():
+        lines.append(f"| {name}: changes detected at requests | {', '.join(map(str, changes)) or 'none'} | | | | |")
     check = report["done_when"]
     lines.append("")
     if not check["checked"]:
@@ -505,6 +519,10 @@ def plot_thresholds(report: dict[str, Any], path: Path) -> None:
                 ax.axvline(start, color="red", linestyle="--", linewidth=0.8)
             ax.text((start + end) / 2, 1.0, phase["distortion"], ha="center", va="bottom", fontsize=7,
                     transform=ax.get_xaxis_transform())
+        changes = report.get("changes_detected", {}).get(name, [])
+        if changes:  # request numbers are 1-based
+            ax.plot(np.asarray(changes) - 1, [max(grid) + 0.02] * len(changes), "v", color="darkorange",
+                    markersize=5, label="change detected")
         ax.set_ylim(min(grid) - 0.03, max(grid) + 0.03)
         ax.set_ylabel("threshold")
         ax.legend(loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=7, borderaxespad=0.0)
@@ -536,6 +554,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window", type=int,
                    help="sw-ucb window in requests (default: half a phase, capped at bandit.DEFAULT_WINDOW)")
     p.add_argument("--gamma", type=float, help="d-ucb discount (default: 1 - 1/window, the same memory)")
+    p.add_argument("--change-window", type=int,
+                   help="cd-ucb's test window per arm, an even number >= 4 (default: bandit.DEFAULT_CHANGE_WINDOW)")
+    p.add_argument("--change-threshold", type=float,
+                   help="cd-ucb's z, how many standard errors the halves' means must differ by "
+                        "(default: bandit.DEFAULT_CHANGE_THRESHOLD)")
+    p.add_argument("--explore-every", type=int,
+                   help="cd-ucb decodes one request in this many with the highest threshold, 0 for never "
+                        "(default: bandit.DEFAULT_EXPLORE_EVERY)")
     p.add_argument("--bonus", choices=("variance", "range"), default="variance",
                    help="UCB index: c * sqrt(var * ln H / n), var each arm's estimated reward variance "
                         "(default), or the former c * sqrt(ln H / n)")
@@ -557,7 +583,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _parse_args(args) -> dict[str, Any]:
-    from bandit import DEFAULT_MIN_STD, DEFAULT_MU, DEFAULT_WINDOW, default_exploration, parse_grid
+    from bandit import (DEFAULT_CHANGE_THRESHOLD, DEFAULT_CHANGE_WINDOW, DEFAULT_EXPLORE_EVERY, DEFAULT_MIN_STD,
+                        DEFAULT_MU, DEFAULT_WINDOW, default_exploration, parse_grid)
     from models.evaluation import Distortion
 
     if args.phase_length < 1:
@@ -588,6 +615,15 @@ def _parse_args(args) -> dict[str, Any]:
     gamma = 1.0 - 1.0 / max(window, 2) if args.gamma is None else args.gamma
     if not 0.0 < gamma < 1.0:
         raise UserError(f"--gamma must lie in (0, 1), got {args.gamma}")
+    change_window = DEFAULT_CHANGE_WINDOW if args.change_window is None else args.change_window
+    if change_window < 4 or change_window % 2:
+        raise UserError(f"--change-window must be an even number >= 4, got {args.change_window}")
+    change_threshold = DEFAULT_CHANGE_THRESHOLD if args.change_threshold is None else args.change_threshold
+    if not (math.isfinite(change_threshold) and change_threshold > 0):
+        raise UserError(f"--change-threshold must be a finite number > 0, got {args.change_threshold}")
+    explore_every = DEFAULT_EXPLORE_EVERY if args.explore_every is None else args.explore_every
+    if explore_every < 0:
+        raise UserError(f"--explore-every must be an integer >= 0, got {args.explore_every}")
     exploration = default_exploration(args.bonus) if args.exploration is None else args.exploration
     if not (math.isfinite(exploration) and exploration >= 0):
         raise UserError(f"--exploration must be a finite number >= 0, got {args.exploration}")
@@ -604,6 +640,7 @@ def _parse_args(args) -> dict[str, Any]:
         except ValueError as exc:
             raise UserError(f"--grid: {exc}") from None
     return {"phases": phases, "policies": policies, "mu": mu, "window": window, "gamma": gamma,
+            "change_window": change_window, "change_threshold": change_threshold, "explore_every": explore_every,
             "exploration": exploration, "bonus": args.bonus, "min_std": min_std, "grid": args.grid}
 
 

@@ -7,6 +7,7 @@ selected an arm before the reset update the fresh policy (same grid, so their ar
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,6 +27,7 @@ class AdaptiveThreshold:
         """A fresh policy, or the one in the snapshot at `state_path` if usable (a bad one is set aside)."""
         self._factory = factory
         self._metrics = metrics
+        self._changes_lock = threading.Lock()
         self.state_path = state_path
         if state_path is None:
             self.policy = factory()
@@ -34,6 +36,7 @@ class AdaptiveThreshold:
             self.policy = loaded.policy
             if loaded.restored:
                 log.info("bandit restored from %s (%d requests learnt)", state_path, self.policy.rounds)
+        self._changes_counted = self._changes_of(self.policy)  # those before a restart are not counted again
         self._show_best()
 
     def save(self) -> None:
@@ -42,7 +45,9 @@ class AdaptiveThreshold:
             log.info("bandit snapshot written to %s (%d requests learnt)", self.state_path, self.policy.rounds)
 
     def reset(self) -> None:
-        self.policy = self._factory()
+        with self._changes_lock:
+            self.policy = self._factory()
+            self._changes_counted = 0
         self._show_best()
 
     def select(self) -> Arm:
@@ -50,10 +55,28 @@ class AdaptiveThreshold:
 
     def update(self, arm: Arm, trace: DecodeTrace) -> None:
         """Learn from one request's own trace."""
-        reward = self.policy.update(arm, trace)
+        policy = self.policy
+        reward = policy.update(arm, trace)
+        self._count_changes(policy)
         self._metrics.arm_pulls.labels(arm=arm_label(arm)).inc()
         self._metrics.bandit_reward.observe(reward)
         self._show_best()
+
+    @staticmethod
+    def _changes_of(policy: Policy) -> int:
+        return len(getattr(policy, "changes", ()))  # only cd-ucb detects changes
+
+    def _count_changes(self, policy: Policy) -> None:
+        """Add the policy's newly detected changes to the counter, each once although updates run concurrently."""
+        with self._changes_lock:
+            if policy is not self.policy:
+                return  # reset meanwhile: the detections of the discarded policy no longer matter
+            found = self._changes_of(policy)
+            if found > self._changes_counted:
+                self._metrics.bandit_changes.inc(found - self._changes_counted)
+                log.info("bandit: the rewards moved (change %d detected at request %d); learning afresh", found,
+                         policy.changes[-1])
+                self._changes_counted = found
 
     def _show_best(self) -> None:
         self._metrics.bandit_threshold.set(self.policy.best().threshold)

@@ -66,6 +66,8 @@ class ServingMetrics:
                                  ["arm"], registry=registry)
         self.bandit_threshold = Gauge("capeen_bandit_threshold", "threshold of the arm the bandit rates best now",
                                       registry=registry)
+        self.bandit_changes = Counter("capeen_bandit_changes_detected", "times the bandit (cd-ucb) detected that "
+                                      "the rewards moved and started learning afresh", registry=registry)
         self.bandit_reward = Histogram("capeen_bandit_reward", "reward of each adaptive request",
                                        buckets=REWARD_BUCKETS, registry=registry)
         self.model = Info("capeen_model", "the loaded model", registry=registry)

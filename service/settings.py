@@ -40,8 +40,8 @@ class Settings(BaseSettings):
                             description="largest image accepted, in pixels, read from its header; more: 413")
     max_tokens: int | None = Field(None, ge=1, description="longest caption in tokens, and the cap of the max_tokens "
                                    "option; unset: the model's limit")
-    policy: str = Field("d-ucb", description="bandit policy of mode=adaptive: ucb1, sw-ucb or d-ucb (discounted "
-                        "UCB: follows drifting traffic with O(arms) state)")
+    policy: str = Field("cd-ucb", description="bandit policy of mode=adaptive: ucb1, sw-ucb, d-ucb or cd-ucb "
+                        "(UCB1 that starts learning afresh when it detects that the rewards moved)")
     bandit_state: Path | None = Field(None, description="JSON snapshot of the bandit, restored at start and "
                                       "written at shutdown; unset: learning starts afresh at each start")
     bandit_mu: float = Field(DEFAULT_MU, ge=0, description="the bandit's price of running the whole decoder, "

@@ -35,6 +35,9 @@ from bandit.simulate import (
     CLEAN,
     NOISY,
     PAPER_LAYOUT,
+    SHIPPED_MEANS,
+    SHIPPED_STDS,
+    GaussianEnvironment,
     TraceEnvironment,
     change_delay,
     drifting_schedule,
@@ -304,7 +307,7 @@ def _trained(name: str):
     return p
 
 
-@pytest.mark.parametrize("name", ["ucb1", "sw-ucb", "d-ucb"])
+@pytest.mark.parametrize("name", ["ucb1", "sw-ucb", "d-ucb", "cd-ucb"])
 def test_snapshot_round_trip_continues_identically(name, tmp_path):
     original = _trained(name)
     path = tmp_path / "bandit.json"
@@ -323,7 +326,7 @@ def test_snapshot_round_trip_continues_identically(name, tmp_path):
     assert "squares" in copy.snapshot()["state"] and copy.snapshot()["version"] == SNAPSHOT_VERSION == 2
 
 
-@pytest.mark.parametrize("name", ["ucb1", "sw-ucb", "d-ucb"])
+@pytest.mark.parametrize("name", ["ucb1", "sw-ucb", "d-ucb", "cd-ucb"])
 def test_snapshot_restores_only_into_the_same_index(name):
     snapshot = _trained(name).snapshot()
     for other in ({"bonus": "range"}, {"min_std": 0.01}, {"exploration": 2.0}):
@@ -344,7 +347,7 @@ def _version_1(name: str) -> dict:
     return snapshot
 
 
-@pytest.mark.parametrize("name", ["ucb1", "sw-ucb", "d-ucb"])
+@pytest.mark.parametrize("name", ["ucb1", "sw-ucb", "d-ucb", "cd-ucb"])
 def test_an_older_snapshot_version_is_refused_and_set_aside(name, tmp_path, caplog):
     fresh = policy(name, window=7, gamma=0.9)
     before = fresh.snapshot()
@@ -412,6 +415,9 @@ def test_bad_snapshots_are_set_aside_not_fatal(content, problem, tmp_path, caplo
     ("sw-ucb", "squares", lambda state: state["squares"].__setitem__(0, state["squares"][0] + 0.5)),
     ("d-ucb", "squares", lambda state: state["squares"].__setitem__(0, -0.1)),
     ("ucb1", "squares", lambda state: state.update(squares=[0.0] * 5)),
+    ("cd-ucb", "recent", lambda state: state["recent"][0].__setitem__(-1, None)),  # a gap after a reward
+    ("cd-ucb", "changes", lambda state: state.update(changes=[30, 20])),
+    ("cd-ucb", "counts", lambda state: state["counts"].__setitem__(0, state["horizon"] + 1)),
 ])
 def test_restore_failure_leaves_the_policy_untouched(name, key, edit):
     p = _trained(name)
@@ -442,7 +448,7 @@ def test_atomic_write_leaves_old_file_and_no_temporary_on_failure(tmp_path, monk
 # --- concurrency -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["ucb1", "sw-ucb", "d-ucb"])
+@pytest.mark.parametrize("name", ["ucb1", "sw-ucb", "d-ucb", "cd-ucb"])
 def test_concurrent_select_update_snapshot_keep_counts_consistent(name):
     p = policy(name, window=50)
     threads, per_thread = 8, 250
@@ -551,6 +557,90 @@ def test_side_observations_cut_regret():
         on = np.mean([trace_regret("ucb1", True, [(3000, phase)], seed) for seed in range(2)])
         off = np.mean([trace_regret("ucb1", False, [(3000, phase)], seed) for seed in range(2)])
         assert on < 0.6 * off, (phase.name, on, off)
+
+
+# --- change detection (cd-ucb) ------------------------------------------------------------------------
+
+
+def _paper_policy(name: str, **options):
+    return make_policy(name, default_grid(0.8), **options, **PAPER_KWARGS)
+
+
+def test_change_detecting_ucb_restarts_soon_after_each_drift_and_never_without_one():
+    for seed in (0, 1):
+        p = _paper_policy("cd-ucb")
+        run(p, TraceEnvironment(PAPER_LAYOUT, drifting_schedule(1500), seed), 6000)
+        changes = p.changes
+        assert len(changes) == 3 and all(0 < found - at <= 60 for found, at in zip(changes, (1500, 3000, 4500))), \
+            changes
+        assert p.snapshot()["state"]["horizon"] == 6000 - changes[-1] + 1  # memory starts at the detecting request
+    for seed in (0, 1):  # stationary: no false alarm in 10,000 requests, and then it is UCB1, choice for choice
+        environment = lambda: GaussianEnvironment([(10_000, SHIPPED_MEANS, SHIPPED_STDS)], seed)  # noqa: E731
+        detector, ucb1 = make_policy("cd-ucb", default_grid(), **PAPER_KWARGS), make_policy(
+            "ucb1", default_grid(), **PAPER_KWARGS)
+        watched, plain = run(detector, environment(), 10_000), run(ucb1, environment(), 10_000)
+        assert detector.changes == []
+        np.testing.assert_array_equal(watched.choices, plain.choices)
+
+
+def test_change_detecting_ucb_follows_drifting_traces_with_far_less_regret():
+    regret = {name: np.mean([trace_regret(name, True, drifting_schedule(1500), seed) for seed in (0, 1)])
+              for name in ("ucb1", "sw-ucb", "d-ucb", "cd-ucb")}
+    assert regret["cd-ucb"] < 0.25 * min(regret["ucb1"], regret["sw-ucb"], regret["d-ucb"]), regret
+
+
+def test_forced_exploration_finds_a_change_among_arms_no_longer_pulled():
+    p = _paper_policy("cd-ucb", explore_every=5)
+    chosen = []
+    for _ in range(20):
+        arm = p.select()
+        chosen.append(arm.index)
+        p.observe(arm, {i: 0.5 - 0.1 * abs(i - 2) for i in range(arm.index + 1)})
+    top = len(p.arms) - 1
+    assert [i for i, c in enumerate(chosen) if c == top and i > 3] == [4, 9, 14, 19]
+    # Only the arm that becomes best changes (Gaussian arms, side observations): without forced decodes the
+    # detector never sees it and cd-ucb lags like UCB1; with one in 20 it is found within a bounded time.
+    seeds = (0, 1, 2)
+    plain = [change_delay("cd-ucb", 5000, 3000, seed, window=500, gamma=0.998, gaussian=True, explore_every=0)
+             for seed in seeds]
+    assert plain == [change_delay("ucb1", 5000, 3000, seed, window=500, gamma=0.998, gaussian=True)
+                     for seed in seeds]
+    forced = [change_delay("cd-ucb", 5000, 3000, seed, window=500, gamma=0.998, gaussian=True, explore_every=20)
+              for seed in seeds]
+    assert max(forced) <= 1000, forced
+
+
+def test_change_detecting_ucb_snapshot_keeps_its_detector():
+    def build():
+        return policy("cd-ucb", change_window=6, change_threshold=2.0)
+
+    p = build()
+    rng = np.random.default_rng(1)
+    for step in range(120):
+        arm = p.select()
+        level = 0.2 if step < 60 else 0.8
+        p.observe(arm, {i: float(level + 0.05 * rng.standard_normal()) for i in range(arm.index + 1)})
+    assert p.changes and p.changes[-1] > 60
+    copy = build()
+    copy.restore(json.loads(json.dumps(p.snapshot())))
+    assert copy.changes == p.changes
+    for step in range(40):
+        arm = p.select()
+        assert copy.select() == arm
+        rewards = {i: 0.3 + 0.01 * (step % 7) for i in range(arm.index + 1)}
+        p.observe(arm, rewards)
+        copy.observe(arm, rewards)
+    assert copy.snapshot() == p.snapshot()
+
+
+@pytest.mark.parametrize("options, says", [
+    ({"change_window": 5}, "change_window"), ({"change_window": 2}, "change_window"),
+    ({"change_threshold": 0.0}, "change_threshold"), ({"change_threshold": float("inf")}, "change_threshold"),
+    ({"explore_every": -1}, "explore_every"),
+])
+def test_change_detecting_ucb_rejects_bad_settings(options, says):
+    with pytest.raises(ValueError, match=says):
+        policy("cd-ucb", **options)
 
 
 # --- dependencies ------------------------------------------------------------------------------------

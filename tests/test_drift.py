@@ -56,6 +56,11 @@ def test_report_structure(report):
     assert data["fixed_threshold"] == 0.6 and 0.6 in data["grid"]
     # The bandit's defaults: the variance index, c = 1, min_std 0.005.
     assert (data["bonus"], data["exploration"], data["min_std"]) == ("variance", 1.0, 0.005)
+    # cd-ucb's detector: its defaults, and the requests at which it restarted (1-based, increasing)
+    assert (data["change_window"], data["change_threshold"], data["explore_every"]) == (100, 5.0, 0)
+    changes = data["changes_detected"]["cd-ucb"]
+    assert list(data["changes_detected"]) == ["cd-ucb"] and changes == sorted(set(changes))
+    assert all(1 <= c <= data["requests"] for c in changes)
     for phase in data["per_phase"]:
         assert set(phase["policies"]) == {*POLICY_NAMES, "best-fixed", "full-depth"}
         for name in (*POLICY_NAMES, "best-fixed"):
@@ -143,7 +148,8 @@ def test_same_stream_is_reproducible():
     ("--phase-length", "0"), ("--phases", "none,fog:3"), ("--policies", "fixed,greedy"), ("--mu", "-1"),
     ("--window", "0"), ("--gamma", "1.5"), ("--threads", "0"), ("--threshold", "1.5"), ("--seed", "-2"),
     ("--policies", "ucb1,ucb1"), ("--min-std", "-0.1"), ("--exploration", "nan"), ("--grid", "0.3,abc"),
-    ("--grid", "0.3,1.5"),
+    ("--grid", "0.3,1.5"), ("--change-window", "5"), ("--change-window", "2"), ("--change-threshold", "0"),
+    ("--change-threshold", "inf"), ("--explore-every", "-1"),
 ])
 def test_bad_options_are_user_errors(tiny_data, checkpoint, flag, value):
     args = _args("--checkpoint", str(checkpoint), "--data", str(tiny_data), flag, value)

@@ -159,7 +159,7 @@ def test_caption_each_format(client: httpx.Client, fmt: str) -> None:
     assert body["timings"]["total_ms"] >= body["timings"]["queue_ms"] >= 0
     assert len(body["tokens"]) == len(body["exit_layers"]) and all(1 <= x <= 4 for x in body["exit_layers"])
     assert 1 <= body["mean_exit_layer"] <= 4
-    assert body["model"] == "tiny-test" and body["policy"] == "d-ucb" and isinstance(body["arm"], int)
+    assert body["model"] == "tiny-test" and body["policy"] == "cd-ucb" and isinstance(body["arm"], int)
     assert body["request_id"] == response.headers["x-request-id"]
     arms = client.get("/v1/bandit").json()["arms"]
     assert body["threshold"] == arms[body["arm"]]["threshold"]
@@ -345,7 +345,7 @@ def test_health_model_and_bandit_routes(client: httpx.Client) -> None:
         "calibrated_threshold": 0.6, "kv_fill": "propagate", "device": "cpu",
         "dtype": "float32", "vocab_size": 29, "image_size": 32, "max_tokens": 15}
     bandit = client.get("/v1/bandit").json()
-    assert bandit["policy"] == "d-ucb"
+    assert bandit["policy"] == "cd-ucb"
     thresholds = [arm["threshold"] for arm in bandit["arms"]]
     assert thresholds == [0.4, 0.5, 0.6, 0.9]  # CAPEEN_BANDIT_THRESHOLDS plus the calibrated threshold
     assert [arm["arm"] for arm in bandit["arms"]] == list(range(len(thresholds)))
@@ -361,7 +361,8 @@ def test_metrics_exposition(client: httpx.Client) -> None:
                  "capeen_tokens_generated_total",
                  "capeen_token_exit_layer_bucket", "capeen_decoder_layers_computed_total",
                  "capeen_decoder_layers_full_total", "capeen_bandit_arm_pulls_total", "capeen_bandit_threshold",
-                 "capeen_bandit_reward_bucket", "capeen_errors_total", "capeen_model_info"):
+                 "capeen_bandit_reward_bucket", "capeen_bandit_changes_detected_total", "capeen_errors_total",
+                 "capeen_model_info"):
         assert f"\n{name}" in text, name
     assert metric_value(text, 'capeen_requests_total{route="/caption",status="415"}') >= 1
     assert metric_value(text, 'capeen_errors_total{kind="not_image"}') >= 1
@@ -371,3 +372,43 @@ def test_metrics_exposition(client: httpx.Client) -> None:
     computed = metric_value(text, "capeen_decoder_layers_computed_total")
     assert metric_value(text, "capeen_decoder_layers_full_total") == 4 * tokens >= computed > 0
     assert 'capeen_model_info{' in text and 'name="tiny-test"' in text
+
+
+def test_bandit_restarts_are_counted_once_each(tmp_path) -> None:
+    from types import SimpleNamespace
+
+    from prometheus_client import CollectorRegistry
+
+    from bandit import make_policy
+    from service.adaptive import AdaptiveThreshold
+    from service.metrics import ServingMetrics
+
+    registry = CollectorRegistry()
+    adaptive = AdaptiveThreshold(
+        lambda: make_policy("cd-ucb", [0.5, 0.9], exit_positions=(2, 4), num_layers=4, change_window=4,
+                            change_threshold=2.0),
+        ServingMetrics(registry, n_layer=4, max_batch_size=4), tmp_path / "bandit.json")
+
+    def serve(final_confidence: float, requests: int) -> None:
+        for _ in range(requests):  # one token, past the exit at layer 2 (0.3), to the final layer
+            adaptive.update(adaptive.select(), SimpleNamespace(exit_confidences=[[0.3, final_confidence]],
+                                                               exit_layers=[4]))
+
+    def counted() -> float | None:
+        return registry.get_sample_value("capeen_bandit_changes_detected_total")
+
+    serve(0.4, 10)
+    assert counted() == 0.0
+    serve(0.99, 10)  # every arm's reward jumps from 0 to 0.59: one change
+    assert len(adaptive.policy.changes) == 1 and counted() == 1.0
+    adaptive.save()
+    adaptive.reset()
+    serve(0.99, 5)
+    assert counted() == 1.0
+    restored_registry = CollectorRegistry()
+    restored = AdaptiveThreshold(lambda: make_policy("cd-ucb", [0.5, 0.9], exit_positions=(2, 4), num_layers=4,
+                                                     change_window=4, change_threshold=2.0),
+                                 ServingMetrics(restored_registry, n_layer=4, max_batch_size=4),
+                                 tmp_path / "bandit.json")
+    assert len(restored.policy.changes) == 1  # the snapshot keeps the history, the new process does not recount it
+    assert restored_registry.get_sample_value("capeen_bandit_changes_detected_total") == 0.0

@@ -160,7 +160,7 @@ def test_graceful_shutdown_drains_and_keeps_the_bandit(tiny_engine, tmp_path) ->
             sender.join(30)
     assert results == [200, 200, 200]
     snapshot = json.loads(state.read_text())
-    assert snapshot["state"]["rounds"] == 3 and snapshot["policy"] == "d-ucb"
+    assert snapshot["state"]["rounds"] == 3 and snapshot["policy"] == "cd-ucb"
 
     with running_server(settings, tiny_engine) as restarted:
         bandit = httpx.get(f"{restarted.url}/v1/bandit").json()
