@@ -1,7 +1,7 @@
 """Upper-confidence-bound policies over a grid of early-exit thresholds.
 
 Each arm is a threshold. `select()` returns the arm to decode the next request with and `update()` turns
-the decode's trace into rewards (reward.py). The three policies differ only in how much of the past they
+the decode's trace into rewards (reward.py). The four policies differ only in how much of the past they
 remember, because request traffic drifts (clean photos, then noisy, then blurred ones):
 
 * UCB1 (Auer et al. 2002; the paper's policy): all of it. Best when the traffic is stationary, slow to
@@ -10,6 +10,8 @@ remember, because request traffic drifts (clean photos, then noisy, then blurred
   state, the price of being able to forget exactly.
 * discounted UCB (Garivier & Moulines 2011): every past reward, weighted by gamma^age. O(arms) state;
   `1 / (1 - gamma)` is its effective memory in requests.
+* change-detecting UCB (in the manner of M-UCB, Cao et al. 2019): all of it, until a two-sample test on each
+  arm's recent rewards says they moved; then none. It pays for forgetting only when the traffic changed.
 
 The index. Each policy remembers, per arm a, the (windowed or discounted) number of observations n_a, the
 sum of their rewards and the sum of their squares, and H, the matching number of requests (all, the
@@ -104,9 +106,9 @@ DEFAULT_WINDOW = 1000
 DEFAULT_GAMMA = 0.999
 """Discount per request; its effective memory 1 / (1 - gamma) = 1000 requests matches DEFAULT_WINDOW."""
 DEFAULT_CHANGE_WINDOW = 100
-"""CD-UCB's test window per arm: the last 100 rewards, 50 against 50. A lasting shift of the reward is seen within
-about 50 observations of an arm; a shift of s * sqrt(4 / 100) * z = s, one per-request standard deviation at
-z = 5, is the smallest it detects for sure."""
+"""CD-UCB's test window per arm: the last 100 rewards, 50 against 50. A lasting shift of an arm's reward is seen
+within about 50 of its observations. The test's bar, z * s * sqrt(4 / 100), is s at z = 5: a shift must be about
+one per-request standard deviation to be detected once a whole half has moved."""
 DEFAULT_EXPLORE_EVERY = 0
 """CD-UCB's forced exploration (M-UCB's): one request in this many decoded with the highest threshold; 0: none.
 
