@@ -191,6 +191,8 @@ class Policy(ABC):
     """A UCB policy over thresholds; subclasses say how past rewards are remembered."""
 
     name: ClassVar[str]
+    detects_changes: ClassVar[bool] = False
+    """Whether the policy empties its memory when it detects that the rewards moved (`changes`)."""
 
     def __init__(
         self,
@@ -277,6 +279,12 @@ class Policy(ABC):
             "side_observations": self.side_observations,
             **self._extra_config(),
         }
+
+    @property
+    def changes(self) -> list[int]:
+        """The requests (1-based) at which a change was detected and memory emptied; none unless
+        `detects_changes`."""
+        return []
 
     @property
     def rounds(self) -> int:
@@ -629,6 +637,7 @@ class ChangeDetectingUCB(Policy):
     """
 
     name = "cd-ucb"
+    detects_changes = True
 
     def __init__(self, thresholds: Sequence[float], *, change_window: int = DEFAULT_CHANGE_WINDOW,
                  change_threshold: float = DEFAULT_CHANGE_THRESHOLD, explore_every: int = DEFAULT_EXPLORE_EVERY,
@@ -664,7 +673,6 @@ class ChangeDetectingUCB(Policy):
 
     @property
     def changes(self) -> list[int]:
-        """The requests (1-based, counted since start) at which a change was detected and memory emptied."""
         with self._lock:
             return list(self._changes)
 

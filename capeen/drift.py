@@ -114,7 +114,8 @@ def _make_policies(names, *, grid, layout, calibrated, fixed_threshold, mu, wind
                 name, grid, exit_positions=layout.exit_positions, exit_offsets=layout.offsets,
                 num_layers=layout.num_layers,
                 calibrated=calibrated, mu=mu, window=window, gamma=gamma, change_window=change_window,
-                change_threshold=change_threshold, explore_every=explore_every, exploration=exploration, bonus=bonus, min_std=min_std,
+                change_threshold=change_threshold, explore_every=explore_every, exploration=exploration,
+                bonus=bonus, min_std=min_std,
             )
     return policies
 
@@ -305,8 +306,8 @@ def run_drift(
         "policies": list(policies),
         "decode_best": decode_best,
         # cd-ucb's detected changes, as request numbers of the stream (1-based): where its memory was emptied
-        "changes_detected": {name: list(policy.changes) for name, policy in bandits.items()
-                             if hasattr(policy, "changes")},
+        "changes_detected": {name: policy.changes for name, policy in bandits.items()
+                             if getattr(policy, "detects_changes", False)},
         "elapsed_s": elapsed,
         "per_phase": phase_reports,
         "overall": {"best_fixed_per_phase_reward": total.best, "full_depth_reward": total.full_depth,
@@ -438,8 +439,9 @@ def format_table(report: dict[str, Any]) -> str:
     lines = [
         (f"**{report['checkpoint']}**: {report['requests']} requests, phases {', '.join(report['phases'])} "
          f"({report['phase_length']} each), mu={report['mu']:g}, window={report['window']}, "
-         f"gamma={report['gamma']:g}, change window {report['change_window']}, "
-         f"z={report['change_threshold']:g}, forced exploration 1 in {report['explore_every']}, {index}, fixed threshold {report['fixed_threshold']:g}, seed {report['seed']}"),
+         f"gamma={report['gamma']:g}, change window {report['change_window']}, z={report['change_threshold']:g}, "
+         f"forced exploration 1 in {report['explore_every']}, {index}, "
+         f"fixed threshold {report['fixed_threshold']:g}, seed {report['seed']}"),
         "",
         ("Reward R summed over the phase; B: best fixed arm in hindsight, F: full depth, both read off the "
          "full-depth traces. % of best = R/B (n/a when B <= 0); % of gain = (R-F)/(B-F); "

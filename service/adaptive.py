@@ -36,7 +36,7 @@ class AdaptiveThreshold:
             self.policy = loaded.policy
             if loaded.restored:
                 log.info("bandit restored from %s (%d requests learnt)", state_path, self.policy.rounds)
-        self._changes_counted = self._changes_of(self.policy)  # those before a restart are not counted again
+        self._changes_counted = len(self.policy.changes)  # those before a restart are not counted again
         self._show_best()
 
     def save(self) -> None:
@@ -62,20 +62,17 @@ class AdaptiveThreshold:
         self._metrics.bandit_reward.observe(reward)
         self._show_best()
 
-    @staticmethod
-    def _changes_of(policy: Policy) -> int:
-        return len(getattr(policy, "changes", ()))  # only cd-ucb detects changes
-
     def _count_changes(self, policy: Policy) -> None:
         """Add the policy's newly detected changes to the counter, each once although updates run concurrently."""
         with self._changes_lock:
             if policy is not self.policy:
                 return  # reset meanwhile: the detections of the discarded policy no longer matter
-            found = self._changes_of(policy)
+            changes = policy.changes
+            found = len(changes)
             if found > self._changes_counted:
                 self._metrics.bandit_changes.inc(found - self._changes_counted)
                 log.info("bandit: the rewards moved (change %d detected at request %d); learning afresh", found,
-                         policy.changes[-1])
+                         changes[-1])
                 self._changes_counted = found
 
     def _show_best(self) -> None:
