@@ -150,6 +150,8 @@ def _add_bench(sub) -> None:
     p.add_argument("--batch-sizes", default="1,8,32", help="comma-separated batch sizes")
     p.add_argument("--images", type=int, default=200, help="images per batch size (at least enough for a few batches)")
     p.add_argument("--min-batches", type=int, default=8, help="measured batches at the largest batch size, at least")
+    p.add_argument("--compare-kernels", action="store_true",
+                   help="also run ours with every product on MKL, interleaved, to measure what oneDNN buys")
     p.add_argument("--json", help="write the results to this JSON file")
     p.set_defaults(func=_handler("models.commands:bench_main"))
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from models import kernels
 from models.decoding import FULL_DEPTH, SectionTimer
 from models.engine import CaptionEngine
 from models.hf_export import to_hf_vision_encoder_decoder
@@ -44,7 +45,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def methods(engine: CaptionEngine, threshold: float) -> list[Method]:
+def methods(engine: CaptionEngine, threshold: float, compare_kernels: bool = False) -> list[Method]:
+    """HF generate, our full depth and our early exit; with `compare_kernels`, our two again with every product
+    on MKL (models.kernels), to measure what oneDNN's large products buy in the same run."""
     hf = to_hf_vision_encoder_decoder(engine.model)
     max_new = engine.config.n_positions - 1
     eos = engine.config.eos_token_id
@@ -63,11 +66,20 @@ def methods(engine: CaptionEngine, threshold: float) -> list[Method]:
             return MethodOutput([r.trace.token_ids for r in out.results], out.timings.encode_s, out.timings.decode_s)
         return run
 
-    return [
+    def on_mkl(run: Callable[[torch.Tensor], MethodOutput]) -> Callable[[torch.Tensor], MethodOutput]:
+        def run_on_mkl(pixels: torch.Tensor) -> MethodOutput:
+            with kernels.onednn_disabled():
+                return run(pixels)
+        return run_on_mkl
+
+    listed = [
         Method("hf-generate", run_hf),
         Method("capeen-full", ours(FULL_DEPTH)),
         Method(f"capeen-early-exit@{threshold:g}", ours(threshold)),
     ]
+    if compare_kernels:
+        listed += [Method(f"{m.name}/mkl-only", on_mkl(m.run)) for m in listed[1:]]
+    return listed
 
 
 def measure(engine: CaptionEngine, pixels_uint8: torch.Tensor, batch_size: int, method_list: Sequence[Method],
@@ -184,3 +196,44 @@ def head_cost(engine: CaptionEngine, position: int = 12, repeats: int = 2000) ->
     layer_us, head_us, with_rider_us = (statistics.median(times) for times in samples)
     return {"decoder_layer_us": layer_us, "exit_check_us": head_us, "ratio": head_us / layer_us,
             "catch_up_us": with_rider_us - layer_us, "catch_up_ratio": max(0.0, with_rider_us - layer_us) / layer_us}
+
+
+def kernel_crossover(engine: CaptionEngine, rows: Sequence[int] = (1, 8, 16, 32, 65, 130, 1040),
+                     repeats: int = 7) -> list[dict]:
+    """Microseconds per product on MKL and on oneDNN for the model's product shapes at several row counts,
+    median of interleaved rounds, and which one `models.kernels` picks: the measurement behind its threshold."""
+    cfg = engine.config
+    shapes = {  # the products that go through models.kernels (the decoder layers' own stay on MKL)
+        "encoder attention projection": (cfg.encoder_hidden, cfg.encoder_hidden),
+        "encoder MLP in": (cfg.encoder_hidden, cfg.encoder_intermediate),
+        "encoder MLP out": (cfg.encoder_intermediate, cfg.encoder_hidden),
+        "cross-attention keys/values, every layer": (cfg.n_embd, 2 * cfg.n_embd * cfg.n_layer),
+    }
+    generator = torch.Generator().manual_seed(0)
+    table = []
+    with torch.inference_mode():
+        for name, (n_in, n_out) in shapes.items():
+            weight, bias = torch.randn(n_in, n_out, generator=generator), torch.randn(n_out, generator=generator)
+            for count in rows:
+                x = torch.randn(count, n_in, generator=generator)
+                calls = max(5, min(500, 2_000_000 // (count * n_in * n_out // 64 + 1)))
+
+                def on_mkl() -> None:
+                    torch.addmm(bias, x, weight)
+
+                def on_onednn() -> None:
+                    kernels._onednn_linear(x, weight.t(), bias)
+
+                samples: dict[str, list[float]] = {"mkl": [], "onednn": []}
+                for _ in range(repeats):
+                    for kind, fn in (("mkl", on_mkl), ("onednn", on_onednn)):
+                        fn()
+                        start = time.perf_counter()
+                        for _ in range(calls):
+                            fn()
+                        samples[kind].append(1e6 * (time.perf_counter() - start) / calls)
+                mkl_us, onednn_us = statistics.median(samples["mkl"]), statistics.median(samples["onednn"])
+                table.append({"product": name, "in": n_in, "out": n_out, "rows": count,
+                              "multiply_adds": count * n_in * n_out, "mkl_us": mkl_us, "onednn_us": onednn_us,
+                              "picked": "onednn" if count * n_in * n_out >= kernels.ONEDNN_MIN_MACS else "mkl"})
+    return table

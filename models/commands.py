@@ -286,7 +286,8 @@ def _print_report(report: dict) -> None:
 
 
 def bench_main(args) -> int:
-    from models.bench import agreement, head_cost, measure, methods, profile_early_exit
+    from models import kernels
+    from models.bench import agreement, head_cost, kernel_crossover, measure, methods, profile_early_exit
 
     _set_threads(args)
     engine = _engine(args)
@@ -301,7 +302,7 @@ def bench_main(args) -> int:
     if any(b < 1 for b in sizes):
         raise UserError("--batch-sizes must be positive")
     data = _eval_set(args, engine, args.split)
-    method_list = methods(engine, threshold)
+    method_list = methods(engine, threshold, compare_kernels=args.compare_kernels)
     results = {"device": str(engine.device), "dtype": str(engine.dtype).replace("torch.", ""),
                "threads": args.threads, "threshold": threshold, "checkpoint": engine.name, "runs": []}
     for batch_size in sizes:
@@ -311,7 +312,7 @@ def bench_main(args) -> int:
         except ValueError as exc:
             raise UserError(f"{exc}; the {args.split} split has {len(data)} images") from None
         names = [m.name for m in method_list]
-        hf, full, early = (report[n] for n in names)
+        hf, full, early = (report[n] for n in names[:3])
         run = {
             "batch_size": batch_size,
             **{n: {k: v for k, v in report[n].items() if k != "tokens"} for n in names},
@@ -320,13 +321,23 @@ def bench_main(args) -> int:
             "early_vs_hf_speedup": hf["ms_per_caption"] / early["ms_per_caption"],
             "hf_and_full_identical_captions": agreement(report, names[0], names[1]),
         }
+        if args.compare_kernels:  # ours with oneDNN's large products against ours on MKL alone
+            run["onednn_speedup"] = {n: report[f"{n}/mkl-only"]["ms_per_caption"] / report[n]["ms_per_caption"]
+                                     for n in names[1:3]}
+            run["onednn_identical_captions"] = {n: agreement(report, n, f"{n}/mkl-only") for n in names[1:3]}
         results["runs"].append(run)
         print(f"\nbatch {batch_size}: " + "  ".join(
             f"{n}: {report[n]['ms_per_caption']:.2f} ms/caption ({report[n]['captions_per_s']:.1f}/s)" for n in names))
         print(f"  ours full vs HF generate: {run['full_vs_hf_speedup']:.2f}x   early exit vs ours full: "
               f"{run['early_vs_full_speedup']:.2f}x   early exit vs HF: {run['early_vs_hf_speedup']:.2f}x   "
               f"HF and ours give identical captions for {run['hf_and_full_identical_captions']:.1%}")
-        for n in names[1:]:
+        for n in names[1:3]:
+            if args.compare_kernels:
+                print(f"  {n}: oneDNN for large products {run['onednn_speedup'][n]:.2f}x faster than MKL alone "
+                      f"(identical captions {run['onednn_identical_captions'][n]:.1%}); MKL alone: encoder "
+                      f"{report[n + '/mkl-only']['encode_ms_per_image']:.2f} ms/image + decoder "
+                      f"{report[n + '/mkl-only']['decode_ms_per_caption']:.2f} ms/caption")
+        for n in names[1:3]:
             first = results["runs"][0][n]
             print(f"  {n}: encoder {report[n]['encode_ms_per_image']:.2f} ms/image + decoder "
                   f"{report[n]['decode_ms_per_caption']:.2f} ms/caption; captions/s x"
@@ -340,6 +351,14 @@ def bench_main(args) -> int:
     print(f"\none decoder layer step {hc['decoder_layer_us']:.1f} us, one exit check {hc['exit_check_us']:.1f} us "
           f"({hc['ratio']:.1%} of a layer); one position catching up in a layer call {hc['catch_up_us']:.1f} us "
           f"({hc['catch_up_ratio']:.1%}, kv fill deferred)")
+    if args.compare_kernels and kernels.onednn_active():
+        results["kernel_crossover"] = kernel_crossover(engine)
+        print(f"\nmicroseconds per product, MKL against oneDNN (models.kernels sends {kernels.ONEDNN_MIN_MACS:,} "
+              "multiply-adds and more to oneDNN):")
+        for row in results["kernel_crossover"]:
+            print(f"  {row['product']:<42} {row['in']:>4} x {row['out']:<5} rows {row['rows']:>5}: MKL "
+                  f"{row['mkl_us']:9.1f}  oneDNN {row['onednn_us']:9.1f}  ({row['mkl_us'] / row['onednn_us']:.2f}x) "
+                  f"-> {row['picked']}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
         print(f"wrote {args.json}")

@@ -45,6 +45,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from models import kernels
 from models.model import CapeenModel
 
 FULL_DEPTH = math.inf  # a threshold no confidence reaches: every layer runs
@@ -293,7 +294,8 @@ class EarlyExitDecoder:
 
         # cross-attention keys/values of every layer, in one product: (L, 2, B, H, P, hd)
         p = encoder_states.shape[1]
-        cross = torch.addmm(self.cross_bias, encoder_states.reshape(-1, self.d), self.cross_weight)
+        # (batch x image tokens) rows x 2d per layer: large enough for oneDNN (models.kernels)
+        cross = kernels.addmm(self.cross_bias, encoder_states.reshape(-1, self.d), self.cross_weight)
         cross = cross.view(batch, p, L, 2, H, hd).permute(2, 3, 0, 4, 1, 5).contiguous()
         # self-attention cache of every layer: (L, 2, B, H, T, hd)
         cache = torch.zeros(L, 2, batch, H, max_tokens, hd, device=device, dtype=dtype)
@@ -595,7 +597,7 @@ class EarlyExitDecoder:
         count, H, hd = self.n_layer - first, self.n_head, self.d // self.n_head
         start = first * 2 * self.d
         normed = torch.layer_norm(hidden, (self.d,), None, None, self.eps)
-        kv = torch.addmm(self.prop_bias[start:], normed, self.prop_weight[:, start:])
+        kv = kernels.addmm(self.prop_bias[start:], normed, self.prop_weight[:, start:])
         kv = kv.view(-1, count, 2, H, hd).permute(1, 2, 0, 3, 4)  # (count, 2, n, H, hd)
         target = cache[first:].select(4, t)  # (count, 2, B, H, hd)
         if rows is None:

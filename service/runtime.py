@@ -15,6 +15,7 @@ from PIL import Image
 from prometheus_client import CollectorRegistry
 
 from bandit import make_policy, parse_grid
+from models import kernels
 from models.engine import CaptionEngine, CaptionResult
 from service.adaptive import AdaptiveThreshold
 from service.batcher import Batcher, Job
@@ -79,6 +80,7 @@ def _record(metrics: ServingMetrics, bandit: AdaptiveThreshold, job: Job, result
 def start_runtime(settings: Settings, registry: CollectorRegistry, engine: CaptionEngine | None = None) -> Runtime:
     """Load (unless given) and warm the engine, restore the bandit and start the batcher; needs a running loop."""
     torch.set_num_threads(settings.torch_threads)
+    kernels.set_onednn(settings.onednn)
     if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < settings.max_pixels:
         # Pillow's own decompression-bomb guard would otherwise cap CAPEEN_MAX_PIXELS at its default
         Image.MAX_IMAGE_PIXELS = settings.max_pixels

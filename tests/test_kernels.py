@@ -1,0 +1,115 @@
+"""models.kernels: large CPU products on oneDNN give the same numbers, small ones and anything needing gradients
+stay on MKL, and captions do not depend on the choice."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models import kernels
+from models.checkpoint import load_checkpoint
+from models.decoding import FULL_DEPTH
+from models.engine import CaptionEngine
+
+pytestmark = pytest.mark.skipif(not kernels.onednn_active(), reason="this torch build has no working oneDNN linear")
+
+
+@pytest.fixture
+def onednn_calls(monkeypatch):
+    """Counts the products that went to oneDNN."""
+    calls = []
+    real = kernels._onednn_linear
+
+    def counting(x, weight, bias):
+        calls.append((tuple(x.shape), tuple(weight.shape)))
+        return real(x, weight, bias)
+
+    monkeypatch.setattr(kernels, "_onednn_linear", counting)
+    return calls
+
+
+def test_large_products_go_to_onednn_with_the_same_result(onednn_calls):
+    torch.manual_seed(0)
+    x, weight, bias = torch.randn(300, 128), torch.randn(512, 128), torch.randn(512)
+    with torch.inference_mode():
+        assert torch.allclose(kernels.linear(x, weight, bias), F.linear(x, weight, bias), atol=1e-4)
+        assert torch.allclose(kernels.linear(x, weight), F.linear(x, weight), atol=1e-4)
+        residual = torch.randn(300, 512)
+        for added in (bias, residual):  # a bias, or a residual stream added in the same call
+            assert torch.allclose(kernels.addmm(added, x, weight.t()), torch.addmm(added, x, weight.t()), atol=1e-4)
+        batched = torch.randn(4, 65, 128)  # leading dimensions count as rows
+        assert torch.allclose(kernels.linear(batched, weight, bias), F.linear(batched, weight, bias), atol=1e-4)
+    assert len(onednn_calls) == 5
+
+
+def test_small_products_and_training_stay_on_mkl(onednn_calls):
+    torch.manual_seed(0)
+    weight, bias = torch.randn(512, 128, requires_grad=True), torch.randn(512, requires_grad=True)
+    with torch.inference_mode():
+        kernels.linear(torch.randn(8, 128), weight, bias)  # 0.5M multiply-adds: MKL's fixed cost is lower
+        kernels.addmm(bias, torch.randn(1, 128), weight.t())
+    assert onednn_calls == []
+    x = torch.randn(300, 128, requires_grad=True)
+    kernels.linear(x, weight, bias).sum().backward()  # the oneDNN op has no autograd
+    assert onednn_calls == []
+    assert torch.allclose(weight.grad, x.detach().sum(0).expand(512, 128), atol=1e-4)
+
+
+def test_switching_off_restores_the_previous_state(onednn_calls):
+    x, weight = torch.randn(300, 128), torch.randn(512, 128)
+    with pytest.raises(RuntimeError, match="inside"):
+        with kernels.onednn_disabled():
+            assert not kernels.onednn_active()
+            with torch.inference_mode():
+                kernels.linear(x, weight)
+            raise RuntimeError("inside")
+    assert kernels.onednn_active() and onednn_calls == []
+    with torch.inference_mode():
+        kernels.linear(x, weight)
+    assert len(onednn_calls) == 1
+
+
+def test_a_build_without_onednn_falls_back_to_mkl(monkeypatch, onednn_calls):
+    monkeypatch.setattr(kernels, "_available", None)
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    assert not kernels.onednn_active()
+    x, weight, bias = torch.randn(300, 128), torch.randn(512, 128), torch.randn(512)
+    with torch.inference_mode():
+        assert torch.equal(kernels.linear(x, weight, bias), F.linear(x, weight, bias))
+    assert onednn_calls == []
+
+
+def test_dispatched_linears_keep_their_parameters():
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Linear(128, 512), nn.GELU(), nn.Linear(512, 128))
+    before = {k: v.clone() for k, v in block.state_dict().items()}
+    x = torch.randn(200, 128)
+    with torch.inference_mode():
+        expected = block(x)
+    assert kernels.dispatch_large_linears(block) == 2
+    assert all(isinstance(m, kernels.SizeDispatchedLinear) for m in (block[0], block[2]))
+    assert block.state_dict().keys() == before.keys()
+    assert all(torch.equal(block.state_dict()[k], v) for k, v in before.items())
+    with torch.inference_mode():
+        assert torch.allclose(block(x), expected, atol=1e-4)
+    assert kernels.dispatch_large_linears(block) == 0  # already dispatched
+
+
+def test_captions_do_not_depend_on_the_kernels(tiny_checkpoint, onednn_calls):
+    """A batch large enough that the encoder and the cross-attention products go to oneDNN gives the same
+    captions and traces as the same batch on MKL alone."""
+    engine = CaptionEngine(load_checkpoint(tiny_checkpoint), device="cpu")
+    pixels = torch.rand(48, 3, engine.config.image_size, engine.config.image_size) * 2 - 1
+    for threshold in (FULL_DEPTH, 0.6):
+        with_onednn = engine.caption_pixels(pixels, threshold).results
+        assert onednn_calls, "the encoder's and the cross-attention's products should have gone to oneDNN"
+        onednn_calls.clear()
+        with kernels.onednn_disabled():
+            on_mkl = engine.caption_pixels(pixels, threshold).results
+        assert onednn_calls == []
+        assert [r.trace.token_ids for r in with_onednn] == [r.trace.token_ids for r in on_mkl]
+        assert [r.trace.exit_layers for r in with_onednn] == [r.trace.exit_layers for r in on_mkl]
+        for a, b in zip(with_onednn, on_mkl):
+            assert a.trace.confidences == pytest.approx(b.trace.confidences, abs=1e-4)
