@@ -368,6 +368,26 @@ def test_bench_compares_hf_full_and_early_exit_and_splits_encoder_from_decoder(c
     assert report["head_cost"]["decoder_layer_us"] > 0
 
 
+def test_bench_compare_kernels_reports_what_onednn_buys(capsys, tiny_checkpoint, data, tmp_path):
+    from models import kernels
+
+    report_path = tmp_path / "bench.json"
+    rc, out, err = run(capsys, "bench", "--checkpoint", tiny_checkpoint, "--data", data, "--split", "test",
+                       "--batch-sizes", "2", "--images", "4", "--min-batches", "1", "--compare-kernels",
+                       "--json", report_path, "--device", "cpu")
+    assert rc == 0 and "Traceback" not in err
+    run_report = json.loads(report_path.read_text())["runs"][0]
+    for name in ("capeen-full", "capeen-early-exit@0.6"):
+        assert run_report[f"{name}/mkl-only"]["ms_per_caption"] > 0
+        assert run_report["onednn_speedup"][name] > 0
+        assert run_report["onednn_identical_captions"][name] == 1.0  # the kernels must not change a caption
+    if kernels.onednn_active():
+        crossover = json.loads(report_path.read_text())["kernel_crossover"]
+        assert {row["picked"] for row in crossover} == {"mkl", "onednn"}
+        assert all(row["mkl_us"] > 0 and row["onednn_us"] > 0 for row in crossover)
+        assert "MKL against oneDNN" in out
+
+
 def test_bench_with_too_few_images_for_a_batch_size_is_one_line(capsys, tiny_checkpoint, data):
     rc, _, err = run(capsys, "bench", "--checkpoint", tiny_checkpoint, "--data", data, "--split", "val",
                      "--batch-sizes", "1,4", "--device", "cpu")
