@@ -235,5 +235,5 @@ def kernel_crossover(engine: CaptionEngine, rows: Sequence[int] = (1, 8, 16, 32,
                 mkl_us, onednn_us = statistics.median(samples["mkl"]), statistics.median(samples["onednn"])
                 table.append({"product": name, "in": n_in, "out": n_out, "rows": count,
                               "multiply_adds": count * n_in * n_out, "mkl_us": mkl_us, "onednn_us": onednn_us,
-                              "picked": "onednn" if count * n_in * n_out >= kernels.ONEDNN_MIN_MACS else "mkl"})
+                              "picked": "onednn" if kernels.is_large(count * n_in * n_out) else "mkl"})
     return table

@@ -79,10 +79,10 @@ class CaptionEngine:
             if half and self.device.type == "cuda" else torch.float32
         self.checkpoint = checkpoint
         self.model = checkpoint.model.to(self.device, self.dtype).eval()
-        # the encoder's products are large (every patch of every image): oneDNN runs them where it is faster
-        kernels.dispatch_large_linears(self.model.encoder)
-        if self.model.enc_to_dec_proj is not None:
-            kernels.dispatch_large_linears(self.model.enc_to_dec_proj)
+        if self.device.type == "cpu":  # the encoder's products are large (every patch of every image)
+            kernels.dispatch_large_linears(self.model.encoder)
+            if self.model.enc_to_dec_proj is not None:
+                kernels.dispatch_large_linears(self.model.enc_to_dec_proj)
         self.tokenizer = checkpoint.tokenizer
         self.config = self.model.config
         # a calibration may have chosen to consult only some of the trained exits (see models.calibration)

@@ -82,15 +82,19 @@ def onednn_disabled() -> Iterator[None]:
         set_onednn(previous)
 
 
-def _large(x: torch.Tensor, n_in: int, n_out: int) -> bool:
-    return (x.numel() // max(1, n_in)) * n_in * n_out >= ONEDNN_MIN_MACS and x.dtype == torch.float32 \
-        and x.device.type == "cpu" and onednn_active()
+def is_large(multiply_adds: int) -> bool:
+    """Whether a product of this many multiply-adds is worth oneDNN's fixed cost."""
+    return multiply_adds >= ONEDNN_MIN_MACS
+
+
+def _large(x: torch.Tensor, n_out: int) -> bool:
+    return is_large(x.numel() * n_out) and x.dtype == torch.float32 and x.device.type == "cpu" \
+        and onednn_active()
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear(x, weight, bias)` (weight: (out, in)), on oneDNN when the product is large."""
-    n_out, n_in = weight.shape
-    if _large(x, n_in, n_out) and not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad)):
+    if _large(x, weight.shape[0]) and not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad)):
         return _onednn_linear(x, weight, bias)
     return F.linear(x, weight, bias)
 
@@ -98,8 +102,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def addmm(bias: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """`torch.addmm(bias, x, weight)` for inference (x: (rows, in), weight: (in, out); bias: (out,) or the
     (rows, out) residual to add), on oneDNN when the product is large."""
-    n_in, n_out = weight.shape
-    if not _large(x, n_in, n_out):
+    if not _large(x, weight.shape[1]):
         return torch.addmm(bias, x, weight)
     if bias.dim() == 1:
         return _onednn_linear(x, weight.t(), bias)
