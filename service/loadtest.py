@@ -1,11 +1,12 @@
 """Load benchmark of the HTTP service on loopback: `capeen bench-serve` (or `python -m service.loadtest`).
 
-It starts `capeen serve` itself, twice, so that the only difference is the batching: once with dynamic
-batching (CAPEEN_MAX_BATCH_SIZE, default 16) and once with batch-1 serving (max_batch_size=1). The client
+It starts `capeen serve` itself, twice, so that the only difference is the batching: one server with dynamic
+batching (CAPEEN_MAX_BATCH_SIZE, default 16) and one with batch-1 serving (max_batch_size=1). The client
 sends the same request stream (synthetic scenes from the training distribution, JPEG, cycled) to both and
 measures, as the issue asks:
 
-1. captions/s at concurrency 16 with batching vs batch-1 serving;
+1. captions/s at concurrency 16 with batching vs batch-1 serving, in alternating rounds (`--rounds`): the
+   speed of a shared or virtual machine drifts over minutes, and alternating makes the drift hit both alike;
 2. p50/p95/p99 latency at concurrency 1, 4 and 16 (closed loop: each client sends its next request when
    the previous one is answered);
 3. twice the saturating load (open loop: requests arrive at 2x the captions/s measured at concurrency 16,
@@ -47,6 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch-size", type=int, default=16, help="batch limit of the batching server")
     parser.add_argument("--concurrency", default="1,4,16", help="closed-loop client counts for latency")
     parser.add_argument("--requests", type=int, default=400, help="requests per closed-loop measurement")
+    parser.add_argument("--rounds", type=int, default=4,
+                        help="alternating rounds of the batching against batch-1 comparison (its requests split "
+                             "among them)")
     parser.add_argument("--overload-factor", type=float, default=2.0, help="offered load / saturating throughput")
     parser.add_argument("--overload-s", type=float, default=30.0, help="seconds of open-loop overload")
     parser.add_argument("--soak-s", type=float, default=300.0, help="seconds of the memory soak")
@@ -65,11 +69,22 @@ class Run:
     statuses: list[int] = field(default_factory=list)
     latencies: list[float] = field(default_factory=list)
     wall_s: float = 0.0
-    mean_batch: float | None = None
+    batched_images: float = 0.0  # images and engine calls the server counted meanwhile
+    engine_calls: float = 0.0
 
     def record(self, status: int, latency: float) -> None:
         self.statuses.append(status)
         self.latencies.append(latency)
+
+    @property
+    def mean_batch(self) -> float | None:
+        return self.batched_images / self.engine_calls if self.engine_calls else None
+
+    @classmethod
+    def merged(cls, runs: list[Run]) -> Run:
+        """One run made of several (rounds of one measurement): their requests, wall times and batches."""
+        return cls([s for r in runs for s in r.statuses], [lat for r in runs for lat in r.latencies],
+                   sum(r.wall_s for r in runs), sum(r.batched_images for r in runs), sum(r.engine_calls for r in runs))
 
     @property
     def captions_per_s(self) -> float:
@@ -89,9 +104,14 @@ class Connections:
     client spends more CPU per request than the server's HTTP layer, and would measure itself at 2x load.
     """
 
+    # a connection idle for longer is not reused: uvicorn closes idle keep-alive connections after 5 s, and a
+    # request written as the server closes one is reset, unanswered, a race of the client, not of the server
+    # (HTTP clients expire idle connections the same way: httpx's keepalive_expiry)
+    KEEPALIVE_EXPIRY_S = 4.0
+
     def __init__(self, port: int) -> None:
         self.port = port
-        self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter, float]] = []
 
     def get(self, path: str) -> bytes:
         return f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\n\r\n".encode()
@@ -107,9 +127,9 @@ class Connections:
 
     async def send(self, request: bytes) -> tuple[int, bytes]:
         """(status, body); status CONNECT_ERROR when the connection failed before a whole answer came."""
-        while self._idle:  # a kept-alive connection the server has closed since (idle timeout) answers nothing
-            reader, writer = self._idle.pop()
-            if not reader.at_eof():
+        while self._idle:  # a kept-alive connection the server has closed, or may be closing, answers nothing
+            reader, writer, idle_since = self._idle.pop()
+            if not reader.at_eof() and time.monotonic() - idle_since < self.KEEPALIVE_EXPIRY_S:
                 break
             writer.close()
         else:
@@ -132,7 +152,7 @@ class Connections:
         if headers.get("connection") == "close":
             writer.close()
         else:
-            self._idle.append((reader, writer))
+            self._idle.append((reader, writer, time.monotonic()))
         return status, body
 
     def close(self) -> None:
@@ -223,9 +243,20 @@ async def closed_loop(stream: Stream, concurrency: int, requests: int) -> Run:
     await asyncio.gather(*(client() for _ in range(concurrency)))
     run.wall_s = time.perf_counter() - started
     images_after, calls_after = await stream.target.batch_totals()
-    if calls_after > calls_before:
-        run.mean_batch = (images_after - images_before) / (calls_after - calls_before)
+    run.batched_images, run.engine_calls = images_after - images_before, calls_after - calls_before
     return run
+
+
+async def alternating(streams: list[Stream], concurrency: int, requests: int, rounds: int) -> list[list[Run]]:
+    """Closed loops on each stream in turn, `rounds` times, the order reversed every other round; the
+    requests are split among the rounds. Returns each stream's runs, round by round."""
+    runs: list[list[Run]] = [[] for _ in streams]
+    for index in range(rounds):
+        share = requests // rounds + (index < requests % rounds)
+        order = list(range(len(streams))) if index % 2 == 0 else list(reversed(range(len(streams))))
+        for which in order:
+            runs[which].append(await closed_loop(streams[which], concurrency, share))
+    return runs
 
 
 async def open_loop(stream: Stream, rate: float, duration_s: float, seed: int) -> tuple[Run, float]:
@@ -278,8 +309,8 @@ def _latency_row(label: str, concurrency: int, run: Run) -> str:
             f"{run.percentile_ms(50):.0f} | {run.percentile_ms(95):.0f} | {run.percentile_ms(99):.0f} |")
 
 
-def report(args: argparse.Namespace, batched: dict[int, Run], single: Run, overloaded: tuple[Run, float, float],
-           soak_run: Run, rss: list[float]) -> str:
+def report(args: argparse.Namespace, batched: dict[int, Run], single: Run, round_ratios: list[float],
+           overloaded: tuple[Run, float, float], soak_run: Run, rss: list[float]) -> str:
     top = max(batched)
     overload, offered, achieved = overloaded
     counts = Counter(overload.statuses)
@@ -295,7 +326,8 @@ def report(args: argparse.Namespace, batched: dict[int, Run], single: Run, overl
         _latency_row("batch-1 (max_batch_size=1)", top, single),
         "",
         f"Dynamic batching vs batch-1 at concurrency {top}: "
-        f"**{batched[top].captions_per_s / max(single.captions_per_s, 1e-9):.2f}x** captions/s.",
+        f"**{batched[top].captions_per_s / max(single.captions_per_s, 1e-9):.2f}x** captions/s "
+        f"({len(round_ratios)} alternating rounds: {', '.join(f'{r:.2f}x' for r in round_ratios)}).",
         "",
         "| overload | target rate | achieved rate | seconds | requests | 200 | 503 | 504 | other 5xx | no answer "
         "| p50 ms of 200s |",
@@ -332,26 +364,26 @@ def _images(args: argparse.Namespace) -> list[bytes]:
 async def _benchmark(args: argparse.Namespace, concurrency: list[int]) -> str:
     images = _images(args)
     top = max(concurrency)
-    target = Target(args, args.max_batch_size)
+    targets = [Target(args, args.max_batch_size), Target(args, 1)]  # both up: their rounds alternate
     try:
-        await target.wait_ready()
-        stream = Stream(target, images, args.mode)
-        await closed_loop(stream, top, min(args.requests, 64))  # warm-up
-        batched = {c: await closed_loop(stream, c, args.requests) for c in concurrency}
+        for target in targets:
+            await target.wait_ready()
+        streams = [Stream(target, images, args.mode) for target in targets]
+        for stream in streams:
+            await closed_loop(stream, top, min(args.requests, 64))  # warm-up
+        batching_rounds, single_rounds = await alternating(streams, top, args.requests, args.rounds)
+        round_ratios = [b.captions_per_s / max(s.captions_per_s, 1e-9) for b, s in zip(batching_rounds, single_rounds)]
+        targets.pop().stop()  # the batch-1 server's part is done: the rest measures the batching one alone
+        stream = streams[0]
+        batched = {c: await closed_loop(stream, c, args.requests) for c in concurrency if c != top}
+        batched[top] = Run.merged(batching_rounds)
         offered = args.overload_factor * batched[top].captions_per_s
         overload, achieved = await open_loop(stream, offered, args.overload_s, args.seed)
         soak_run, rss = await soak(stream, top, args.soak_s)
     finally:
-        target.stop()
-    target = Target(args, 1)
-    try:
-        await target.wait_ready()
-        stream = Stream(target, images, args.mode)
-        await closed_loop(stream, top, min(args.requests, 64))
-        single = await closed_loop(stream, top, args.requests)
-    finally:
-        target.stop()
-    return report(args, batched, single, (overload, offered, achieved), soak_run, rss)
+        for target in targets:
+            target.stop()
+    return report(args, batched, Run.merged(single_rounds), round_ratios, (overload, offered, achieved), soak_run, rss)
 
 
 def bench_serve_main(args: argparse.Namespace) -> int:
@@ -359,8 +391,10 @@ def bench_serve_main(args: argparse.Namespace) -> int:
         concurrency = sorted({int(c) for c in args.concurrency.split(",")})
     except ValueError:
         raise UserError(f"--concurrency must be comma-separated integers, got {args.concurrency!r}") from None
-    if not concurrency or concurrency[0] < 1 or args.requests < 1 or args.images < 1:
-        raise UserError("--concurrency, --requests and --images must be positive")
+    if not concurrency or concurrency[0] < 1 or args.requests < 1 or args.images < 1 or args.rounds < 1:
+        raise UserError("--concurrency, --requests, --rounds and --images must be positive")
+    if args.rounds > args.requests:
+        raise UserError(f"--rounds {args.rounds} is more than --requests {args.requests}: each round needs a request")
     print(asyncio.run(_benchmark(args, concurrency)))
     return 0
 

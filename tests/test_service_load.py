@@ -4,6 +4,8 @@ and a restart restores it, and `capeen serve` reports bad configuration in one l
 
 from __future__ import annotations
 
+import re
+
 import asyncio
 import json
 import os
@@ -227,4 +229,51 @@ def test_load_benchmark_runs(tiny_checkpoint, capsys) -> None:
     for row in ("| dynamic batching (max 16) | 1 |", "| dynamic batching (max 16) | 4 |",
                 "| batch-1 (max_batch_size=1) | 4 |", "| 2x saturation |", "| concurrency 4 |"):
         assert row in table, table
-    assert "| 24 | 0 |" in table  # every closed-loop request answered 200
+    # every closed-loop request answered 200, and the comparison's alternating rounds add up to --requests
+    assert table.count("| 24 | 0 |") == 3
+    assert re.search(r"\(4 alternating rounds: (\d+\.\d\dx, ){3}\d+\.\d\dx\)", table), table
+
+
+@pytest.mark.parametrize(("args", "says"), [(("--rounds", "0"), "must be positive"),
+                                            (("--rounds", "30", "--requests", "24"), "--rounds 30 is more than")])
+def test_load_benchmark_refuses_bad_rounds_in_one_line(args, says, capsys) -> None:
+    from service.loadtest import main
+
+    assert main(list(args)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and says in err, err
+
+
+def test_load_client_does_not_reuse_connections_the_server_may_be_closing() -> None:
+    """The load generator reuses a kept-alive connection only while it is younger than the server's idle
+    timeout: writing a request as the server closes the connection gets it reset, unanswered, which the
+    overload table would count as a request the service did not answer."""
+    from service.loadtest import Connections
+
+    async def scenario() -> tuple[int, int, list[int]]:
+        accepted = 0
+
+        async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            nonlocal accepted
+            accepted += 1
+            try:
+                while await reader.readuntil(b"\r\n\r\n"):
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    await writer.drain()
+            except (asyncio.IncompleteReadError, ConnectionError):
+                writer.close()  # the client closed this connection
+
+        server = await asyncio.start_server(answer, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        client = Connections(port)
+        statuses = [(await client.send(client.get("/")))[0], (await client.send(client.get("/")))[0]]
+        kept = accepted  # the second request went over the first connection
+        client.KEEPALIVE_EXPIRY_S = 0.0  # from now on every idle connection counts as expired
+        statuses.append((await client.send(client.get("/")))[0])
+        client.close()
+        server.close()
+        return kept, accepted, statuses
+
+    kept, accepted, statuses = asyncio.run(scenario())
+    assert statuses == [200, 200, 200]
+    assert kept == 1 and accepted == 2
