@@ -10,6 +10,7 @@ from models.model import CapeenModel
 from tests.test_model import small_config
 
 
+@torch.no_grad()
 def reference_decode(model: CapeenModel, encoder_states: torch.Tensor, threshold: float, max_tokens: int,
                      simulate: bool = False, offsets: dict[int, float] | None = None):
     """Plain re-implementation, one image at a time, no cache: every layer's K/V recomputed from its stored input.
