@@ -23,7 +23,7 @@ import torch
 from models import kernels
 from models.decoding import FULL_DEPTH, SectionTimer
 from models.engine import CaptionEngine
-from models.hf_export import to_hf_vision_encoder_decoder
+from models.hf_export import hf_pixel_values, to_hf_vision_encoder_decoder
 from models.preprocess import normalize
 
 
@@ -54,7 +54,8 @@ def methods(engine: CaptionEngine, threshold: float, compare_kernels: bool = Fal
 
     @torch.inference_mode()
     def run_hf(pixels: torch.Tensor) -> MethodOutput:
-        out = hf.generate(pixel_values=pixels, max_new_tokens=max_new, do_sample=False, num_beams=1)
+        out = hf.generate(pixel_values=hf_pixel_values(engine.model, pixels), max_new_tokens=max_new,
+                          do_sample=False, num_beams=1)
         ids = []
         for row in out[:, 1:].tolist():  # drop the decoder start token
             ids.append(row[: row.index(eos) + 1] if eos in row else row)

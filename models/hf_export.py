@@ -2,14 +2,18 @@
 
 This is what a user would run without CAPEEN (`model.generate()`), so the benchmark compares against it. The
 encoder is already a `transformers` ViT or Swin and the decoder uses GPT-2's parameter names, so the conversion is a
-pair of `load_state_dict` calls; it also proves the checkpoint is a plain GPT-2 underneath.
+pair of `load_state_dict` calls; it also proves the checkpoint is a plain GPT-2 underneath. A convolutional stem
+(`stem_channels`) has no place in `VisionEncoderDecoderModel`: it stays ours, and `hf_pixel_values` runs it on
+the images before they go to Hugging Face's ViT.
 """
 
 from __future__ import annotations
 
 from transformers import GPT2Config, VisionEncoderDecoderConfig, VisionEncoderDecoderModel
 
-from models.model import CapeenModel
+import torch
+
+from models.model import CapeenModel, ConvStemViT
 
 
 def to_hf_vision_encoder_decoder(model: CapeenModel) -> VisionEncoderDecoderModel:
@@ -20,12 +24,13 @@ def to_hf_vision_encoder_decoder(model: CapeenModel) -> VisionEncoderDecoderMode
         add_cross_attention=True, is_decoder=True, bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id,
         pad_token_id=cfg.pad_token_id, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
     )
-    config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(model.encoder.config, decoder_config)
+    encoder = model.encoder.vit if isinstance(model.encoder, ConvStemViT) else model.encoder
+    config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(encoder.config, decoder_config)
     config.decoder_start_token_id = cfg.bos_token_id
     config.pad_token_id = cfg.pad_token_id
     config.eos_token_id = cfg.eos_token_id
     hf = VisionEncoderDecoderModel(config=config)
-    missing, unexpected = hf.encoder.load_state_dict(model.encoder.state_dict(), strict=False)
+    missing, unexpected = hf.encoder.load_state_dict(encoder.state_dict(), strict=False)
     if unexpected or any(not k.startswith("pooler.") for k in missing):  # the pooler is unused by captioning
         raise RuntimeError(f"encoder weights do not map onto {type(hf.encoder).__name__}: missing {missing}, "
                            f"unexpected {unexpected}")
@@ -40,3 +45,11 @@ def to_hf_vision_encoder_decoder(model: CapeenModel) -> VisionEncoderDecoderMode
     hf.generation_config.eos_token_id = cfg.eos_token_id
     hf.generation_config.pad_token_id = cfg.pad_token_id
     return hf.to(next(model.parameters()).device).eval()
+
+
+def hf_pixel_values(model: CapeenModel, pixel_values: torch.Tensor) -> torch.Tensor:
+    """What the exported model's encoder takes for these images: the images, or our stem's output."""
+    if isinstance(model.encoder, ConvStemViT):
+        with torch.inference_mode():
+            return model.encoder.stem(pixel_values)
+    return pixel_values

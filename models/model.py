@@ -1,6 +1,10 @@
 """The CAPEEN captioner: an image encoder (a transformers ViT or Swin), a GPT-2 decoder with cross-attention, and
 exit heads.
 
+The ViT may sit behind a small convolutional stem (`stem_channels`): 3x3 stride-2 convolutions that see a shape
+across patch borders, where a linear patch embedding cannot (Xiao et al., 2021, "Early convolutions help
+transformers see better").
+
 The decoder is written here rather than taken from `transformers` so that decoding can be driven one layer at
 a time (see `models.decoding`): every block exposes its self-attention, cross-attention and MLP steps. Its
 parameter names and layouts follow Hugging Face's `GPT2LMHeadModel(add_cross_attention=True)` exactly
@@ -38,6 +42,9 @@ class CapeenConfig:
     swin_depths: list[int] = field(default_factory=lambda: [2, 2, 4])  # blocks per Swin stage
     swin_heads: list[int] = field(default_factory=lambda: [1, 2, 4])  # attention heads per Swin stage
     swin_window: int = 6
+    # ViT only: one 3x3 stride-2 convolution (+ BatchNorm + GELU) per width listed, before the patch embedding;
+    # each halves the image, so patch_size then counts pixels of the last convolution's output
+    stem_channels: list[int] = field(default_factory=list)
     # GPT-2 style decoder
     vocab_size: int = 100
     n_positions: int = 32
@@ -64,16 +71,35 @@ class CapeenConfig:
             raise ValueError(f"exit_layers must be a list of layer numbers, got {self.exit_layers!r}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
-        if self.image_size % self.patch_size:
-            raise ValueError(f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})")
         if self.encoder not in ENCODERS:
             raise ValueError(f"encoder must be one of {', '.join(ENCODERS)}, got {self.encoder!r}")
+        self._check_stem()
+        if self.vit_image_size % self.patch_size:
+            size = "the stem's output size" if self.stem_channels else "image_size"
+            raise ValueError(f"{size} ({self.vit_image_size}) must be a multiple of patch_size ({self.patch_size})")
         if self.encoder == "swin":
             self._check_swin()
         self.exit_layers = sorted(set(int(layer) for layer in self.exit_layers))
         bad = [layer for layer in self.exit_layers if not 1 <= layer < self.n_layer]
         if bad:
             raise ValueError(f"exit_layers must lie in 1..{self.n_layer - 1}; got {bad}")
+
+    def _check_stem(self) -> None:
+        if not isinstance(self.stem_channels, (list, tuple)):
+            raise ValueError(f"stem_channels must be a list of convolution widths, got {self.stem_channels!r}")
+        if any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in self.stem_channels):
+            raise ValueError(f"stem_channels must be positive integers, got {self.stem_channels}")
+        if self.stem_channels and self.encoder != "vit":
+            raise ValueError("stem_channels needs the ViT encoder")
+        if self.image_size % 2 ** len(self.stem_channels):
+            raise ValueError(f"image_size ({self.image_size}) must be divisible by 2 per stem convolution "
+                             f"({2 ** len(self.stem_channels)})")
+        self.stem_channels = list(self.stem_channels)
+
+    @property
+    def vit_image_size(self) -> int:
+        """Side of what the ViT's patch embedding sees: the image, or the stem's output."""
+        return self.image_size // 2 ** len(self.stem_channels)
 
     def _check_swin(self) -> None:
         if not isinstance(self.swin_depths, (list, tuple)) or not isinstance(self.swin_heads, (list, tuple)):
@@ -102,7 +128,7 @@ class CapeenConfig:
         """Image tokens the decoder cross-attends to."""
         if self.encoder == "swin":
             return (self.image_size // (self.patch_size * 2 ** (len(self.swin_depths) - 1))) ** 2
-        return (self.image_size // self.patch_size) ** 2 + 1  # + ViT's [CLS]
+        return (self.vit_image_size // self.patch_size) ** 2 + 1  # + ViT's [CLS]
 
     @property
     def head_dim(self) -> int:
@@ -267,7 +293,38 @@ class ExitHead(nn.Module):
         return self.proj(self.ln(hidden))
 
 
-def build_encoder(config: CapeenConfig) -> ViTModel | SwinModel:
+class ConvStemViT(nn.Module):
+    """A transformers ViT behind 3x3 stride-2 convolutions; the ViT's patches are cut from their output."""
+
+    def __init__(self, config: CapeenConfig) -> None:
+        super().__init__()
+        layers, channels = [], 3
+        for width in config.stem_channels:
+            layers += [nn.Conv2d(channels, width, 3, stride=2, padding=1), nn.BatchNorm2d(width), nn.GELU()]
+            channels = width
+        self.stem = nn.Sequential(*layers)
+        self.vit = build_vit(config, image_size=config.vit_image_size, channels=channels)
+
+    def forward(self, pixel_values: torch.Tensor):
+        return self.vit(pixel_values=self.stem(pixel_values))
+
+
+def build_vit(config: CapeenConfig, image_size: int, channels: int) -> ViTModel:
+    vit_config = ViTConfig(
+        image_size=image_size,
+        patch_size=config.patch_size,
+        num_channels=channels,
+        hidden_size=config.encoder_hidden,
+        num_hidden_layers=config.encoder_layers,
+        num_attention_heads=config.encoder_heads,
+        intermediate_size=config.encoder_intermediate,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    return ViTModel(vit_config, add_pooling_layer=False)
+
+
+def build_encoder(config: CapeenConfig) -> ViTModel | SwinModel | ConvStemViT:
     if config.encoder == "swin":
         stages = len(config.swin_depths)
         swin_config = SwinConfig(
@@ -284,18 +341,9 @@ def build_encoder(config: CapeenConfig) -> ViTModel | SwinModel:
             drop_path_rate=0.0,
         )
         return SwinModel(swin_config, add_pooling_layer=False)
-    vit_config = ViTConfig(
-        image_size=config.image_size,
-        patch_size=config.patch_size,
-        num_channels=3,
-        hidden_size=config.encoder_hidden,
-        num_hidden_layers=config.encoder_layers,
-        num_attention_heads=config.encoder_heads,
-        intermediate_size=config.encoder_intermediate,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    return ViTModel(vit_config, add_pooling_layer=False)
+    if config.stem_channels:
+        return ConvStemViT(config)
+    return build_vit(config, image_size=config.image_size, channels=3)
 
 
 class CapeenModel(nn.Module):

@@ -265,12 +265,19 @@ class Trainer:
             for key, value in parts.items():
                 totals[key] = totals.get(key, 0.0) + float(value) * len(index)
             n += len(index)
-        self.model.train()
+        self._train_mode()
         return {f"val_{k}": v / n for k, v in totals.items()}
+
+    def _train_mode(self) -> None:
+        self.model.train()
+        if self.opts.stage == "exits":  # the frozen backbone runs as at inference: BatchNorm statistics stay put
+            for module in (self.model.encoder, self.model.enc_to_dec_proj, self.model.decoder):
+                if module is not None:
+                    module.eval()
 
     def run(self) -> Path:
         opts = self.opts
-        self.model.train()
+        self._train_mode()
         started = time.time()
         bar = tqdm(total=opts.steps, initial=self.step, desc=f"train {opts.stage}", unit="step")
         while self.step < opts.steps:

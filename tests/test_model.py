@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from models.hf_export import to_hf_vision_encoder_decoder
+from models.hf_export import hf_pixel_values, to_hf_vision_encoder_decoder
 from models.model import CapeenConfig, CapeenModel, GPT2Decoder
 
 
@@ -94,7 +94,37 @@ def test_swin_trains_end_to_end():
     assert patch_embedding.grad is not None and patch_embedding.grad.abs().sum() > 0
 
 
+# ----- convolutional stem before the ViT --------------------------------------------------------------------------
+def test_conv_stem_feeds_the_vit_and_exports_to_hugging_face_with_the_stem_run_first():
+    torch.manual_seed(0)
+    config = small_config(stem_channels=[8], patch_size=4)  # 32 px -> 16 px of 8 channels -> 4x4 patches
+    model = CapeenModel(config)
+    pixels = torch.randn(2, 3, 32, 32)
+    tokens = torch.randint(3, 40, (2, 5))
+    final, _ = model(pixels, tokens)
+    torch.nn.functional.cross_entropy(final.reshape(-1, 40), tokens.reshape(-1)).backward()
+    assert model.encoder.stem[0].weight.grad.abs().sum() > 0  # the stem learns with the rest
+    model.eval()
+    with torch.no_grad():
+        states = model.encode(pixels)
+        final, _ = model(pixels, tokens)
+    assert states.shape == (2, config.encoder_tokens, config.n_embd) == (2, 17, 32)
+
+    hf = to_hf_vision_encoder_decoder(model)
+    assert type(hf.encoder).__name__ == "ViTModel" and hf.encoder.config.num_channels == 8
+    with torch.no_grad():
+        theirs = hf(pixel_values=hf_pixel_values(model, pixels), decoder_input_ids=tokens).logits
+    assert torch.allclose(theirs, final, atol=1e-4), (theirs - final).abs().max()
+    assert hf_pixel_values(CapeenModel(small_config()), pixels) is pixels  # no stem: the images themselves
+
+
 @pytest.mark.parametrize("overrides, message", [
+    (dict(encoder="swin", patch_size=4, swin_depths=[1, 1], swin_heads=[1, 2], swin_window=4, stem_channels=[8]),
+     "needs the ViT"),
+    (dict(image_size=36, patch_size=3, stem_channels=[8, 8, 8]), "divisible by 2 per stem convolution"),
+    (dict(patch_size=3, stem_channels=[8]), "the stem's output size .16. must be a multiple of patch_size"),
+    (dict(stem_channels=[8, 0]), "positive integers"),
+    (dict(stem_channels=8), "list of convolution widths"),
     (dict(encoder="resnet"), "encoder must be one of vit, swin"),
     (dict(encoder="swin", patch_size=4, swin_depths=[1, 1], swin_heads=[1]), "same stages"),
     (dict(encoder="swin", patch_size=4, swin_depths=[1, 1], swin_heads=[1, 2], swin_window=3),

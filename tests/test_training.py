@@ -127,6 +127,17 @@ def test_stage_exits_freezes_backbone_and_trains_exits(backbone, exits_distilled
     _assert_only_exits_changed(_weights(backbone[0]), _weights(exits_distilled))
 
 
+def test_stage_exits_keeps_a_conv_stems_batchnorm_statistics(data, tmp_path):
+    stem = {**TINY, "stem_channels": [8], "patch_size": 4}
+    assert _train(data, tmp_path / "backbone", tmp_path / "run1", "--stage", "backbone", "--steps", 4,
+                  "--warmup", 1, "--eval-every", 4, "--model-config", json.dumps(stem)) == 0
+    assert _train(data, tmp_path / "exits", tmp_path / "run2", "--stage", "exits", "--init", tmp_path / "backbone",
+                  "--steps", 4, "--lr", "3e-3", "--warmup", 1, "--eval-every", 2) == 0
+    before, after = _weights(tmp_path / "backbone"), _weights(tmp_path / "exits")
+    assert "encoder.stem.1.running_mean" in before
+    _assert_only_exits_changed(before, after)
+
+
 def test_stage_exits_reports_distillation_and_keeps_backbone_history(exits_distilled):
     meta = _meta(exits_distilled)
     assert set(meta["training"]) == {"backbone", "exits"}
