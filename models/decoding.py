@@ -192,7 +192,8 @@ class EarlyExitDecoder:
             b_kv = block.attn.c_attn.bias[d:]
             folded_w.append(block.ln_1.weight[:, None] * w_kv)
             folded_b.append(block.ln_1.bias @ w_kv + b_kv)
-        self.prop_weight = torch.cat(folded_w, dim=1).contiguous()  # (d, L * 2d)
+        # stored (L * 2d, d), so that the rows of the layers after an exit are one dense block
+        self.prop_weight = torch.cat(folded_w, dim=1).t().contiguous()
         self.prop_bias = torch.cat(folded_b).contiguous()
         self.eps = self.config.layer_norm_epsilon
         self.layer_weights = [
@@ -597,7 +598,7 @@ class EarlyExitDecoder:
         count, H, hd = self.n_layer - first, self.n_head, self.d // self.n_head
         start = first * 2 * self.d
         normed = torch.layer_norm(hidden, (self.d,), None, None, self.eps)
-        kv = kernels.addmm(self.prop_bias[start:], normed, self.prop_weight[:, start:])
+        kv = kernels.linear(normed, self.prop_weight[start:], self.prop_bias[start:])
         kv = kv.view(-1, count, 2, H, hd).permute(1, 2, 0, 3, 4)  # (count, 2, n, H, hd)
         target = cache[first:].select(4, t)  # (count, 2, B, H, hd)
         if rows is None:

@@ -9,7 +9,9 @@ cross-attention keys and values of every layer (one product per batch) go to one
 and sending the large ones of big batches to oneDNN too was no faster in the decode loop. `capeen bench
 --compare-kernels` measures the crossover and the gain; BENCHMARKS.md ("oneDNN for large products") has them.
 
-Inference only: the oneDNN op has no autograd, so anything that needs gradients stays on MKL. Where the op is
+Inference only: the oneDNN op has no autograd, so anything that needs gradients stays on MKL. So does a
+weight that is a strided view (a column slice of a wider matrix, say): oneDNN has no fast kernel for that
+layout and fell to one about a thousand times slower. Where the op is
 missing or fails its self-check (another torch build), everything stays on MKL. `set_onednn(False)` or the
 `onednn_disabled()` context turns it off process-wide, for comparisons.
 """
@@ -87,14 +89,14 @@ def is_large(multiply_adds: int) -> bool:
     return multiply_adds >= ONEDNN_MIN_MACS
 
 
-def _large(x: torch.Tensor, n_out: int) -> bool:
+def _large(x: torch.Tensor, weight: torch.Tensor, n_out: int) -> bool:
     return is_large(x.numel() * n_out) and x.dtype == torch.float32 and x.device.type == "cpu" \
-        and onednn_active()
+        and (weight.is_contiguous() or weight.t().is_contiguous()) and onednn_active()
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear(x, weight, bias)` (weight: (out, in)), on oneDNN when the product is large."""
-    if _large(x, weight.shape[0]) and not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad)):
+    if _large(x, weight, weight.shape[0]) and not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad)):
         return _onednn_linear(x, weight, bias)
     return F.linear(x, weight, bias)
 
@@ -102,7 +104,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def addmm(bias: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """`torch.addmm(bias, x, weight)` for inference (x: (rows, in), weight: (in, out); bias: (out,) or the
     (rows, out) residual to add), on oneDNN when the product is large."""
-    if not _large(x, weight.shape[1]):
+    if not _large(x, weight, weight.shape[1]):
         return torch.addmm(bias, x, weight)
     if bias.dim() == 1:
         return _onednn_linear(x, weight.t(), bias)

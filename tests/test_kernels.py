@@ -57,6 +57,23 @@ def test_small_products_and_training_stay_on_mkl(onednn_calls):
     assert torch.allclose(weight.grad, x.detach().sum(0).expand(512, 128), atol=1e-4)
 
 
+def test_a_strided_weight_view_stays_on_mkl_and_dense_slices_go_to_onednn(onednn_calls):
+    # oneDNN ran a column slice of a wider weight (the keys and values of the layers after an exit) about a
+    # thousand times slower than MKL: only dense layouts may go there
+    torch.manual_seed(0)
+    wide, x = torch.randn(128, 3072), torch.randn(16, 128)
+    columns = wide[:, 512:]  # (in, out) with a row stride of 3072: neither it nor its transpose is dense
+    rows = wide.t().contiguous()[512:]  # the same weights as (out, in): a dense block
+    bias = torch.randn(2560)
+    with torch.inference_mode():
+        expected = torch.addmm(bias, x, columns)
+        assert torch.allclose(kernels.addmm(bias, x, columns), expected, atol=1e-4)
+        assert torch.allclose(kernels.linear(x, columns.t(), bias), expected, atol=1e-4)
+        assert onednn_calls == []
+        assert torch.allclose(kernels.linear(x, rows, bias), expected, atol=1e-4)
+    assert onednn_calls == [((16, 128), (2560, 128))]
+
+
 def test_switching_off_restores_the_previous_state(onednn_calls):
     x, weight = torch.randn(300, 128), torch.randn(512, 128)
     with pytest.raises(RuntimeError, match="inside"):
@@ -113,3 +130,18 @@ def test_captions_do_not_depend_on_the_kernels(tiny_checkpoint, onednn_calls):
         assert [r.trace.exit_layers for r in with_onednn] == [r.trace.exit_layers for r in on_mkl]
         for a, b in zip(with_onednn, on_mkl):
             assert a.trace.confidences == pytest.approx(b.trace.confidences, abs=1e-4)
+
+
+def test_state_propagation_of_a_batch_gives_the_same_captions_on_onednn(onednn_calls):
+    """The shipped model under CALM propagation, 32 images at once: the keys and values of the layers after an
+    exit are a dense block of the stacked weights, large enough for oneDNN, and the captions are those of MKL."""
+    engine = CaptionEngine(load_checkpoint(None), device="cpu", kv_fill="propagate")
+    size = engine.config.image_size
+    pixels = torch.rand(32, 3, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with_onednn = engine.caption_pixels(pixels, 0.9).results
+    stacked = engine.decoder.prop_weight.shape[0]  # every layer's keys and values
+    assert any(rows < stacked for _, (rows, _) in onednn_calls), "no propagation product went to oneDNN"
+    with kernels.onednn_disabled():
+        on_mkl = engine.caption_pixels(pixels, 0.9).results
+    assert [r.trace.token_ids for r in with_onednn] == [r.trace.token_ids for r in on_mkl]
+    assert [r.trace.exit_layers for r in with_onednn] == [r.trace.exit_layers for r in on_mkl]
