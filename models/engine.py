@@ -16,6 +16,7 @@ from PIL import Image
 from models import kernels
 from models.checkpoint import Checkpoint, load_checkpoint
 from models.decoding import FULL_DEPTH, DecodeTrace, EarlyExitDecoder
+from models.model import ConvStemViT
 from models.preprocess import images_to_tensor
 
 MODES = ("full", "fixed")
@@ -79,6 +80,8 @@ class CaptionEngine:
             if half and self.device.type == "cuda" else torch.float32
         self.checkpoint = checkpoint
         self.model = checkpoint.model.to(self.device, self.dtype).eval()
+        if isinstance(self.model.encoder, ConvStemViT):
+            self.model.encoder.fold_batchnorm()
         if self.device.type == "cpu":  # the encoder's products are large (every patch of every image)
             kernels.dispatch_large_linears(self.model.encoder)
             if self.model.enc_to_dec_proj is not None:

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 from transformers import SwinConfig, SwinModel, ViTConfig, ViTModel
 
 ENCODERS = ("vit", "swin")
@@ -307,6 +308,15 @@ class ConvStemViT(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor):
         return self.vit(pixel_values=self.stem(pixel_values))
+
+    def fold_batchnorm(self) -> None:
+        """Fold each BatchNorm into the convolution before it, for inference (eval mode): the same outputs
+        without a pass over every activation. The state dict loses the BatchNorm entries, so save before."""
+        layers = list(self.stem)
+        for i, layer in enumerate(layers):
+            if isinstance(layer, nn.BatchNorm2d):
+                layers[i - 1], layers[i] = fuse_conv_bn_eval(layers[i - 1], layer), nn.Identity()
+        self.stem = nn.Sequential(*layers)
 
 
 def build_vit(config: CapeenConfig, image_size: int, channels: int) -> ViTModel:

@@ -5,8 +5,11 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from models.checkpoint import Checkpoint, Thresholds
+from models.engine import CaptionEngine
 from models.hf_export import hf_pixel_values, to_hf_vision_encoder_decoder
 from models.model import CapeenConfig, CapeenModel, GPT2Decoder
+from models.tokenizer import SPECIALS, WordTokenizer
 
 
 def small_config(**overrides) -> CapeenConfig:
@@ -116,6 +119,25 @@ def test_conv_stem_feeds_the_vit_and_exports_to_hugging_face_with_the_stem_run_f
         theirs = hf(pixel_values=hf_pixel_values(model, pixels), decoder_input_ids=tokens).logits
     assert torch.allclose(theirs, final, atol=1e-4), (theirs - final).abs().max()
     assert hf_pixel_values(CapeenModel(small_config()), pixels) is pixels  # no stem: the images themselves
+
+
+def test_the_engine_folds_the_stems_batchnorm_into_its_convolutions_with_the_same_captions(tmp_path):
+    torch.manual_seed(0)
+    config = small_config(stem_channels=[8, 16], patch_size=4)  # 32 px -> 8 px of 16 channels -> 2x2 patches
+    model = CapeenModel(config)
+    with torch.no_grad():  # statistics and affine parameters far from their defaults, so that folding shows
+        for layer in model.encoder.stem:
+            if isinstance(layer, torch.nn.BatchNorm2d):
+                layer.running_mean.uniform_(-1, 1), layer.running_var.uniform_(0.5, 2)
+                layer.weight.uniform_(0.5, 2), layer.bias.uniform_(-1, 1)
+    model.eval()
+    pixels = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        expected = model.encode(pixels)
+    tokenizer = WordTokenizer([*SPECIALS, *[f"w{i}" for i in range(config.vocab_size - len(SPECIALS))]])
+    engine = CaptionEngine(Checkpoint(model=model, tokenizer=tokenizer, thresholds=Thresholds()), device="cpu")
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in engine.model.modules())
+    assert torch.allclose(engine.encode(pixels), expected, atol=1e-5)
 
 
 @pytest.mark.parametrize("overrides, message", [
