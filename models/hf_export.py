@@ -9,9 +9,8 @@ the images before they go to Hugging Face's ViT.
 
 from __future__ import annotations
 
-from transformers import GPT2Config, VisionEncoderDecoderConfig, VisionEncoderDecoderModel
-
 import torch
+from transformers import GPT2Config, VisionEncoderDecoderConfig, VisionEncoderDecoderModel
 
 from models.model import CapeenModel, ConvStemViT
 
