@@ -133,7 +133,8 @@ class CaptionEngine:
         if threshold is None:
             threshold = self.calibrated_threshold
             if threshold is None:
-                raise ValueError("this checkpoint has no calibrated threshold: run `capeen calibrate`, or give a threshold")
+                raise ValueError("this checkpoint has no calibrated threshold: run `capeen calibrate`, "
+                                 "or give a threshold")
         if not 0.0 < threshold <= 1.0:
             raise ValueError(f"threshold must be in (0, 1], got {threshold}")
         return float(threshold)

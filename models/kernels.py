@@ -11,7 +11,7 @@ and sending the large ones of big batches to oneDNN too was no faster in the dec
 
 Inference only: the oneDNN op has no autograd, so anything that needs gradients stays on MKL. So does a
 weight that is a strided view (a column slice of a wider matrix, say): oneDNN has no fast kernel for that
-layout and fell to one about a thousand times slower. Where the op is
+layout and fell to one hundreds of times slower. Where the op is
 missing or fails its self-check (another torch build), everything stays on MKL. `set_onednn(False)` or the
 `onednn_disabled()` context turns it off process-wide, for comparisons.
 """
@@ -96,7 +96,8 @@ def _large(x: torch.Tensor, weight: torch.Tensor, n_out: int) -> bool:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear(x, weight, bias)` (weight: (out, in)), on oneDNN when the product is large."""
-    if _large(x, weight, weight.shape[0]) and not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad)):
+    needs_grad = torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad)
+    if _large(x, weight, weight.shape[0]) and not needs_grad:
         return _onednn_linear(x, weight, bias)
     return F.linear(x, weight, bias)
 

@@ -58,8 +58,8 @@ def test_small_products_and_training_stay_on_mkl(onednn_calls):
 
 
 def test_a_strided_weight_view_stays_on_mkl_and_dense_slices_go_to_onednn(onednn_calls):
-    # oneDNN ran a column slice of a wider weight (the keys and values of the layers after an exit) about a
-    # thousand times slower than MKL: only dense layouts may go there
+    # oneDNN ran a column slice of a wider weight (the keys and values of the layers after an exit) hundreds
+    # of times slower than MKL: only dense layouts may go there
     torch.manual_seed(0)
     wide, x = torch.randn(128, 3072), torch.randn(16, 128)
     columns = wide[:, 512:]  # (in, out) with a row stride of 3072: neither it nor its transpose is dense
