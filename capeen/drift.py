@@ -403,6 +403,7 @@ def done_when(report: dict[str, Any]) -> dict[str, Any]:
         if phase["distortion"] == "none":
             continue
         ours, fixed = phase["policies"][best], phase["policies"]["fixed"]
+        full = phase["policies"]["full-depth"]["ciderD"]
         phases.append({
             "phase": phase["phase"],
             "distortion": phase["distortion"],
@@ -410,6 +411,10 @@ def done_when(report: dict[str, Any]) -> dict[str, Any]:
             "fixed_ciderD": fixed["ciderD"],
             "mean_exit_layer": ours["mean_exit_layer"],
             "fixed_mean_exit_layer": fixed["mean_exit_layer"],
+            # The room a threshold has: a fixed threshold that already matches full depth on the distorted
+            # images leaves no quality for any policy to gain, only depth to save.
+            "full_depth_ciderD": full,
+            "fixed_share_of_full_depth": 100.0 * fixed["ciderD"] / full if full > 0 else None,
             "higher_ciderD": ours["ciderD"] > fixed["ciderD"],
             "not_deeper": ours["mean_exit_layer"] <= fixed["mean_exit_layer"] + 1e-9,
         })
@@ -493,7 +498,9 @@ def format_table(report: dict[str, Any]) -> str:
             lines.append(f"- {p['distortion']}: CIDEr-D {p['ciderD']:.3f} vs fixed {p['fixed_ciderD']:.3f} "
                          f"({'higher' if p['higher_ciderD'] else 'NOT higher'}), mean exit layer "
                          f"{p['mean_exit_layer']:.2f} vs {p['fixed_mean_exit_layer']:.2f} "
-                         f"({'not deeper' if p['not_deeper'] else 'DEEPER'})")
+                         f"({'not deeper' if p['not_deeper'] else 'DEEPER'}); full depth "
+                         f"{p['full_depth_ciderD']:.3f}, fixed at {_fmt(p['fixed_share_of_full_depth'], '.1f')}% "
+                         f"of it")
         lines.append(f"Verdict: {'PASS' if check['passed'] else 'FAIL'}")
     return "\n".join(lines)
 

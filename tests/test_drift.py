@@ -119,6 +119,9 @@ def test_percentages_against_best_fixed_arm(report):
         assert row["regret"] == pytest.approx(total - row["reward"])
     check = data["done_when"]
     assert check["measure"] == "pct_of_best"
+    distorted = [phase for phase in data["per_phase"] if phase["distortion"] != "none"]
+    for phase, row in zip(distorted, check["distorted_phases"], strict=True):
+        assert row["full_depth_ciderD"] == pytest.approx(phase["policies"]["full-depth"]["ciderD"])
     assert check["pct"] == pytest.approx(data["overall"]["policies"][check["best_drift_aware"]]["pct_of_best"])
 
 
@@ -130,6 +133,34 @@ def test_negative_rewards_fall_back_to_the_gain_share():
     assert score["pct_of_gain"] == pytest.approx(75.0) and score["pct_of_gain_same_traces"] == pytest.approx(100.0)
     assert score["regret"] == pytest.approx(1.0)
     assert Yardstick(best=1.0, full_depth=2.0).score(1.0, 1.0)["pct_of_gain"] is None
+
+
+def _phase(distortion: str, ciders: dict[str, float], layers: dict[str, float]) -> dict:
+    return {"phase": 0, "distortion": distortion,
+            "policies": {name: {"ciderD": c, "mean_exit_layer": layers.get(name, 12.0)} for name, c in ciders.items()}}
+
+
+def test_done_when_states_the_room_full_depth_leaves():
+    """A fixed threshold that already matches full depth on distorted images leaves no CIDEr-D to gain: the
+    check reports full depth's CIDEr-D next to the policies', so a failed quality check says why."""
+    from capeen.drift import done_when
+
+    overall = {"fixed": {"reward": 1.0, "pct_of_best": 90.0}, "cd-ucb": {"reward": 2.0, "pct_of_best": 97.0}}
+    report = {"overall": {"policies": overall}, "per_phase": [
+        _phase("none", {"fixed": 4.0, "cd-ucb": 4.0, "full-depth": 4.1}, {"fixed": 3.0, "cd-ucb": 3.0}),
+        _phase("noise:40", {"fixed": 1.6, "cd-ucb": 1.5, "full-depth": 1.6}, {"fixed": 4.5, "cd-ucb": 3.5}),
+        _phase("blur:2", {"fixed": 3.0, "cd-ucb": 3.2, "full-depth": 4.0}, {"fixed": 4.0, "cd-ucb": 3.9}),
+    ]}
+    check = done_when(report)
+    assert check["best_drift_aware"] == "cd-ucb" and check["reward_ok"]
+    noise, blur = check["distorted_phases"]
+    assert noise["full_depth_ciderD"] == 1.6 and noise["fixed_share_of_full_depth"] == pytest.approx(100.0)
+    assert not noise["higher_ciderD"] and noise["not_deeper"]
+    assert blur["fixed_share_of_full_depth"] == pytest.approx(75.0)
+    assert blur["higher_ciderD"] and blur["not_deeper"]
+    assert not check["quality_ok"] and not check["passed"]
+    report["per_phase"][1]["policies"]["full-depth"]["ciderD"] = 0.0  # a model that says nothing right
+    assert done_when(report)["distorted_phases"][0]["fixed_share_of_full_depth"] is None
 
 
 def test_plot_written(report):
