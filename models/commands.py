@@ -274,6 +274,10 @@ def _print_report(report: dict) -> None:
         if "attribute_accuracy" in entry:
             setting = "full" if entry["threshold"] is None else f"{entry['threshold']:g}"
             setting += " simulated" if entry.get("simulated") else ""
+            if entry.get("scene_accuracy_by_count"):
+                print(f"{setting}: scene accuracy by object count: " +
+                      ", ".join(f"{count}: {v['accuracy']:.3f} ({v['images']} images)"
+                                for count, v in entry["scene_accuracy_by_count"].items()))
             print(f"{setting}: stated right for every object: " +
                   ", ".join(f"{k} {v:.3f}" for k, v in entry["attribute_accuracy"].items()))
             if entry.get("lone_object_shape_accuracy"):

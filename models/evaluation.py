@@ -23,7 +23,8 @@ from tqdm import tqdm
 from models.decoding import FULL_DEPTH, DecodeTrace
 from models.engine import CaptionEngine
 from models.preprocess import normalize
-from models.scene import attribute_accuracy, lone_object_shape_accuracy, scene_accuracy
+from models.scene import (attribute_accuracy, lone_object_shape_accuracy, scene_accuracy,
+                          scene_accuracy_by_count)
 
 DEFAULT_SWEEP = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.925, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999)
 
@@ -171,6 +172,7 @@ def summarize(run: DecodeRun, full: DecodeRun, data: EvalSet, n_layer: int, mete
     }
     if data.objects is not None:
         summary["scene_accuracy"] = scene_accuracy(run.captions, data.objects)
+        summary["scene_accuracy_by_count"] = scene_accuracy_by_count(run.captions, data.objects)
         summary["attribute_accuracy"] = attribute_accuracy(run.captions, data.objects)
         summary["lone_object_shape_accuracy"] = lone_object_shape_accuracy(run.captions, data.objects)
     return summary

@@ -157,6 +157,19 @@ def lone_object_shape_accuracy(captions: list[str], objects_per_image: list[list
     return {size: {"accuracy": right[size] / seen[size], "images": seen[size]} for size in SIZES if seen[size]}
 
 
+def scene_accuracy_by_count(captions: list[str], objects_per_image: list[list[dict]]) -> dict[int, dict]:
+    """`scene_accuracy` among the images of each object count (`{count: {"accuracy", "images"}}`): crowded
+    scenes, with small objects and occlusion, are where a model stops seeing everything."""
+    if len(captions) != len(objects_per_image):
+        raise ValueError(f"{len(captions)} captions but {len(objects_per_image)} images")
+    right: Counter = Counter()
+    seen: Counter = Counter()
+    for caption, objects in zip(captions, objects_per_image):
+        seen[len(objects)] += 1
+        right[len(objects)] += scene_correct(caption, objects)
+    return {count: {"accuracy": right[count] / seen[count], "images": seen[count]} for count in sorted(seen)}
+
+
 SCENE_TRIPLES: tuple[tuple[str, str, str], ...] = tuple(
     (shape, colour, size) for shape in SHAPES for colour in COLOURS for size in SIZES
 )

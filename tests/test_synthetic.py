@@ -21,6 +21,7 @@ from models.scene import (
     lone_object_shape_accuracy,
     parse_caption,
     scene_accuracy,
+    scene_accuracy_by_count,
     scene_correct,
 )
 from models.synthetic import _BASE_RGB, BACKGROUNDS, captions_for, draw_example, generate_dataset, render_scene
@@ -272,6 +273,20 @@ def test_lone_object_shape_accuracy_is_split_by_size_and_skips_crowded_scenes() 
     assert lone_object_shape_accuracy(captions[-1:], scenes[-1:]) == {}
     with pytest.raises(ValueError):
         lone_object_shape_accuracy(["x"], [])
+
+
+def test_scene_accuracy_by_count_splits_the_images_by_how_many_objects_they_hold() -> None:
+    lone = [{"shape": "star", "colour": "red", "size": "small"}]
+    pair = [*lone, {"shape": "circle", "colour": "blue", "size": "large"}]
+    captions = ["a small red star", "a small red diamond",
+                "a small red star and a large blue circle", "a small red star", "red red red"]
+    scenes = [lone, lone, pair, pair, pair]
+    assert scene_accuracy_by_count(captions, scenes) == {
+        1: {"accuracy": 1 / 2, "images": 2}, 2: {"accuracy": 1 / 3, "images": 3}}
+    assert scene_accuracy(captions, scenes) == 2 / 5
+    assert scene_accuracy_by_count([], []) == {}
+    with pytest.raises(ValueError):
+        scene_accuracy_by_count(["x"], [])
 
 
 def test_attribute_accuracy_tells_which_part_of_the_scene_is_wrong() -> None:
