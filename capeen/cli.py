@@ -113,8 +113,11 @@ def _add_model_source(p, default_split: str) -> None:
 def _add_calibrate(sub) -> None:
     p = sub.add_parser("calibrate", help="choose the early-exit threshold on held-out data; writes thresholds.json")
     _add_model_source(p, "val")
-    p.add_argument("--quality", type=float, default=0.99, help="keep CIDEr-D >= this fraction of full depth on the calibration split "
-                   "(a sample: ask for a margin above what new images must keep, e.g. 0.999 for 99%%)")
+    p.add_argument("--quality", type=float, default=0.99, help="keep CIDEr-D >= this fraction of full depth")
+    p.add_argument("--confidence", type=float, default=0.95,
+                   help="the calibration split is a sample: a setting passes only if the lower bound of its share of "
+                        "full depth's CIDEr-D at this confidence (paired bootstrap over the images) reaches --quality; "
+                        "0: the share measured on the split (default: %(default)s)")
     p.add_argument("--thresholds", help="comma-separated grid (default: 0.5 ... 0.999)")
     p.add_argument("--no-schedules", action="store_true",
                    help="one threshold for every exit: do not propose per-exit schedules")

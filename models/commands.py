@@ -179,23 +179,28 @@ def calibrate_main(args) -> int:
     _set_threads(args)
     if not 0 < args.quality <= 1:
         raise UserError(f"--quality must be in (0, 1], got {args.quality}")
+    if not 0 <= args.confidence < 1:
+        raise UserError(f"--confidence must be in [0, 1), got {args.confidence}")
     grid = _thresholds(args.thresholds)
     engine = _engine(args)
     if engine.checkpoint.path is None:
         raise UserError("calibration needs a checkpoint directory to write thresholds.json into")
     data = _eval_set(args, engine, args.split)
-    result = calibrate(engine, data, grid, quality_fraction=args.quality,
-                       batch_size=args.batch_size, split=args.split, schedules=not args.no_schedules)
+    result = calibrate(engine, data, grid, quality_fraction=args.quality, batch_size=args.batch_size,
+                       split=args.split, schedules=not args.no_schedules, confidence=args.confidence)
     save_thresholds(engine.checkpoint.path, result)
     full = result.details["full_depth"]
     print(f"full depth: CIDEr-D {full['ciderD']:.3f}  BLEU-4 {full['bleu4']:.3f}")
     for entry in result.sweep:
         exits = _exit_plan(entry["exit_layers"], entry["threshold"], entry.get("exit_offsets"))
-        print(f"exits {exits:<34} threshold {entry['threshold']:<6g} CIDEr-D {entry['ciderD']:.3f}  BLEU-4 {entry['bleu4']:.3f}  "
-              f"mean exit layer {entry['mean_exit_layer']:.2f}  cost {entry['cost_layers_per_token']:.2f} layers/token  "
+        bound = entry.get("ciderD_share_lower_bound")
+        share = f"{100 * entry['ciderD_share']:.1f}%" + ("" if bound is None else f" (>= {100 * bound:.1f}%)")
+        print(f"exits {exits:<34} threshold {entry['threshold']:<6g} CIDEr-D {entry['ciderD']:.3f} = {share:<17} "
+              f"BLEU-4 {entry['bleu4']:.3f}  mean exit layer {entry['mean_exit_layer']:.2f}  cost {entry['cost_layers_per_token']:.2f} layers/token  "
               f"decoder speedup {entry['decoder_speedup']:.2f}x")
     if result.threshold is None:
-        print(f"no threshold keeps CIDEr-D >= {args.quality:g} x full depth; the checkpoint stays uncalibrated")
+        sure = f" at {args.confidence:g} confidence" if args.confidence else ""
+        print(f"no threshold keeps CIDEr-D >= {args.quality:g} x full depth{sure}; the checkpoint stays uncalibrated")
         return 1
     plan = _exit_plan(result.details["exit_layers"], result.threshold, result.details.get("exit_offsets"))
     print(f"calibrated threshold {result.threshold:g} with exits {plan}, kv fill {engine.kv_fill}, "

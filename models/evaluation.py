@@ -71,8 +71,11 @@ class Distortion:
 
 
 # ----- metrics ----------------------------------------------------------------------------------------------
-def caption_metrics(hypotheses: Sequence[str], references: Sequence[Sequence[str]], meteor: bool = False) -> dict:
-    """Corpus metrics with pycocoevalcap. Captions are already lower-case words separated by spaces."""
+def caption_metrics(hypotheses: Sequence[str], references: Sequence[Sequence[str]], meteor: bool = False,
+                    per_image: bool = False) -> dict:
+    """Corpus metrics with pycocoevalcap. Captions are already lower-case words separated by spaces.
+
+    With `per_image`, also each image's CIDEr-D ("ciderD_per_image"), whose mean is the corpus CIDEr-D."""
     res = {i: [h if h.strip() else "<empty>"] for i, h in enumerate(hypotheses)}
     gts = {i: [r for r in refs] for i, refs in enumerate(references)}
     scores: dict[str, float] = {}
@@ -80,7 +83,10 @@ def caption_metrics(hypotheses: Sequence[str], references: Sequence[Sequence[str
     for n, value in enumerate(bleu, start=1):
         scores[f"bleu{n}"] = float(value)
     scores["rougeL"] = float(Rouge().compute_score(gts, res)[0])
-    scores["ciderD"] = float(Cider().compute_score(gts, res)[0])
+    cider, cider_per_image = Cider().compute_score(gts, res)
+    scores["ciderD"] = float(cider)
+    if per_image:
+        scores["ciderD_per_image"] = [float(v) for v in cider_per_image]
     if meteor and shutil.which("java"):
         from pycocoevalcap.meteor.meteor import Meteor
 
@@ -145,7 +151,8 @@ def decode_interleaved(engine: CaptionEngine, data: EvalSet, settings: Sequence[
     return runs
 
 
-def summarize(run: DecodeRun, full: DecodeRun, data: EvalSet, n_layer: int, meteor: bool = False) -> dict:
+def summarize(run: DecodeRun, full: DecodeRun, data: EvalSet, n_layer: int, meteor: bool = False,
+              per_image: bool = False) -> dict:
     """Quality, depth and measured speed of one setting, with speedups relative to the full-depth run."""
     steps = sum(len(t.exit_layers) for t in run.traces)
     exited = sum(sum(t.exit_layers) for t in run.traces)
@@ -157,7 +164,7 @@ def summarize(run: DecodeRun, full: DecodeRun, data: EvalSet, n_layer: int, mete
         "exit_offsets": None if run.threshold > 1 or not run.offsets else list(run.offsets),
         "simulated": run.simulated,
         "kv_fill": run.kv_fill,
-        **caption_metrics(run.captions, data.references, meteor=meteor),
+        **caption_metrics(run.captions, data.references, meteor=meteor, per_image=per_image),
         "mean_exit_layer": exited / max(1, steps),
         # kv_fill="deferred": layers computed later for positions that had left early
         "catch_up_layers_per_token": (computed - exited) / max(1, steps),
@@ -181,12 +188,13 @@ def summarize(run: DecodeRun, full: DecodeRun, data: EvalSet, n_layer: int, mete
 def evaluate_thresholds(engine: CaptionEngine, data: EvalSet, thresholds: Sequence[float], batch_size: int = 1,
                         distortion: Distortion = Distortion(), meteor: bool = False, seed: int = 0,
                         progress: bool = True, exit_sets: Sequence[tuple[int, ...]] | None = None,
-                        simulated: bool = False, schedules: Sequence[Setting] = ()) -> dict:
+                        simulated: bool = False, schedules: Sequence[Setting] = (), per_image: bool = False) -> dict:
     """Full depth plus each (exit set, threshold), interleaved; {"full": summary, "thresholds": [summary, ...]}.
 
     `exit_sets` defaults to the engine's own exits (and offsets) only. With `simulated`, each setting is also
     decoded with the paper's simulated exits (every layer computed), and those summaries carry
     `"simulated": true`. `schedules` are further settings (per-exit offsets, say), decoded in the same rotation.
+    With `per_image`, every summary also holds each image's CIDEr-D (see caption_metrics).
     """
     kinds = (False, True) if simulated else (False,)
     if exit_sets:
@@ -202,8 +210,8 @@ def evaluate_thresholds(engine: CaptionEngine, data: EvalSet, thresholds: Sequen
         "distortion": str(distortion),
         "images": len(data),
         "batch_size": batch_size,
-        "full": summarize(full, full, data, n_layer, meteor),
-        "thresholds": [summarize(run, full, data, n_layer, meteor) for run in runs[1:]],
+        "full": summarize(full, full, data, n_layer, meteor, per_image),
+        "thresholds": [summarize(run, full, data, n_layer, meteor, per_image) for run in runs[1:]],
     }
 
 

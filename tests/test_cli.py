@@ -236,6 +236,14 @@ def test_calibrate_bad_quality(capsys, tiny_checkpoint, data, quality):
     assert_one_line_error(err, "capeen calibrate: error:", "--quality")
 
 
+@pytest.mark.parametrize("confidence", ["1", "-0.1", "1.5"])
+def test_calibrate_bad_confidence(capsys, tiny_checkpoint, data, confidence):
+    rc, out, err = run(capsys, "calibrate", "--checkpoint", tiny_checkpoint, "--data", data,
+                       "--confidence", confidence)
+    assert rc == 2 and out == ""
+    assert_one_line_error(err, "capeen calibrate: error:", "--confidence")
+
+
 def test_calibrate_bad_thresholds(capsys, tiny_checkpoint, data, tmp_path):
     directory = shutil.copytree(tiny_checkpoint, tmp_path / "ck")
     for grid in ("0.5,abc", "0.5,1.5"):

@@ -17,6 +17,7 @@ from models.calibration import (
     propose_schedules,
     schedule_outcome,
     search_schedule,
+    share_lower_bound,
 )
 from models.checkpoint import Thresholds, load_checkpoint, save_thresholds
 from models.decoding import FULL_DEPTH
@@ -243,6 +244,54 @@ def test_choose_setting_other_metric():
     assert choose_setting(sweep, full, 0.8, head_cost_ratio=0.0)["threshold"] == 0.9
 
 
+def test_choose_setting_by_lower_bound_skips_a_setting_that_passes_by_luck():
+    lucky = dict(_entry(0.6, 0.995, 2.0, 2.0), ciderD_share_lower_bound=0.97)
+    sure = dict(_entry(0.8, 0.995, 3.0, 3.0), ciderD_share_lower_bound=0.991)
+    sweep = [lucky, sure]
+    assert choose_setting(sweep, {"ciderD": 1.0}, 0.99, head_cost_ratio=0.0) is lucky
+    assert choose_setting(sweep, {"ciderD": 1.0}, 0.99, head_cost_ratio=0.0, lower_bound=True) is sure
+    assert choose_setting(sweep, {"ciderD": 1.0}, 0.995, head_cost_ratio=0.0, lower_bound=True) is None
+
+
+def test_share_lower_bound_of_a_uniform_loss_is_the_loss():
+    full = np.linspace(1.0, 5.0, 50)
+    assert share_lower_bound(full, full, 0.95) == pytest.approx(1.0)
+    assert share_lower_bound(0.98 * full, full, 0.95) == pytest.approx(0.98)
+
+
+def test_share_lower_bound_falls_below_the_measured_share_and_tightens_with_more_images():
+    """Per-image scores that scatter around full depth's: the bound sits below the measured share, by less
+    when there are more images, and by more at a higher confidence. Repeatable."""
+    rng = np.random.default_rng(7)
+    full = rng.uniform(2.0, 6.0, 4000)
+    kept = full * rng.choice([1.0, 0.5], size=4000, p=[0.98, 0.02])  # a few captions lose half their score
+    share = kept.sum() / full.sum()
+    small = share_lower_bound(kept[:200], full[:200], 0.95)
+    large = share_lower_bound(kept, full, 0.95)
+    assert small < kept[:200].sum() / full[:200].sum() and large < share
+    assert share - large < (kept[:200].sum() / full[:200].sum() - small) / 2
+    assert share_lower_bound(kept, full, 0.99) < large
+    assert share_lower_bound(kept, full, 0.95) == large
+
+
+def test_share_lower_bound_needs_paired_scores():
+    with pytest.raises(ValueError, match="paired"):
+        share_lower_bound([1.0, 2.0], [1.0], 0.95)
+    with pytest.raises(ValueError, match="paired"):
+        share_lower_bound([], [], 0.95)
+    assert share_lower_bound([0.0, 0.0], [0.0, 0.0], 0.95) == 1.0  # nothing to lose
+
+
+def test_per_image_cider_averages_to_the_corpus_score():
+    references = [["a red circle", "one red circle"], ["two blue squares", "a pair of blue squares"],
+                  ["a small green star", "one green star"]]
+    scores = caption_metrics(["a red circle", "two red squares", "a green star"], references, per_image=True)
+    assert len(scores["ciderD_per_image"]) == 3
+    assert np.mean(scores["ciderD_per_image"]) == pytest.approx(scores["ciderD"])
+    assert scores["ciderD_per_image"][0] > scores["ciderD_per_image"][1]
+    assert "ciderD_per_image" not in caption_metrics(["a red circle"], references[:1])
+
+
 @pytest.mark.parametrize("layers, expected", [
     ([1, 2, 3], [(1, 2, 3), (2, 3), (2,), (3,)]),
     ([3, 1, 2], [(1, 2, 3), (2, 3), (2,), (3,)]),
@@ -272,6 +321,8 @@ def test_calibrate_result_is_saved_and_loaded_with_its_sweep(engine, data_dir, t
             assert entry["mean_exit_layer"] >= 3 and entry["heads_per_token"] <= 2
     expected = choose_setting(result.sweep, full, 0.5, ratio)
     assert result.threshold == (None if expected is None else expected["threshold"])
+    assert result.details["confidence"] == 0.0
+    assert all("ciderD_per_image" not in e and "ciderD_share_lower_bound" not in e for e in result.sweep)
 
     directory = shutil.copytree(tiny_checkpoint, tmp_path / "ck")
     save_thresholds(directory, result)
@@ -284,6 +335,21 @@ def test_calibrate_result_is_saved_and_loaded_with_its_sweep(engine, data_dir, t
     assert loaded.details["exit_layers"] == expected["exit_layers"]
     assert CaptionEngine.from_checkpoint(directory, device="cpu").exit_layers == tuple(expected["exit_layers"])
     assert engine.exit_layers == (1, 2, 3)
+
+
+def test_calibrate_at_a_confidence_chooses_by_the_lower_bound(engine, data_dir):
+    val = load_eval_set(str(data_dir), "val", 32, limit=4)
+    result = calibrate(engine, val, [0.3, 0.9], quality_fraction=0.5, batch_size=2, exit_sets=[(1, 2, 3)],
+                       schedules=False, confidence=0.9)
+    assert result.details["confidence"] == 0.9 and "0.9 confidence" in result.details["criterion"]
+    for entry in result.sweep:
+        assert "ciderD_per_image" not in entry
+        assert 0.0 <= entry["ciderD_share_lower_bound"] <= max(1.0, entry["ciderD_share"])
+    expected = choose_setting(result.sweep, result.details["full_depth"], 0.5, result.details["head_cost_ratio"],
+                              lower_bound=True)
+    assert result.threshold == (None if expected is None else expected["threshold"])
+    with pytest.raises(ValueError, match="confidence"):
+        calibrate(engine, val, [0.3], confidence=1.0)
 
 
 def hard_and_easy_tokens() -> ExitObservations:
