@@ -185,7 +185,7 @@ def propose_schedules(obs: ExitObservations, n_layer: int, head_cost_ratio: floa
 def calibrate(engine: CaptionEngine, data: EvalSet, grid: Sequence[float] = DEFAULT_SWEEP,
               quality_fraction: float = 0.99, batch_size: int = 1, split: str = "val",
               exit_sets: Sequence[tuple[int, ...]] | None = None, schedules: bool = True,
-              confidence: float = 0.0) -> Thresholds:
+              confidence: float = 0.95) -> Thresholds:
     """Sweep `grid` over the exit sets (plus, with `schedules`, the proposed per-exit schedules) and choose.
 
     `confidence` > 0: choose by the lower confidence bound of each setting's share of full depth's CIDEr-D

@@ -307,7 +307,7 @@ def test_calibrate_result_is_saved_and_loaded_with_its_sweep(engine, data_dir, t
     grid = [0.3, 0.6, 0.9]
     sets = [(2, 3), (3,)]  # neither is the engine's default (every trained exit)
     result = calibrate(engine, val, grid, quality_fraction=0.5, batch_size=2, split="val", exit_sets=sets,
-                       schedules=False)
+                       schedules=False, confidence=0.0)
     assert [(e["exit_layers"], e["threshold"]) for e in result.sweep] == \
         [(list(s), t) for s in sets for t in grid]
     full = result.details["full_depth"]
