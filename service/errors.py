@@ -63,7 +63,12 @@ def _validation_detail(exc: RequestValidationError) -> str:
     parts = []
     for problem in exc.errors():
         where = ".".join(str(part) for part in problem.get("loc", ()) if part not in ("body", "query", "header"))
-        parts.append(f"{where}: {problem.get('msg', 'invalid')}" if where else str(problem.get("msg", "invalid")))
+        message = str(problem.get("msg", "invalid"))
+        if "Expected UploadFile" in message:  # FastAPI's words for a text field where a file part belongs
+            message = "must be a file part (curl -F image=@photo.jpg), not a text field"
+        elif problem.get("type") == "extra_forbidden":
+            message = "unknown field (misspelt?); the request's fields are in the OpenAPI schema, GET /docs"
+        parts.append(f"{where}: {message}" if where else message)
     return "; ".join(parts) or "invalid request"
 
 

@@ -1,10 +1,32 @@
-"""Response bodies of the routes; as pydantic models they make the OpenAPI schema exact."""
+"""Request and response bodies of the routes; as pydantic models they make the OpenAPI schema exact."""
 
 from __future__ import annotations
 
+from enum import Enum
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from fastapi import UploadFile
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Mode(str, Enum):
+    adaptive = "adaptive"  # the bandit picks the threshold
+    fixed = "fixed"  # the given threshold, else the calibrated one
+    full = "full"  # every decoder layer
+
+
+class CaptionForm(BaseModel):
+    """The multipart form of POST /caption. A field it does not name is refused (422), not ignored: a misspelt
+    option would otherwise fall back to its default without a word."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: UploadFile = Field(description="the image file")
+    mode: Mode = Field(Mode.adaptive, description="adaptive: the bandit picks the threshold; fixed: `threshold`, "
+                                                  "default the calibrated one; full: every decoder layer")
+    threshold: float | None = Field(None, gt=0.0, le=1.0, description="confidence threshold of mode=fixed")
+    max_tokens: int | None = Field(None, ge=1, description="longest caption in tokens (default and cap: "
+                                                           "GET /v1/model's max_tokens)")
 
 
 class Timings(BaseModel):

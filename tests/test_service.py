@@ -301,18 +301,38 @@ def test_upload_over_limit_refused_from_content_length(server: Server) -> None:
         ("image", {"max_tokens": "0"}, "max_tokens"),
         ("image", {"max_tokens": "100000"}, "max_tokens"),
         ("image", {"max_tokens": "many"}, "max_tokens"),
-        ("text", {}, "image"),
+        ("text", {}, "image: must be a file part"),
+        ("image", {"mod": "full"}, "mod: unknown field"),  # misspelt: not silently the default mode
+        ("image", {"mode": ["full", "fixed"]}, "mode sent more than once"),
+        ("two images", {}, "image sent more than once"),  # one caption per request, never a silent pick
     ],
 )
 def test_bad_options(client: httpx.Client, files, data: dict, mentions: str) -> None:
     if files == "image":
         files = upload(encode(noise_image(5)))
-    elif files == "text":  # the image sent as a plain form field, not a file
-        data = {"image": "not a file"}
-        files = {"other": ("x.txt", b"x", "text/plain")}
+    elif files == "text":  # the image sent as a plain form field, not a file (no filename)
+        files = {"image": (None, b"not a file")}
+    elif files == "two images":
+        files = [("image", ("a.png", encode(noise_image(5)), "image/png")),
+                 ("image", ("b.png", encode(noise_image(6)), "image/png"))]
     response = client.post("/caption", files=files, data=data)
     assert_error(response, 422, "invalid_request")
     assert mentions in response.json()["detail"]
+
+
+def test_schema_says_multipart_with_no_other_fields(client: httpx.Client) -> None:
+    body = client.get("/openapi.json").json()["paths"]["/caption"]["post"]["requestBody"]
+    assert list(body["content"]) == ["multipart/form-data"]
+    form = client.get("/openapi.json").json()["components"]["schemas"]["CaptionForm"]
+    assert form["additionalProperties"] is False and form["required"] == ["image"]
+    assert set(form["properties"]) == {"image", "mode", "threshold", "max_tokens"}
+
+
+def test_options_in_the_query_string_are_refused_not_ignored(client: httpx.Client) -> None:
+    response = client.post("/caption", params={"mode": "full"}, files=upload(encode(noise_image(5))))
+    assert_error(response, 422, "invalid_request")
+    assert "query parameters are not read (mode)" in response.json()["detail"]
+    assert "-F mode=full" in response.json()["detail"]
 
 
 def test_unknown_route_and_method(client: httpx.Client) -> None:

@@ -3,27 +3,20 @@
 from __future__ import annotations
 
 import time
-from enum import Enum
 from functools import partial
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Request
 from starlette.concurrency import run_in_threadpool
 
 from service.batcher import Abandoned, DeadlineExceeded, EngineFailed, QueueFull, ShuttingDown
 from service.dependencies import RETRY_AFTER, RuntimeDep
 from service.errors import ServiceError, error_responses
 from service.runtime import Runtime
-from service.schemas import CaptionResponse, Timings
+from service.schemas import CaptionForm, CaptionResponse, Mode, Timings
 from service.uploads import image_pixels, read_upload
 
 router = APIRouter(tags=["caption"])
-
-
-class Mode(str, Enum):
-    adaptive = "adaptive"  # the bandit picks the threshold
-    fixed = "fixed"  # the given threshold, else the calibrated one
-    full = "full"  # every decoder layer
 
 
 # How a request that did not get its caption is answered: status, error kind, headers.
@@ -42,6 +35,23 @@ async def _until_disconnected(request: Request) -> None:
         pass
 
 
+async def refuse_unread_fields(request: Request) -> None:
+    """422 for a query parameter or a form field sent twice (CaptionForm refuses unknown fields).
+
+    FastAPI would ignore both: `?mode=full` would decode in the default mode and of two images one would be
+    dropped, without a word, and the caller would get an answer to a question it did not ask.
+    """
+    if request.query_params:
+        names = ", ".join(sorted(set(request.query_params.keys())))
+        raise ServiceError(422, "invalid_request", f"query parameters are not read ({names}): send options as "
+                                                   f"multipart form fields, e.g. -F mode=full")
+    names = [name for name, _ in (await request.form()).multi_items()]  # parsed and cached by FastAPI already
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ServiceError(422, "invalid_request", f"form field(s) {', '.join(repeated)} sent more than once: "
+                                                   "one image and one value per option per request")
+
+
 def _fixed_threshold(runtime: Runtime, mode: Mode, threshold: float | None) -> float | None:
     """The threshold of mode fixed or full; None for adaptive, where the bandit chooses."""
     if mode is Mode.adaptive:
@@ -57,25 +67,22 @@ def _ms(seconds: float) -> float:
 
 
 @router.post("/caption", response_model=CaptionResponse, responses=error_responses(400, 413, 415, 422, 503, 504),
+             dependencies=[Depends(refuse_unread_fields)],
              summary="caption an image (JPEG, PNG, WebP, BMP, GIF: first frame)")
 async def caption(
     request: Request,
     runtime: RuntimeDep,
-    image: Annotated[UploadFile, File(description="the image file")],
-    mode: Annotated[Mode, Form(description="adaptive: the bandit picks the threshold; fixed: `threshold`, "
-                                           "default the calibrated one; full: every decoder layer")] = Mode.adaptive,
-    threshold: Annotated[float | None, Form(gt=0.0, le=1.0, description="confidence threshold of mode=fixed")] = None,
-    max_tokens: Annotated[int | None, Form(ge=1, description="longest caption in tokens (default and cap: "
-                                                                "GET /v1/model's max_tokens)")] = None,
+    form: Annotated[CaptionForm, File(description="the image and the options")],
 ) -> CaptionResponse:
     settings = runtime.settings
+    mode, threshold, max_tokens = form.mode, form.threshold, form.max_tokens
     if threshold is not None and mode is not Mode.fixed:
         raise ServiceError(422, "invalid_request", f"threshold applies to mode=fixed only, not to mode={mode.value}")
     if max_tokens is not None and max_tokens > runtime.max_tokens:
         raise ServiceError(422, "invalid_request", f"max_tokens must be at most {runtime.max_tokens}")
     fixed = _fixed_threshold(runtime, mode, threshold)
     with runtime.batcher.incoming():
-        data = await read_upload(image, settings.max_upload_bytes)
+        data = await read_upload(form.image, settings.max_upload_bytes)
         pixels = await run_in_threadpool(image_pixels, runtime.engine, data, settings.max_pixels)
     arm = runtime.bandit.select() if fixed is None else None  # as late as possible: the freshest statistics
     chosen = fixed if arm is None else arm.threshold
