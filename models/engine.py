@@ -73,11 +73,15 @@ def _synchronize(device: torch.device) -> None:
 
 class CaptionEngine:
     def __init__(self, checkpoint: Checkpoint, device: str | torch.device = "cpu", half: bool = False,
-                 kv_fill: str | None = None) -> None:
+                 kv_fill: str | None = None, dtype: torch.dtype | None = None) -> None:
+        """`half` asks for bf16 (fp16 where bf16 is unsupported) on CUDA and is ignored on a CPU, where those
+        kernels are slower than fp32 at these sizes. `dtype` overrides that choice on any device (the tests
+        run the half-precision decode path on a CPU with it)."""
         self.device = resolve_device(device) if isinstance(device, str) else device
-        # half precision only pays on a GPU; CPU kernels for fp16/bf16 are slower than fp32 at these sizes
-        self.dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) \
-            if half and self.device.type == "cuda" else torch.float32
+        if dtype is None:
+            dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) \
+                if half and self.device.type == "cuda" else torch.float32
+        self.dtype = dtype
         self.checkpoint = checkpoint
         self.model = checkpoint.model.to(self.device, self.dtype).eval()
         if isinstance(self.model.encoder, ConvStemViT):

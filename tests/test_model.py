@@ -1,11 +1,14 @@
 """The decoder must be a drop-in GPT-2 (same parameter names, same logits as Hugging Face); the encoder a plain
 transformers ViT or Swin."""
 
+import copy
+
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from models.checkpoint import Checkpoint, Thresholds
+from models.decoding import FULL_DEPTH
 from models.engine import CaptionEngine
 from models.hf_export import hf_pixel_values, to_hf_vision_encoder_decoder
 from models.model import CapeenConfig, CapeenModel, GPT2Decoder
@@ -159,3 +162,41 @@ def test_the_engine_folds_the_stems_batchnorm_into_its_convolutions_with_the_sam
 def test_bad_encoder_settings_are_refused_with_the_reason(overrides, message):
     with pytest.raises(ValueError, match=message):
         small_config(**overrides)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kv_fill", ["deferred", "propagate"])
+def test_half_precision_decodes_every_path_and_agrees_with_float32(dtype, kv_fill):
+    # What CAPEEN_HALF runs on a GPU, run here on the CPU: a dtype mismatch anywhere in the encoder, the
+    # per-layer decode, the exit heads or the filling of skipped layers would fail the first half request.
+    torch.manual_seed(0)
+    config = small_config(stem_channels=[8, 16], patch_size=4)
+    model = CapeenModel(config).eval()
+    with torch.no_grad():  # sharper heads, so that tokens really leave at the exits
+        for head in model.exits.values():
+            head.proj.weight.mul_(5)
+    tokenizer = WordTokenizer([*SPECIALS, *[f"w{i}" for i in range(config.vocab_size - len(SPECIALS))]])
+    def engine(dtype: torch.dtype | None) -> CaptionEngine:  # each its own copy: an engine casts and folds it
+        return CaptionEngine(Checkpoint(model=copy.deepcopy(model), tokenizer=tokenizer,
+                                        thresholds=Thresholds(threshold=0.5)), device="cpu", kv_fill=kv_fill, dtype=dtype)
+
+    exact, half = engine(None), engine(dtype)
+    assert half.dtype == dtype and all(p.dtype == dtype for p in half.model.parameters())
+    half.warmup()
+
+    pixels = torch.randn(6, 3, 32, 32)
+    thresholds = [FULL_DEPTH, 0.5, 0.9, 0.0, 0.7, FULL_DEPTH]
+    reference = exact.caption_pixels(pixels, thresholds, max_tokens=10).results
+    for observe in (False, True):
+        results = half.caption_pixels(pixels, thresholds, max_tokens=10, observe_exits=observe).results
+        for result, threshold in zip(results, thresholds):
+            trace = result.trace
+            assert 1 <= len(trace.token_ids) <= 10 and all(0 <= t < config.vocab_size for t in trace.token_ids)
+            assert set(trace.exit_layers) <= {*config.exit_layers, config.n_layer}
+            assert all(0.0 <= c <= 1.0 for c in sum(trace.exit_confidences, []))
+            if threshold == FULL_DEPTH or observe:
+                assert set(trace.exit_layers) == {config.n_layer}
+    # full depth, where no threshold turns a rounding difference into another exit: the same greedy tokens
+    agree = [h.trace.token_ids == r.trace.token_ids for h, r, t in zip(results, reference, thresholds)
+             if t == FULL_DEPTH]
+    assert all(agree)
