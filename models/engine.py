@@ -58,6 +58,22 @@ class BatchOutput:
     timings: BatchTimings = field(default_factory=lambda: BatchTimings(0.0, 0.0))
 
 
+def threshold_for(mode: str, threshold: float | None, calibrated: float | None) -> float:
+    """The decoding threshold of a mode: full depth, or a fixed one (default: the `calibrated` one)."""
+    if mode == "full":
+        return FULL_DEPTH
+    if mode != "fixed":
+        raise ValueError(f"unknown mode {mode!r} (one of {', '.join(MODES)})")
+    if threshold is None:
+        threshold = calibrated
+        if threshold is None:
+            raise ValueError("this checkpoint has no calibrated threshold: run `capeen calibrate`, "
+                             "or give a threshold")
+    if not 0.0 < threshold <= 1.0:
+        raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+    return float(threshold)
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -130,18 +146,7 @@ class CaptionEngine:
 
     def threshold_for(self, mode: str, threshold: float | None = None) -> float:
         """The decoding threshold of a mode: full depth, or a fixed one (default: the calibrated one)."""
-        if mode == "full":
-            return FULL_DEPTH
-        if mode != "fixed":
-            raise ValueError(f"unknown mode {mode!r} (one of {', '.join(MODES)})")
-        if threshold is None:
-            threshold = self.calibrated_threshold
-            if threshold is None:
-                raise ValueError("this checkpoint has no calibrated threshold: run `capeen calibrate`, "
-                                 "or give a threshold")
-        if not 0.0 < threshold <= 1.0:
-            raise ValueError(f"threshold must be in (0, 1], got {threshold}")
-        return float(threshold)
+        return threshold_for(mode, threshold, self.calibrated_threshold)
 
     @torch.inference_mode()
     def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:

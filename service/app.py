@@ -2,7 +2,8 @@
 
 The lifespan does the slow and stateful parts: it loads (unless given an engine) and warms the model,
 restores the bandit and starts the batcher before the server takes requests, and at shutdown drains the
-queue and writes the bandit snapshot. The model loop lives in service.batcher, apart from HTTP.
+queue and writes the bandit snapshot. The batching loop lives in service.batcher, apart from HTTP, and the
+model in a process of its own (service.engine_process) unless the settings say otherwise.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from importlib.metadata import version
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
-from models.engine import CaptionEngine
+from service.engine_process import Engine
 from service.errors import install_error_handlers
 from service.metrics import HttpMetrics
 from service.middleware import BodyLimit, RequestContext
@@ -28,7 +29,7 @@ DESCRIPTION = """Image captioning with early-exit decoding (CAPEEN) and a per-re
 Every error is JSON `{"error": kind, "detail": message}`."""
 
 
-def create_app(settings: Settings | None = None, engine: CaptionEngine | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
     """The app; `engine` is an already loaded one (the CLI loads it first to report a bad checkpoint in one line)."""
     settings = settings or Settings()
     registry = CollectorRegistry()

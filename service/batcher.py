@@ -4,7 +4,8 @@ Requests wait in a bounded queue. A single worker task takes the first one and g
 batch holds `max_batch_size`, `max_wait_s` has passed, or no other request is on its way (being uploaded or
 decoded: see `incoming`), so a lone request never waits for company that is not coming. It runs the engine
 in one dedicated thread so the event loop keeps accepting and answering requests meanwhile (as TGI's and
-vLLM's routers keep HTTP apart from the model loop). Each request's future gets its own result.
+vLLM's routers keep HTTP apart from the model loop); with the engine in a child process (service.engine_process)
+that thread only waits on the pipe. Each request's future gets its own result.
 
 Back-pressure and abandonment:
 * a full queue refuses at once (`QueueFull`: 503 upstream) instead of letting latency grow without bound;
@@ -28,7 +29,8 @@ from itertools import groupby
 import torch
 
 from bandit import Arm
-from models.engine import BatchOutput, CaptionEngine, CaptionResult
+from models.engine import BatchOutput, CaptionResult
+from service.engine_process import Engine
 from service.metrics import ServingMetrics
 
 log = logging.getLogger(__name__)
@@ -56,7 +58,7 @@ class EngineFailed(Exception):
 
 @dataclass
 class Job:
-    pixels: torch.Tensor  # (1, 3, H, W), already on the engine's device
+    pixels: torch.Tensor  # (1, 3, H, W), as the engine's pixels() made them
     threshold: float
     max_tokens: int
     arm: Arm | None  # the bandit arm that chose `threshold`; None unless adaptive
@@ -76,7 +78,7 @@ _STOP = object()  # queued by close(): the worker ends after what is ahead of it
 
 
 class Batcher:
-    def __init__(self, engine: CaptionEngine, metrics: ServingMetrics, on_decoded: Callable[[Job, CaptionResult], None],
+    def __init__(self, engine: Engine, metrics: ServingMetrics, on_decoded: Callable[[Job, CaptionResult], None],
                  *, max_batch_size: int, max_wait_s: float, queue_size: int) -> None:
         """`on_decoded` runs in the engine thread for every decoded request, wanted or not (metrics, bandit)."""
         self.engine = engine

@@ -1,8 +1,10 @@
 """`capeen serve`: flags over `CAPEEN_*` settings, the checkpoint loaded up front, then one uvicorn process.
 
 The model is loaded before uvicorn starts so that a bad checkpoint or an unavailable device is one line on
-stderr and exit status 2 (`UserError`), not a lifespan traceback. One process only: the batcher is what
-shares the model between concurrent requests, and more processes would each hold a copy and fight for it.
+stderr and exit status 2 (`UserError`), not a lifespan traceback. One uvicorn process only: the batcher is
+what shares the model between concurrent requests, and more processes would each hold a copy and fight for
+it. The model itself runs in a child process of that one (service.engine_process, unless
+CAPEEN_ENGINE_PROCESS=false).
 """
 
 from __future__ import annotations
@@ -41,14 +43,14 @@ def serve_main(args: argparse.Namespace) -> int:
     import uvicorn
 
     from models.checkpoint import CheckpointError
-    from models.engine import CaptionEngine
     from service.app import create_app
+    from service.engine_process import EngineStartError
+    from service.runtime import load_engine
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        engine = CaptionEngine.from_checkpoint(settings.checkpoint, device=settings.device, half=settings.half,
-                                               kv_fill=settings.kv_fill)
-    except (CheckpointError, ValueError) as exc:
+        engine = load_engine(settings)
+    except (CheckpointError, ValueError, EngineStartError) as exc:
         raise UserError(str(exc)) from None
     uvicorn.run(create_app(settings, engine), host=settings.host, port=settings.port, log_level=settings.log_level,
                 timeout_graceful_shutdown=int(settings.request_timeout_s + _SHUTDOWN_GRACE_S))

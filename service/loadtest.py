@@ -160,6 +160,32 @@ class Connections:
             self._idle.pop()[1].close()
 
 
+def _process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants, from /proc (children of every thread)."""
+    tree, pending = [], [pid]
+    while pending:
+        current = pending.pop()
+        tree.append(current)
+        try:
+            for task in os.listdir(f"/proc/{current}/task"):
+                with open(f"/proc/{current}/task/{task}/children") as children:
+                    pending += [int(child) for child in children.read().split()]
+        except FileNotFoundError:  # exited meanwhile
+            continue
+    return tree
+
+
+def _rss_kib(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except FileNotFoundError:  # exited meanwhile
+        pass
+    return 0
+
+
 class Target:
     """One `capeen serve` process on a free loopback port."""
 
@@ -176,11 +202,8 @@ class Target:
         self.process = subprocess.Popen(command, env=env)
 
     def rss_mib(self) -> float:
-        with open(f"/proc/{self.process.pid}/status") as status:
-            for line in status:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-        raise RuntimeError("no VmRSS line")
+        """Resident memory of the server and its children (the engine process), in MiB."""
+        return sum(_rss_kib(pid) for pid in _process_tree(self.process.pid)) / 1024
 
     async def wait_ready(self, timeout_s: float = 600.0) -> None:
         deadline = time.monotonic() + timeout_s

@@ -70,6 +70,8 @@ class ServingMetrics:
                                       "the rewards moved and started learning afresh", registry=registry)
         self.bandit_reward = Histogram("capeen_bandit_reward", "reward of each adaptive request",
                                        buckets=REWARD_BUCKETS, registry=registry)
+        self.engine_restarts = Counter("capeen_engine_restarts", "times the engine process was found dead and "
+                                       "started again", registry=registry)
         self.model = Info("capeen_model", "the loaded model", registry=registry)
 
     def track_queue(self, depth: Callable[[], int]) -> None:

@@ -19,18 +19,32 @@ from models import kernels
 from models.engine import CaptionEngine, CaptionResult
 from service.adaptive import AdaptiveThreshold
 from service.batcher import Batcher, Job
+from service.engine_process import Engine, EngineOptions, EngineProcess
 from service.metrics import ServingMetrics
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
-def exit_positions(engine: CaptionEngine) -> list[int]:
+def load_engine(settings: Settings) -> Engine:
+    """The settings' checkpoint on their device, in a child process unless `engine_process` is off.
+
+    Raises CheckpointError or ValueError (in-process) or EngineStartError (child) with a one-line reason."""
+    if settings.engine_process:
+        return EngineProcess(EngineOptions(
+            checkpoint=None if settings.checkpoint is None else str(settings.checkpoint), device=settings.device,
+            half=settings.half, kv_fill=settings.kv_fill, torch_threads=settings.torch_threads,
+            onednn=settings.onednn, log_level=settings.log_level))
+    return CaptionEngine.from_checkpoint(settings.checkpoint, device=settings.device, half=settings.half,
+                                         kv_fill=settings.kv_fill)
+
+
+def exit_positions(engine: Engine) -> list[int]:
     """1-based layers a token can leave at: every exit head and the final layer."""
     return sorted({*engine.exit_layers, engine.config.n_layer})
 
 
-def exit_offsets(engine: CaptionEngine) -> list[float]:
+def exit_offsets(engine: Engine) -> list[float]:
     """What the engine adds to a threshold at each of `exit_positions` (the final layer's is 0)."""
     return [*engine.exit_offsets, 0.0]
 
@@ -38,7 +52,7 @@ def exit_offsets(engine: CaptionEngine) -> list[float]:
 @dataclass
 class Runtime:
     settings: Settings
-    engine: CaptionEngine
+    engine: Engine
     metrics: ServingMetrics
     bandit: AdaptiveThreshold
     batcher: Batcher
@@ -69,6 +83,8 @@ class Runtime:
         """Graceful stop: refuse new requests, decode the queued ones, keep what the bandit learnt."""
         await self.batcher.close()
         self.bandit.save()
+        if isinstance(self.engine, EngineProcess):
+            self.engine.close()
 
 
 def _record(metrics: ServingMetrics, bandit: AdaptiveThreshold, job: Job, result: CaptionResult) -> None:
@@ -77,7 +93,7 @@ def _record(metrics: ServingMetrics, bandit: AdaptiveThreshold, job: Job, result
         bandit.update(job.arm, result.trace)
 
 
-def start_runtime(settings: Settings, registry: CollectorRegistry, engine: CaptionEngine | None = None) -> Runtime:
+def start_runtime(settings: Settings, registry: CollectorRegistry, engine: Engine | None = None) -> Runtime:
     """Load (unless given) and warm the engine, restore the bandit and start the batcher; needs a running loop."""
     torch.set_num_threads(settings.torch_threads)
     kernels.set_onednn(settings.onednn)
@@ -85,14 +101,16 @@ def start_runtime(settings: Settings, registry: CollectorRegistry, engine: Capti
         # Pillow's own decompression-bomb guard would otherwise cap CAPEEN_MAX_PIXELS at its default
         Image.MAX_IMAGE_PIXELS = settings.max_pixels
     if engine is None:
-        engine = CaptionEngine.from_checkpoint(settings.checkpoint, device=settings.device, half=settings.half,
-                                               kv_fill=settings.kv_fill)
+        engine = load_engine(settings)
     engine.warmup()
     config = engine.config
     metrics = ServingMetrics(registry, n_layer=config.n_layer, max_batch_size=settings.max_batch_size)
+    if isinstance(engine, EngineProcess):
+        engine.on_restart = metrics.engine_restarts.inc
     grid = None if settings.bandit_thresholds is None else parse_grid(settings.bandit_thresholds)
     factory = partial(make_policy, settings.policy, grid, exit_positions=exit_positions(engine),
-                      exit_offsets=exit_offsets(engine), num_layers=config.n_layer, calibrated=engine.calibrated_threshold, mu=settings.bandit_mu)
+                      exit_offsets=exit_offsets(engine), num_layers=config.n_layer,
+                      calibrated=engine.calibrated_threshold, mu=settings.bandit_mu)
     bandit = AdaptiveThreshold(factory, metrics, settings.bandit_state)
     batcher = Batcher(engine, metrics, partial(_record, metrics, bandit), max_batch_size=settings.max_batch_size,
                       max_wait_s=settings.max_wait_ms / 1000, queue_size=settings.queue_size)

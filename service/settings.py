@@ -56,6 +56,8 @@ class Settings(BaseSettings):
     onednn: bool = Field(True, description="on a CPU, run the large matrix products (the image encoder, the "
                          "cross-attention keys and values) on oneDNN, about twice as fast as MKL there on AMD "
                          "CPUs; false: every product on MKL")
+    engine_process: bool = Field(True, description="decode in a child process of its own, so that the HTTP work "
+                                 "never holds the Python lock the decode loop needs; false: in the service's process")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         "info", description="log level of the service and uvicorn")
 

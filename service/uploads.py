@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from fastapi import UploadFile
 
-from models.engine import CaptionEngine
 from models.images import ImageError, load_image
+from service.engine_process import Engine
 from service.errors import ServiceError
 
 CHUNK_BYTES = 1024 * 1024
@@ -39,7 +39,7 @@ async def read_upload(upload: UploadFile, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def image_pixels(engine: CaptionEngine, data: bytes, max_pixels: int) -> torch.Tensor:
+def image_pixels(engine: Engine, data: bytes, max_pixels: int) -> torch.Tensor:
     """Decode and preprocess one image (CPU work: the routes run it in a worker thread)."""
     try:
         image = load_image(data, max_pixels=max_pixels)

@@ -1,0 +1,251 @@
+"""The caption engine in a process of its own, so that HTTP work never holds the interpreter lock it needs.
+
+The decode loop is thousands of small torch calls per batch, and each one gives the Python lock up and takes
+it back. In the service's process the event loop (multipart parsing, JSON, metrics) holds that lock in
+between, so the decode loop waits for it at every call: on a 2-core CPU a batch of 16 decoded 1.8x slower
+next to a thread doing that kind of work than alone (BENCHMARKS.md). vLLM runs its engine core in a process
+of its own for the same reason. Here the service keeps the queue, the batching, the bandit and the metrics;
+the child only turns batches of pixels into decode traces.
+
+The child is `python -m service.engine_process`, started with a socket pair: no fork of a threaded process,
+no re-import of the service's main module. The two talk over it in bytes (multiprocessing's message framing):
+JSON headers and raw uint8 pixels, nothing pickled. A child that dies
+fails the batch it was decoding (500 for its requests) and is started again for the next batch. The child
+ignores SIGINT and SIGTERM: Ctrl-C or a signal to the process group reaches the service, which drains the
+queue through the child before it stops it. If the service itself dies the pipe closes and the child exits.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from multiprocessing.connection import Connection
+
+import numpy as np
+import torch
+from PIL import Image
+
+from models import kernels
+from models.checkpoint import CheckpointError
+from models.decoding import DecodeTrace
+from models.engine import BatchOutput, BatchTimings, CaptionEngine, CaptionResult, threshold_for
+from models.model import CapeenConfig
+from models.preprocess import image_to_uint8, normalize
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT_S = 600.0  # loading and warming a checkpoint, CUDA initialisation included
+STOP_TIMEOUT_S = 10.0
+
+
+class EngineStartError(Exception):
+    """The child could not load or warm the checkpoint (the message says why, in one line)."""
+
+
+class EngineProcessDied(Exception):
+    """The child exited while decoding a batch."""
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    checkpoint: str | None
+    device: str
+    half: bool
+    kv_fill: str | None
+    torch_threads: int
+    onednn: bool
+    log_level: str = "info"
+
+
+# ---------------------------------------------------------------------------------------------------- child
+def _child_main(conn: Connection, options_json: str) -> None:
+    """The child: load and warm the engine, say so, then decode batches until told to stop or orphaned.
+
+    The child imports the model and the engine only, never the web stack."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    options = EngineOptions(**json.loads(options_json))
+    logging.basicConfig(level=options.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(options.torch_threads)
+    kernels.set_onednn(options.onednn)
+    try:
+        engine = CaptionEngine.from_checkpoint(options.checkpoint, device=options.device, half=options.half,
+                                               kv_fill=options.kv_fill)
+        engine.warmup()
+    except (CheckpointError, ValueError, OSError) as exc:
+        conn.send_bytes(json.dumps({"error": str(exc)}).encode())
+        return
+    conn.send_bytes(json.dumps({"ready": _describe(engine)}).encode())
+    while True:
+        try:
+            header = json.loads(conn.recv_bytes())
+        except (EOFError, OSError):
+            return  # the service went away
+        if header.get("op") == "stop":
+            return
+        pixels = np.frombuffer(conn.recv_bytes(), dtype=np.uint8).reshape(header["shape"])
+        try:
+            batch = normalize(torch.from_numpy(pixels.copy()).to(engine.device), engine.dtype)
+            output = engine.caption_pixels(batch, header["thresholds"], max_tokens=header["max_tokens"])
+            reply = {"results": [_result_to_json(r) for r in output.results],
+                     "encode_s": output.timings.encode_s, "decode_s": output.timings.decode_s}
+        except Exception as exc:  # one failing batch must not end the engine
+            log.exception("engine failed on a batch of %d", len(header["thresholds"]))
+            reply = {"failed": f"{type(exc).__name__}: {exc}"}
+        conn.send_bytes(json.dumps(reply).encode())
+
+
+def _describe(engine: CaptionEngine) -> dict:
+    return {"name": engine.name, "config": engine.config.to_dict(),
+            "calibrated_threshold": engine.calibrated_threshold, "exit_layers": list(engine.exit_layers),
+            "exit_offsets": list(engine.exit_offsets), "kv_fill": engine.kv_fill, "device": str(engine.device),
+            "dtype": str(engine.dtype).removeprefix("torch.")}
+
+
+_TRACE_FIELDS = ("token_ids", "exit_layers", "exit_confidences", "exit_points", "threshold", "catch_up_layers")
+
+
+def _result_to_json(result: CaptionResult) -> dict:
+    trace = {name: getattr(result.trace, name) for name in _TRACE_FIELDS}
+    return {"caption": result.caption, "tokens": result.tokens, "threshold": result.threshold, "trace": trace}
+
+
+def _result_from_json(data: dict) -> CaptionResult:
+    return CaptionResult(caption=data["caption"], tokens=data["tokens"], threshold=data["threshold"],
+                         trace=DecodeTrace(**data["trace"]))
+
+
+# --------------------------------------------------------------------------------------------------- parent
+class EngineProcess:
+    """What the service needs of a `CaptionEngine`, served by a child process (see the module docstring).
+
+    `caption_pixels` is called from one thread at a time (the batcher's engine thread); a lock keeps the pipe's
+    request and reply together anyway.
+    """
+
+    def __init__(self, options: EngineOptions) -> None:
+        self.options = options
+        self._lock = threading.Lock()
+        self._process: subprocess.Popen | None = None
+        self._conn: Connection | None = None
+        self.restarts = 0
+        self.on_restart: Callable[[], None] | None = None  # the service counts restarts in its metrics
+        self._start()
+
+    def _start(self) -> None:
+        ours, theirs = socket.socketpair()
+        with theirs:
+            process = subprocess.Popen([sys.executable, "-m", "service.engine_process", str(theirs.fileno()),
+                                        json.dumps(asdict(self.options))], pass_fds=[theirs.fileno()])
+        conn = Connection(ours.detach())
+        try:
+            if not conn.poll(START_TIMEOUT_S):
+                process.kill()
+                raise EngineStartError(f"the engine did not start within {START_TIMEOUT_S:.0f} s")
+            hello = json.loads(conn.recv_bytes())
+        except (EOFError, OSError):
+            conn.close()
+            raise EngineStartError(f"the engine process exited while starting (exit code {process.wait()}); "
+                                   "its log above says why") from None
+        if "error" in hello:
+            conn.close()
+            process.wait(STOP_TIMEOUT_S)
+            raise EngineStartError(hello["error"])
+        described = hello["ready"]
+        self.name: str = described["name"]
+        self.config = CapeenConfig.from_dict(described["config"])
+        self.calibrated_threshold: float | None = described["calibrated_threshold"]
+        self.exit_layers = tuple(described["exit_layers"])
+        self.exit_offsets = tuple(described["exit_offsets"])
+        self.kv_fill: str = described["kv_fill"]
+        self.device = torch.device(described["device"])
+        self.dtype: torch.dtype = getattr(torch, described["dtype"])
+        self.pid = process.pid
+        self._process, self._conn = process, conn
+
+    @property
+    def alive(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def threshold_for(self, mode: str, threshold: float | None = None) -> float:
+        return threshold_for(mode, threshold, self.calibrated_threshold)
+
+    def pixels(self, images: list[Image.Image]) -> torch.Tensor:
+        """uint8 pixels, (B, 3, H, W): a quarter of the bytes of floats through the pipe; the child normalises."""
+        return torch.from_numpy(np.stack([image_to_uint8(image, self.config.image_size) for image in images]))
+
+    def warmup(self) -> None:
+        """Nothing to do: the child warms the model before it reports ready."""
+
+    def caption_pixels(self, pixels: torch.Tensor, thresholds: list[float] | float,
+                       max_tokens: int | None = None) -> BatchOutput:
+        if pixels.dtype != torch.uint8:
+            raise TypeError(f"the engine process takes uint8 pixels from its own pixels(), got {pixels.dtype}")
+        count = pixels.shape[0]
+        thresholds = [float(thresholds)] * count if isinstance(thresholds, (int, float)) else list(thresholds)
+        header = json.dumps({"thresholds": thresholds, "max_tokens": max_tokens, "shape": list(pixels.shape)})
+        with self._lock:
+            if not self.alive:
+                self._restart()
+            try:
+                self._conn.send_bytes(header.encode())
+                self._conn.send_bytes(pixels.contiguous().numpy().tobytes())
+                reply = json.loads(self._conn.recv_bytes())
+            except (EOFError, OSError):
+                code = self._wait(STOP_TIMEOUT_S)
+                raise EngineProcessDied(f"the engine process exited (exit code {code}) while "
+                                        f"decoding a batch of {count}; it is started again for the next batch"
+                                        ) from None
+        if "failed" in reply:
+            raise RuntimeError(reply["failed"])
+        return BatchOutput([_result_from_json(r) for r in reply["results"]],
+                           BatchTimings(encode_s=reply["encode_s"], decode_s=reply["decode_s"]))
+
+    def _restart(self) -> None:
+        log.error("the engine process (pid %s) is gone (exit code %s); starting it again", self.pid,
+                  None if self._process is None else self._process.poll())
+        if self._conn is not None:
+            self._conn.close()
+        started = time.perf_counter()
+        self._start()
+        self.restarts += 1
+        if self.on_restart is not None:
+            self.on_restart()
+        log.info("engine process started again (pid %s) in %.1f s", self.pid, time.perf_counter() - started)
+
+    def _wait(self, timeout: float) -> int | None:
+        try:
+            return self._process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def close(self) -> None:
+        """Stop the child after the batch in progress, if any; kill it if it does not stop in time."""
+        with self._lock:
+            if self._process is None:
+                return
+            try:
+                self._conn.send_bytes(json.dumps({"op": "stop"}).encode())
+            except OSError:
+                pass  # gone already
+            if self._wait(STOP_TIMEOUT_S) is None:
+                log.warning("the engine process did not stop within %.0f s; killing it", STOP_TIMEOUT_S)
+                self._process.kill()
+                self._process.wait()
+            self._conn.close()
+            self._process = None
+
+
+Engine = CaptionEngine | EngineProcess  # what the service captions with: in its process, or in a child
+
+
+if __name__ == "__main__":  # the child: python -m service.engine_process FD OPTIONS_JSON
+    _child_main(Connection(int(sys.argv[1])), sys.argv[2])
