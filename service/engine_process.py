@@ -2,10 +2,9 @@
 
 The decode loop is thousands of small torch calls per batch, and each one gives the Python lock up and takes
 it back. In the service's process the event loop (multipart parsing, JSON, metrics) holds that lock in
-between, so the decode loop waits for it at every call: on a 2-core CPU a batch of 16 decoded 1.8x slower
-next to a thread doing that kind of work than alone (BENCHMARKS.md). vLLM runs its engine core in a process
-of its own for the same reason. Here the service keeps the queue, the batching, the bandit and the metrics;
-the child only turns batches of pixels into decode traces.
+between, so the decode loop can wait for it at every call. vLLM runs its engine core in a process of its own
+for the same reason. Here the service keeps the queue, the batching, the bandit and the metrics; the child
+only turns batches of pixels into decode traces. `capeen bench-serve` with and without it: BENCHMARKS.md.
 
 The child is `python -m service.engine_process`, started with a socket pair: no fork of a threaded process,
 no re-import of the service's main module. The two talk over it in bytes (multiprocessing's message framing):
@@ -201,6 +200,9 @@ class EngineProcess:
                 reply = json.loads(self._conn.recv_bytes())
             except (EOFError, OSError):
                 code = self._wait(STOP_TIMEOUT_S)
+                if code is None:  # a broken pipe to a child still running: end it, so the next batch starts anew
+                    self._process.kill()
+                    code = self._process.wait()
                 raise EngineProcessDied(f"the engine process exited (exit code {code}) while "
                                         f"decoding a batch of {count}; it is started again for the next batch"
                                         ) from None

@@ -13,6 +13,10 @@ measures, as the issue asks:
    whatever the answers): counts of 200, 503 (back-pressure), 504 and other 5xx;
 4. the server's resident memory (from /proc) over a soak at concurrency 16.
 
+With `--compare-engine-process` it measures one design choice instead: two batching servers, the engine in a
+child process (CAPEEN_ENGINE_PROCESS=true, the default) and in the service's own process, in alternating
+rounds at each concurrency, then each at the overload rate (from the faster of the two).
+
 The client shares the machine with the server, as a sidecar would. The Markdown tables go to stdout.
 The scene renderer is imported where it is used: `capeen` imports this module to build its parser, and
 `capeen --help` should not pay for it.
@@ -57,6 +61,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", type=int, default=64, help="distinct images in the request stream")
     parser.add_argument("--image-size", type=int, default=192, help="side of the uploaded images, in pixels")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--compare-engine-process", action="store_true",
+                        help="instead: two batching servers, the engine in a child process (CAPEEN_ENGINE_PROCESS) "
+                             "against in the service's process, in alternating rounds at each concurrency, then "
+                             "each overloaded")
 
 
 # --------------------------------------------------------------------------------------------- measurements
@@ -189,7 +197,7 @@ def _rss_kib(pid: int) -> int:
 class Target:
     """One `capeen serve` process on a free loopback port."""
 
-    def __init__(self, args: argparse.Namespace, max_batch_size: int) -> None:
+    def __init__(self, args: argparse.Namespace, max_batch_size: int, env: dict[str, str] | None = None) -> None:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
@@ -198,7 +206,8 @@ class Target:
                    "--port", str(port), "--device", args.device]
         if args.checkpoint:
             command += ["--checkpoint", args.checkpoint]
-        env = {**os.environ, "CAPEEN_MAX_BATCH_SIZE": str(max_batch_size), "CAPEEN_LOG_LEVEL": "warning"}
+        env = {**os.environ, "CAPEEN_MAX_BATCH_SIZE": str(max_batch_size), "CAPEEN_LOG_LEVEL": "warning",
+               **(env or {})}
         self.process = subprocess.Popen(command, env=env)
 
     def rss_mib(self) -> float:
@@ -409,6 +418,59 @@ async def _benchmark(args: argparse.Namespace, concurrency: list[int]) -> str:
     return report(args, batched, Run.merged(single_rounds), round_ratios, (overload, offered, achieved), soak_run, rss)
 
 
+ENGINE_PLACES = {"child process": "true", "service's process": "false"}  # CAPEEN_ENGINE_PROCESS of each
+
+
+async def _engine_process_comparison(args: argparse.Namespace, concurrency: list[int]) -> str:
+    """Batching servers with the engine in a child process and in the service's own, side by side."""
+    images = _images(args)
+    targets = [Target(args, args.max_batch_size, {"CAPEEN_ENGINE_PROCESS": flag}) for flag in ENGINE_PLACES.values()]
+    try:
+        for target in targets:
+            await target.wait_ready()
+        streams = [Stream(target, images, args.mode) for target in targets]
+        for stream in streams:
+            await closed_loop(stream, max(concurrency), min(args.requests, 64))  # warm-up
+        rounds = {c: await alternating(streams, c, args.requests, args.rounds) for c in concurrency}
+        offered = args.overload_factor * max(Run.merged(rounds[max(concurrency)][i]).captions_per_s
+                                             for i in range(len(streams)))
+        overloads = [await open_loop(stream, offered, args.overload_s, args.seed) for stream in streams]
+        rss = [target.rss_mib() for target in targets]
+    finally:
+        for target in targets:
+            target.stop()
+    lines = [
+        f"Engine process comparison: checkpoint `{args.checkpoint or 'default'}`, device {args.device}, "
+        f"{os.cpu_count()} CPU cores, mode={args.mode}, dynamic batching (max {args.max_batch_size}), "
+        f"{args.rounds} alternating rounds per concurrency.",
+        "",
+        "| engine in | concurrency | requests | not 200 | captions/s | captions/s per round | p50 ms | p95 ms "
+        "| p99 ms |",
+        "| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |",
+    ]
+    for c in concurrency:
+        for place, runs in zip(ENGINE_PLACES, rounds[c]):
+            merged = Run.merged(runs)
+            failed = len(merged.statuses) - merged.statuses.count(200)
+            per_round = ", ".join(f"{r.captions_per_s:.1f}" for r in runs)
+            lines.append(f"| {place} | {c} | {len(merged.statuses)} | {failed} | {merged.captions_per_s:.1f} "
+                         f"| {per_round} | {merged.percentile_ms(50):.1f} | {merged.percentile_ms(95):.1f} "
+                         f"| {merged.percentile_ms(99):.1f} |")
+    lines += [
+        "",
+        "| engine in | offered | achieved rate | seconds | 200 | captions/s | 503 | 504 | other 5xx | no answer "
+        "| RSS MiB after |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for place, (run, achieved), memory in zip(ENGINE_PLACES, overloads, rss):
+        counts = Counter(run.statuses)
+        other_5xx = sum(n for status, n in counts.items() if status >= 500 and status not in (503, 504))
+        lines.append(f"| {place} | {offered:.1f}/s | {achieved:.1f}/s | {run.wall_s:.0f} | {counts[200]} "
+                     f"| {counts[200] / max(run.wall_s, 1e-9):.1f} | {counts[503]} | {counts[504]} | {other_5xx} "
+                     f"| {counts[CONNECT_ERROR]} | {memory:.1f} |")
+    return "\n".join(lines)
+
+
 def bench_serve_main(args: argparse.Namespace) -> int:
     try:
         concurrency = sorted({int(c) for c in args.concurrency.split(",")})
@@ -418,7 +480,8 @@ def bench_serve_main(args: argparse.Namespace) -> int:
         raise UserError("--concurrency, --requests, --rounds and --images must be positive")
     if args.rounds > args.requests:
         raise UserError(f"--rounds {args.rounds} is more than --requests {args.requests}: each round needs a request")
-    print(asyncio.run(_benchmark(args, concurrency)))
+    benchmark = _engine_process_comparison if args.compare_engine_process else _benchmark
+    print(asyncio.run(benchmark(args, concurrency)))
     return 0
 
 

@@ -234,6 +234,20 @@ def test_load_benchmark_runs(tiny_checkpoint, capsys) -> None:
     assert re.search(r"\(4 alternating rounds: (\d+\.\d\dx, ){3}\d+\.\d\dx\)", table), table
 
 
+def test_engine_process_comparison_runs(tiny_checkpoint, capsys) -> None:
+    from service.loadtest import main
+
+    assert main(["--checkpoint", str(tiny_checkpoint), "--compare-engine-process", "--concurrency", "1,4",
+                 "--requests", "16", "--rounds", "2", "--images", "8", "--image-size", "48", "--overload-s", "1"]) == 0
+    table = capsys.readouterr().out
+    for place in ("child process", "service's process"):
+        for concurrency in (1, 4):  # every request answered, in two rounds of 8
+            assert re.search(rf"\| {place} \| {concurrency} \| 16 \| 0 \| [\d.]+ \| [\d.]+, [\d.]+ \|", table), table
+        overload = re.search(rf"\| {place} \| [\d.]+/s \| [\d.]+/s \| \d+ \| (\d+) \| [\d.]+ \| \d+ \| \d+ "
+                             rf"\| (\d+) \| (\d+) \|", table)
+        assert overload and int(overload[1]) > 0 and overload[2] == overload[3] == "0", table
+
+
 @pytest.mark.parametrize(("args", "says"), [(("--rounds", "0"), "must be positive"),
                                             (("--rounds", "30", "--requests", "24"), "--rounds 30 is more than")])
 def test_load_benchmark_refuses_bad_rounds_in_one_line(args, says, capsys) -> None:
