@@ -212,7 +212,12 @@ class Target:
 
     def rss_mib(self) -> float:
         """Resident memory of the server and its children (the engine process), in MiB."""
-        return sum(_rss_kib(pid) for pid in _process_tree(self.process.pid)) / 1024
+        return sum(self.rss_split())
+
+    def rss_split(self) -> tuple[float, float]:
+        """Resident memory in MiB of the server's own process, and of its children together."""
+        own, *children = _process_tree(self.process.pid)
+        return _rss_kib(own) / 1024, sum(_rss_kib(pid) for pid in children) / 1024
 
     async def wait_ready(self, timeout_s: float = 600.0) -> None:
         deadline = time.monotonic() + timeout_s
@@ -309,10 +314,10 @@ async def open_loop(stream: Stream, rate: float, duration_s: float, seed: int) -
     return run, achieved
 
 
-async def soak(stream: Stream, concurrency: int, duration_s: float) -> tuple[Run, list[float]]:
-    """Closed loop for `duration_s`, the server's RSS sampled every second."""
+async def soak(stream: Stream, concurrency: int, duration_s: float) -> tuple[Run, list[tuple[float, float]]]:
+    """Closed loop for `duration_s`, the RSS of the server and of its children sampled every second."""
     run = Run()
-    samples = [stream.target.rss_mib()]
+    samples = [stream.target.rss_split()]
     stop_at = time.monotonic() + duration_s
 
     async def client() -> None:
@@ -322,12 +327,12 @@ async def soak(stream: Stream, concurrency: int, duration_s: float) -> tuple[Run
     async def sampler() -> None:
         while time.monotonic() < stop_at:
             await asyncio.sleep(1.0)
-            samples.append(stream.target.rss_mib())
+            samples.append(stream.target.rss_split())
 
     started = time.perf_counter()
     await asyncio.gather(sampler(), *(client() for _ in range(concurrency)))
     run.wall_s = time.perf_counter() - started
-    samples.append(stream.target.rss_mib())
+    samples.append(stream.target.rss_split())
     return run, samples
 
 
@@ -342,11 +347,12 @@ def _latency_row(label: str, concurrency: int, run: Run) -> str:
 
 
 def report(args: argparse.Namespace, batched: dict[int, Run], single: Run, round_ratios: list[float],
-           overloaded: tuple[Run, float, float], soak_run: Run, rss: list[float]) -> str:
+           overloaded: tuple[Run, float, float], soak_run: Run, rss_split: list[tuple[float, float]]) -> str:
     top = max(batched)
     overload, offered, achieved = overloaded
     counts = Counter(overload.statuses)
     other_5xx = sum(n for status, n in counts.items() if status >= 500 and status not in (503, 504))
+    rss = [own + children for own, children in rss_split]
     half = rss[len(rss) // 2:]
     lines = [
         f"Load benchmark: checkpoint `{args.checkpoint or 'default'}`, device {args.device}, {os.cpu_count()} CPU "
@@ -375,6 +381,16 @@ def report(args: argparse.Namespace, batched: dict[int, Run], single: Run, round
         f"| concurrency {top} | {soak_run.wall_s:.0f} | {len(soak_run.statuses)} | {soak_run.captions_per_s:.1f} "
         f"| {rss[0]:.1f} | {rss[-1]:.1f} | {max(rss):.1f} | {max(half) - min(half):.1f} |",
     ]
+    if any(children for _, children in rss_split):  # the engine in a child process: each process's memory
+        lines += ["", "| soak: RSS of | start MiB | end MiB | max MiB | first-half mean MiB | second-half mean MiB "
+                      "| second-half range MiB |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for label, series in (("the service's process", [own for own, _ in rss_split]),
+                              ("the engine process", [children for _, children in rss_split])):
+            first, second = series[: len(series) // 2], series[len(series) // 2:]
+            lines.append(f"| {label} | {series[0]:.1f} | {series[-1]:.1f} | {max(series):.1f} "
+                         f"| {sum(first) / len(first):.1f} | {sum(second) / len(second):.1f} "
+                         f"| {max(second) - min(second):.1f} |")
     return "\n".join(lines)
 
 

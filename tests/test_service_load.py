@@ -227,7 +227,8 @@ def test_load_benchmark_runs(tiny_checkpoint, capsys) -> None:
                  "--image-size", "48", "--overload-s", "1", "--soak-s", "1"]) == 0
     table = capsys.readouterr().out
     for row in ("| dynamic batching (max 16) | 1 |", "| dynamic batching (max 16) | 4 |",
-                "| batch-1 (max_batch_size=1) | 4 |", "| 2x saturation |", "| concurrency 4 |"):
+                "| batch-1 (max_batch_size=1) | 4 |", "| 2x saturation |", "| concurrency 4 |",
+                "| the service's process |", "| the engine process |"):
         assert row in table, table
     # every closed-loop request answered 200, and the comparison's alternating rounds add up to --requests
     assert table.count("| 24 | 0 |") == 3
