@@ -83,6 +83,7 @@ def _child_main(conn: Connection, options_json: str) -> None:
         conn.send_bytes(json.dumps({"error": str(exc)}).encode())
         return
     conn.send_bytes(json.dumps({"ready": _describe(engine)}).encode())
+    received = bytearray(1 << 20)  # pixels land here, batch after batch: no fresh half-megabyte per batch
     while True:
         try:
             header = json.loads(conn.recv_bytes())
@@ -90,9 +91,14 @@ def _child_main(conn: Connection, options_json: str) -> None:
             return  # the service went away
         if header.get("op") == "stop":
             return
-        pixels = np.frombuffer(conn.recv_bytes(), dtype=np.uint8).reshape(header["shape"])
+        size = int(np.prod(header["shape"]))
+        if size > len(received):
+            received = bytearray(size)
+        conn.recv_bytes_into(received)
+        pixels = np.frombuffer(received, dtype=np.uint8, count=size).reshape(header["shape"])
         try:
-            batch = normalize(torch.from_numpy(pixels.copy()).to(engine.device), engine.dtype)
+            # normalising makes a new tensor, so the buffer is free again for the next batch
+            batch = normalize(torch.from_numpy(pixels).to(engine.device), engine.dtype)
             output = engine.caption_pixels(batch, header["thresholds"], max_tokens=header["max_tokens"])
             reply = {"results": [_result_to_json(r) for r in output.results],
                      "encode_s": output.timings.encode_s, "decode_s": output.timings.decode_s}
@@ -196,7 +202,7 @@ class EngineProcess:
                 self._restart()
             try:
                 self._conn.send_bytes(header.encode())
-                self._conn.send_bytes(pixels.contiguous().numpy().tobytes())
+                self._conn.send_bytes(memoryview(pixels.contiguous().numpy()).cast("B"))
                 reply = json.loads(self._conn.recv_bytes())
             except (EOFError, OSError):
                 code = self._wait(STOP_TIMEOUT_S)
