@@ -74,28 +74,32 @@ def caption_main(args) -> int:
         threshold = engine.threshold_for(args.mode, args.threshold)
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    images, failures = [], 0
+    failures = 0
     outputs: list[dict] = []
-    for path in args.images:
-        try:
-            images.append((path, load_image(Path(path))))
-        except (ImageError, OSError) as exc:
-            message = str(exc) if str(path) in str(exc) else f"{path}: {exc}"
-            print(f"capeen caption: {message}", file=sys.stderr)
-            failures += 1
-    for start in range(0, len(images), args.batch_size):
-        chunk = images[start:start + args.batch_size]
+    # a batch at a time, read, captioned and printed: thousands of images never sit in memory together, and
+    # the first captions appear while the rest are being read
+    for start in range(0, len(args.images), args.batch_size):
+        chunk = []
+        for path in args.images[start:start + args.batch_size]:
+            try:
+                chunk.append((path, load_image(Path(path))))
+            except (ImageError, OSError) as exc:
+                message = str(exc) if str(path) in str(exc) else f"{path}: {exc}"
+                print(f"capeen caption: {message}", file=sys.stderr)
+                failures += 1
+        if not chunk:
+            continue
         batch = engine.caption([image for _, image in chunk], threshold, max_tokens=args.max_tokens)
         for (path, _), result in zip(chunk, batch.results):
-            outputs.append({"image": str(path), "caption": result.caption, "tokens": result.tokens,
-                            "exit_layers": result.exit_layers,
-                            "confidences": [round(c, 4) for c in result.confidences],
-                            "threshold": result.threshold})
+            if args.json:
+                outputs.append({"image": str(path), "caption": result.caption, "tokens": result.tokens,
+                                "exit_layers": result.exit_layers,
+                                "confidences": [round(c, 4) for c in result.confidences],
+                                "threshold": result.threshold})
+            else:
+                print(f"{path}\t{result.caption}" if len(args.images) > 1 else result.caption, flush=True)
     if args.json:
         print(json.dumps(outputs, indent=2))
-    else:
-        for item in outputs:
-            print(f"{item['image']}\t{item['caption']}" if len(args.images) > 1 else item["caption"])
     return 1 if failures else 0
 
 

@@ -127,6 +127,39 @@ def test_caption_plain_output(capsys, tiny_checkpoint, images):
     assert lines[0].startswith(f"{images['a.png']}\t") and lines[1].startswith(f"{images['b.png']}\t")
 
 
+def test_caption_reads_captions_and_prints_a_batch_at_a_time(capsys, tiny_checkpoint, images, monkeypatch):
+    # a user captioning a folder of thousands of photos: never all of them decoded in memory at once, and
+    # each batch's captions printed before the next batch is read
+    import models.images
+    from models.engine import CaptionEngine
+
+    events: list[str] = []
+    real_load, real_caption = models.images.load_image, CaptionEngine.caption
+    monkeypatch.setattr(models.images, "load_image", lambda path, **kw: events.append("read") or real_load(path, **kw))
+
+    def caption(self, batch, *args, **kwargs):
+        events.append(f"caption {len(batch)}")
+        return real_caption(self, batch, *args, **kwargs)
+
+    real_print = print
+
+    def recording_print(*args, **kwargs):
+        events.append("print")
+        real_print(*args, **kwargs)
+
+    monkeypatch.setattr(CaptionEngine, "caption", caption)
+    monkeypatch.setattr("builtins.print", recording_print)
+    paths = [images["a.png"], images["b.png"], images["empty.png"], images["c.jpg"], images["a.png"]]
+    rc, out, err = run(capsys, "caption", *paths, "--checkpoint", tiny_checkpoint, "--device", "cpu",
+                       "--batch-size", "2")
+    assert rc == 1 and "empty" in err  # the empty file is reported and skipped; the others are captioned
+    assert len(out.splitlines()) == 4
+    assert events == [
+        "read", "read", "caption 2", "print", "print",
+        "read", "print", "read", "caption 1", "print",  # the error line, then c.jpg alone
+        "read", "caption 1", "print"]
+
+
 def test_caption_is_the_same_in_any_batch(capsys, tiny_checkpoint, images):
     args = ["caption", images["a.png"], images["b.png"], images["c.jpg"], "--checkpoint", tiny_checkpoint,
             "--json", "--device", "cpu"]
