@@ -13,9 +13,9 @@ measures, as the issue asks:
    whatever the answers): counts of 200, 503 (back-pressure), 504 and other 5xx;
 4. the server's resident memory (from /proc) over a soak at concurrency 16.
 
-With `--compare-engine-process` it measures one design choice instead: two batching servers, the engine in a
-child process (CAPEEN_ENGINE_PROCESS=true, the default) and in the service's own process, in alternating
-rounds at each concurrency, then each at the overload rate (from the faster of the two).
+With `--compare CAPEEN_SETTING=VALUE` it measures one setting instead: two batching servers, as configured
+and with that setting, in alternating rounds at each concurrency, then each at the overload rate (from the
+faster of the two). `--compare CAPEEN_ENGINE_PROCESS=false`, for one, weighs the engine's child process.
 
 The client shares the machine with the server, as a sidecar would. The Markdown tables go to stdout.
 The scene renderer is imported where it is used: `capeen` imports this module to build its parser, and
@@ -61,10 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", type=int, default=64, help="distinct images in the request stream")
     parser.add_argument("--image-size", type=int, default=192, help="side of the uploaded images, in pixels")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--compare-engine-process", action="store_true",
-                        help="instead: two batching servers, the engine in a child process (CAPEEN_ENGINE_PROCESS) "
-                             "against in the service's process, in alternating rounds at each concurrency, then "
-                             "each overloaded")
+    parser.add_argument("--compare", metavar="CAPEEN_SETTING=VALUE",
+                        help="instead: two batching servers, as configured and with this setting (e.g. "
+                             "CAPEEN_MAX_WAIT_MS=0), in alternating rounds at each concurrency, then each overloaded")
 
 
 # --------------------------------------------------------------------------------------------- measurements
@@ -434,13 +433,29 @@ async def _benchmark(args: argparse.Namespace, concurrency: list[int]) -> str:
     return report(args, batched, Run.merged(single_rounds), round_ratios, (overload, offered, achieved), soak_run, rss)
 
 
-ENGINE_PLACES = {"child process": "true", "service's process": "false"}  # CAPEEN_ENGINE_PROCESS of each
+def parse_setting(text: str) -> tuple[str, str]:
+    """`CAPEEN_MAX_WAIT_MS=0` -> ("CAPEEN_MAX_WAIT_MS", "0"), checked against the service's settings."""
+    from pydantic import ValidationError
+
+    from service.settings import Settings
+
+    name, equals, value = text.partition("=")
+    field = name.removeprefix("CAPEEN_").lower()
+    if not equals or not name.startswith("CAPEEN_") or field not in Settings.model_fields:
+        raise UserError(f"--compare takes CAPEEN_SETTING=VALUE with a setting of `capeen serve`, got {text!r}")
+    try:
+        Settings(**{field: value})
+    except ValidationError as exc:
+        raise UserError(f"--compare {text}: {exc.errors()[0]['msg']}") from None
+    return name, value
 
 
-async def _engine_process_comparison(args: argparse.Namespace, concurrency: list[int]) -> str:
-    """Batching servers with the engine in a child process and in the service's own, side by side."""
+async def _setting_comparison(args: argparse.Namespace, concurrency: list[int]) -> str:
+    """Batching servers as configured and with one setting changed, side by side."""
+    name, value = parse_setting(args.compare)
+    labels = ["as configured", f"{name}={value}"]
     images = _images(args)
-    targets = [Target(args, args.max_batch_size, {"CAPEEN_ENGINE_PROCESS": flag}) for flag in ENGINE_PLACES.values()]
+    targets = [Target(args, args.max_batch_size), Target(args, args.max_batch_size, {name: value})]
     try:
         for target in targets:
             await target.wait_ready()
@@ -456,32 +471,33 @@ async def _engine_process_comparison(args: argparse.Namespace, concurrency: list
         for target in targets:
             target.stop()
     lines = [
-        f"Engine process comparison: checkpoint `{args.checkpoint or 'default'}`, device {args.device}, "
+        f"Setting comparison: checkpoint `{args.checkpoint or 'default'}`, device {args.device}, "
         f"{os.cpu_count()} CPU cores, mode={args.mode}, dynamic batching (max {args.max_batch_size}), "
         f"{args.rounds} alternating rounds per concurrency.",
         "",
-        "| engine in | concurrency | requests | not 200 | captions/s | captions/s per round | p50 ms | p95 ms "
-        "| p99 ms |",
-        "| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |",
+        "| server | concurrency | requests | not 200 | captions/s | captions/s per round | mean batch | p50 ms "
+        "| p95 ms | p99 ms |",
+        "| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |",
     ]
     for c in concurrency:
-        for place, runs in zip(ENGINE_PLACES, rounds[c]):
+        for label, runs in zip(labels, rounds[c]):
             merged = Run.merged(runs)
             failed = len(merged.statuses) - merged.statuses.count(200)
             per_round = ", ".join(f"{r.captions_per_s:.1f}" for r in runs)
-            lines.append(f"| {place} | {c} | {len(merged.statuses)} | {failed} | {merged.captions_per_s:.1f} "
-                         f"| {per_round} | {merged.percentile_ms(50):.1f} | {merged.percentile_ms(95):.1f} "
+            batch = "-" if merged.mean_batch is None else f"{merged.mean_batch:.1f}"
+            lines.append(f"| {label} | {c} | {len(merged.statuses)} | {failed} | {merged.captions_per_s:.1f} "
+                         f"| {per_round} | {batch} | {merged.percentile_ms(50):.1f} | {merged.percentile_ms(95):.1f} "
                          f"| {merged.percentile_ms(99):.1f} |")
     lines += [
         "",
-        "| engine in | offered | achieved rate | seconds | 200 | captions/s | 503 | 504 | other 5xx | no answer "
+        "| server | offered | achieved rate | seconds | 200 | captions/s | 503 | 504 | other 5xx | no answer "
         "| RSS MiB after |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for place, (run, achieved), memory in zip(ENGINE_PLACES, overloads, rss):
+    for label, (run, achieved), memory in zip(labels, overloads, rss):
         counts = Counter(run.statuses)
         other_5xx = sum(n for status, n in counts.items() if status >= 500 and status not in (503, 504))
-        lines.append(f"| {place} | {offered:.1f}/s | {achieved:.1f}/s | {run.wall_s:.0f} | {counts[200]} "
+        lines.append(f"| {label} | {offered:.1f}/s | {achieved:.1f}/s | {run.wall_s:.0f} | {counts[200]} "
                      f"| {counts[200] / max(run.wall_s, 1e-9):.1f} | {counts[503]} | {counts[504]} | {other_5xx} "
                      f"| {counts[CONNECT_ERROR]} | {memory:.1f} |")
     return "\n".join(lines)
@@ -496,7 +512,9 @@ def bench_serve_main(args: argparse.Namespace) -> int:
         raise UserError("--concurrency, --requests, --rounds and --images must be positive")
     if args.rounds > args.requests:
         raise UserError(f"--rounds {args.rounds} is more than --requests {args.requests}: each round needs a request")
-    benchmark = _engine_process_comparison if args.compare_engine_process else _benchmark
+    if args.compare is not None:
+        parse_setting(args.compare)  # a bad one is one line now, not after two servers have started
+    benchmark = _benchmark if args.compare is None else _setting_comparison
     print(asyncio.run(benchmark(args, concurrency)))
     return 0
 

@@ -235,18 +235,32 @@ def test_load_benchmark_runs(tiny_checkpoint, capsys) -> None:
     assert re.search(r"\(4 alternating rounds: (\d+\.\d\dx, ){3}\d+\.\d\dx\)", table), table
 
 
-def test_engine_process_comparison_runs(tiny_checkpoint, capsys) -> None:
+def test_setting_comparison_runs(tiny_checkpoint, capsys) -> None:
     from service.loadtest import main
 
-    assert main(["--checkpoint", str(tiny_checkpoint), "--compare-engine-process", "--concurrency", "1,4",
-                 "--requests", "16", "--rounds", "2", "--images", "8", "--image-size", "48", "--overload-s", "1"]) == 0
+    assert main(["--checkpoint", str(tiny_checkpoint), "--compare", "CAPEEN_ENGINE_PROCESS=false", "--concurrency",
+                 "1,4", "--requests", "16", "--rounds", "2", "--images", "8", "--image-size", "48",
+                 "--overload-s", "1"]) == 0
     table = capsys.readouterr().out
-    for place in ("child process", "service's process"):
+    for server in ("as configured", "CAPEEN_ENGINE_PROCESS=false"):
         for concurrency in (1, 4):  # every request answered, in two rounds of 8
-            assert re.search(rf"\| {place} \| {concurrency} \| 16 \| 0 \| [\d.]+ \| [\d.]+, [\d.]+ \|", table), table
-        overload = re.search(rf"\| {place} \| [\d.]+/s \| [\d.]+/s \| \d+ \| (\d+) \| [\d.]+ \| \d+ \| \d+ "
+            assert re.search(rf"\| {server} \| {concurrency} \| 16 \| 0 \| [\d.]+ \| [\d.]+, [\d.]+ \| [\d.]+ \|",
+                             table), table
+        overload = re.search(rf"\| {server} \| [\d.]+/s \| [\d.]+/s \| \d+ \| (\d+) \| [\d.]+ \| \d+ \| \d+ "
                              rf"\| (\d+) \| (\d+) \|", table)
         assert overload and int(overload[1]) > 0 and overload[2] == overload[3] == "0", table
+
+
+@pytest.mark.parametrize(("setting", "says"), [("MAX_WAIT_MS=0", "CAPEEN_SETTING=VALUE"),
+                                               ("CAPEEN_NO_SUCH=1", "CAPEEN_SETTING=VALUE"),
+                                               ("CAPEEN_MAX_WAIT_MS", "CAPEEN_SETTING=VALUE"),
+                                               ("CAPEEN_MAX_WAIT_MS=-1", "--compare CAPEEN_MAX_WAIT_MS=-1:")])
+def test_setting_comparison_refuses_a_bad_setting_in_one_line(setting, says, capsys) -> None:
+    from service.loadtest import main
+
+    assert main(["--compare", setting]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and says in err, err
 
 
 @pytest.mark.parametrize(("args", "says"), [(("--rounds", "0"), "must be positive"),
