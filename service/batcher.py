@@ -1,8 +1,11 @@
 """Dynamic batching: concurrent requests share one engine call, each with its own threshold.
 
-Requests wait in a bounded queue. A single worker task takes the first one and gathers more until the
-batch holds `max_batch_size`, `max_wait_s` has passed, or no other request is on its way (being uploaded or
-decoded: see `incoming`), so a lone request never waits for company that is not coming. It runs the engine
+Requests wait in a bounded queue. A single worker task takes the first one and gathers what is queued, up to
+`max_batch_size`. It waits for requests on their way (being uploaded or decoded: see `incoming`) only up to
+`max_wait_s` and only while the batch holds less than `wait_fill` of `max_batch_size`: a lone request never
+waits for company that is not coming, and under load a half-full batch goes at once, so that the engine
+decodes it while the next one gathers (with 16 clients and batches of 16, the engine would otherwise sit
+idle while a whole batch's answers go out and its clients' next requests come in). It runs the engine
 in one dedicated thread so the event loop keeps accepting and answering requests meanwhile (as TGI's and
 vLLM's routers keep HTTP apart from the model loop); with the engine in a child process (service.engine_process)
 that thread only waits on the pipe. Each request's future gets its own result.
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -79,13 +83,14 @@ _STOP = object()  # queued by close(): the worker ends after what is ahead of it
 
 class Batcher:
     def __init__(self, engine: Engine, metrics: ServingMetrics, on_decoded: Callable[[Job, CaptionResult], None],
-                 *, max_batch_size: int, max_wait_s: float, queue_size: int) -> None:
+                 *, max_batch_size: int, max_wait_s: float, queue_size: int, wait_fill: float = 1.0) -> None:
         """`on_decoded` runs in the engine thread for every decoded request, wanted or not (metrics, bandit)."""
         self.engine = engine
         self.metrics = metrics
         self.on_decoded = on_decoded
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
+        self.wait_until = max(1, math.ceil(wait_fill * max_batch_size))  # batch size from which nobody is awaited
         self._queue: asyncio.Queue[Job | object] = asyncio.Queue(maxsize=queue_size)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="capeen-engine")
         self._worker: asyncio.Task[None] | None = None
@@ -167,7 +172,8 @@ class Batcher:
                 item = self._queue.get_nowait()
             except asyncio.QueueEmpty:
                 remaining = closes_at - loop.time()
-                if remaining <= 0 or not self._incoming:  # nobody on the way: waiting would only add latency
+                # nobody on the way: waiting would only add latency; full enough: better decoded now
+                if remaining <= 0 or not self._incoming or len(batch) >= self.wait_until:
                     break
                 try:
                     item = await asyncio.wait_for(self._queue.get(), remaining)

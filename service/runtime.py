@@ -113,7 +113,8 @@ def start_runtime(settings: Settings, registry: CollectorRegistry, engine: Engin
                       calibrated=engine.calibrated_threshold, mu=settings.bandit_mu)
     bandit = AdaptiveThreshold(factory, metrics, settings.bandit_state)
     batcher = Batcher(engine, metrics, partial(_record, metrics, bandit), max_batch_size=settings.max_batch_size,
-                      max_wait_s=settings.max_wait_ms / 1000, queue_size=settings.queue_size)
+                      max_wait_s=settings.max_wait_ms / 1000, wait_fill=settings.wait_fill,
+                      queue_size=settings.queue_size)
     metrics.track_queue(batcher.depth)
     model_limit = config.n_positions - 1
     runtime = Runtime(settings, engine, metrics, bandit, batcher,

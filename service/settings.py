@@ -33,6 +33,8 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(16, ge=1, description="most requests decoded together in one batch")
     max_wait_ms: float = Field(20.0, ge=0, description="longest a batch waits for requests still being decoded "
                                "(it never waits when none is, so a lone request goes at once)")
+    wait_fill: float = Field(0.5, gt=0, le=1, description="a batch waits for requests still being decoded only "
+                             "until it holds this share of max_batch_size; 1: until it is full")
     queue_size: int = Field(64, ge=1, description="requests that may wait for the model; more get 503")
     request_timeout_s: float = Field(30.0, gt=0, description="deadline of a request from its arrival; past it: 504")
     max_upload_bytes: int = Field(10 * MiB, ge=1, description="largest image file accepted, in bytes; more: 413")

@@ -306,3 +306,35 @@ def test_load_client_does_not_reuse_connections_the_server_may_be_closing() -> N
     kept, accepted, statuses = asyncio.run(scenario())
     assert statuses == [200, 200, 200]
     assert kept == 1 and accepted == 2
+
+
+@pytest.mark.parametrize(("wait_fill", "expected"), [(0.5, 4), (1.0, 6)])
+def test_a_half_full_batch_does_not_wait_for_requests_on_their_way(wait_fill, expected) -> None:
+    """Four requests queued, two more being uploaded: at wait_fill 0.5 of 8 the batch of four leaves at once
+    (the engine decodes it while the others gather); at 1.0 it waits for the two, up to max_wait_s."""
+    from service.batcher import Batcher, Job
+
+    async def scenario() -> int:
+        batcher = Batcher(engine=None, metrics=None, on_decoded=lambda job, result: None, max_batch_size=8,
+                          max_wait_s=0.5, queue_size=16, wait_fill=wait_fill)
+        loop = asyncio.get_running_loop()
+
+        def job() -> Job:
+            return Job(pixels=None, threshold=0.5, max_tokens=4, arm=None, future=loop.create_future())
+
+        for _ in range(4):
+            batcher._queue.put_nowait(job())
+
+        async def upload_then_queue() -> None:  # two uploads still being read when the batch forms
+            with batcher.incoming():
+                await asyncio.sleep(0.1)
+                batcher._queue.put_nowait(job())
+
+        uploads = [asyncio.ensure_future(upload_then_queue()) for _ in range(2)]
+        await asyncio.sleep(0)  # the uploads have begun
+        batch, stop = await batcher._collect(loop)
+        await asyncio.gather(*uploads)
+        assert not stop
+        return len(batch)
+
+    assert asyncio.run(scenario()) == expected
