@@ -83,7 +83,7 @@ _STOP = object()  # queued by close(): the worker ends after what is ahead of it
 
 class Batcher:
     def __init__(self, engine: Engine, metrics: ServingMetrics, on_decoded: Callable[[Job, CaptionResult], None],
-                 *, max_batch_size: int, max_wait_s: float, queue_size: int, wait_fill: float = 1.0) -> None:
+                 *, max_batch_size: int, max_wait_s: float, queue_size: int, wait_fill: float = 0.5) -> None:
         """`on_decoded` runs in the engine thread for every decoded request, wanted or not (metrics, bandit)."""
         self.engine = engine
         self.metrics = metrics

@@ -16,6 +16,7 @@ queue through the child before it stops it. If the service itself dies the pipe 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import signal
@@ -240,10 +241,8 @@ class EngineProcess:
         with self._lock:
             if self._process is None:
                 return
-            try:
+            with contextlib.suppress(OSError):  # a child gone already has nothing to be told
                 self._conn.send_bytes(json.dumps({"op": "stop"}).encode())
-            except OSError:
-                pass  # gone already
             if self._wait(STOP_TIMEOUT_S) is None:
                 log.warning("the engine process did not stop within %.0f s; killing it", STOP_TIMEOUT_S)
                 self._process.kill()

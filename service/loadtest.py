@@ -450,9 +450,8 @@ def parse_setting(text: str) -> tuple[str, str]:
     return name, value
 
 
-async def _setting_comparison(args: argparse.Namespace, concurrency: list[int]) -> str:
-    """Batching servers as configured and with one setting changed, side by side."""
-    name, value = parse_setting(args.compare)
+async def _setting_comparison(args: argparse.Namespace, concurrency: list[int], name: str, value: str) -> str:
+    """Batching servers as configured and with one setting (`name`=`value`) changed, side by side."""
     labels = ["as configured", f"{name}={value}"]
     images = _images(args)
     targets = [Target(args, args.max_batch_size), Target(args, args.max_batch_size, {name: value})]
@@ -512,10 +511,10 @@ def bench_serve_main(args: argparse.Namespace) -> int:
         raise UserError("--concurrency, --requests, --rounds and --images must be positive")
     if args.rounds > args.requests:
         raise UserError(f"--rounds {args.rounds} is more than --requests {args.requests}: each round needs a request")
-    if args.compare is not None:
-        parse_setting(args.compare)  # a bad one is one line now, not after two servers have started
-    benchmark = _benchmark if args.compare is None else _setting_comparison
-    print(asyncio.run(benchmark(args, concurrency)))
+    if args.compare is None:
+        print(asyncio.run(_benchmark(args, concurrency)))
+    else:  # a bad setting is one line now, not after two servers have started
+        print(asyncio.run(_setting_comparison(args, concurrency, *parse_setting(args.compare))))
     return 0
 
 
