@@ -338,6 +338,12 @@ async def soak(stream: Stream, concurrency: int, duration_s: float) -> tuple[Run
 # --------------------------------------------------------------------------------------------------- report
 
 
+def _answer_counts(run: Run) -> tuple[Counter, int]:
+    """Answers by status, and how many were a 5xx other than back-pressure (503) or a deadline (504)."""
+    counts = Counter(run.statuses)
+    return counts, sum(n for status, n in counts.items() if status >= 500 and status not in (503, 504))
+
+
 def _latency_row(label: str, concurrency: int, run: Run) -> str:
     batch = f"{run.mean_batch:.1f}" if run.mean_batch is not None else "-"
     failed = len(run.statuses) - run.statuses.count(200)
@@ -349,8 +355,7 @@ def report(args: argparse.Namespace, batched: dict[int, Run], single: Run, round
            overloaded: tuple[Run, float, float], soak_run: Run, rss_split: list[tuple[float, float]]) -> str:
     top = max(batched)
     overload, offered, achieved = overloaded
-    counts = Counter(overload.statuses)
-    other_5xx = sum(n for status, n in counts.items() if status >= 500 and status not in (503, 504))
+    counts, other_5xx = _answer_counts(overload)
     rss = [own + children for own, children in rss_split]
     half = rss[len(rss) // 2:]
     lines = [
@@ -494,8 +499,7 @@ async def _setting_comparison(args: argparse.Namespace, concurrency: list[int], 
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for label, (run, achieved), memory in zip(labels, overloads, rss):
-        counts = Counter(run.statuses)
-        other_5xx = sum(n for status, n in counts.items() if status >= 500 and status not in (503, 504))
+        counts, other_5xx = _answer_counts(run)
         lines.append(f"| {label} | {offered:.1f}/s | {achieved:.1f}/s | {run.wall_s:.0f} | {counts[200]} "
                      f"| {counts[200] / max(run.wall_s, 1e-9):.1f} | {counts[503]} | {counts[504]} | {other_5xx} "
                      f"| {counts[CONNECT_ERROR]} | {memory:.1f} |")
