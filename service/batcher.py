@@ -204,8 +204,13 @@ class Batcher:
 
     def _run(self, jobs: list[Job]) -> BatchOutput:
         """In the engine thread: one engine call, then `on_decoded` for each request."""
-        output = self.engine.caption_pixels(torch.cat([job.pixels for job in jobs]), [job.threshold for job in jobs],
-                                            max_tokens=jobs[0].max_tokens)
+        started = time.perf_counter()
+        output = None
+        try:
+            output = self.engine.caption_pixels(torch.cat([job.pixels for job in jobs]),
+                                                [job.threshold for job in jobs], max_tokens=jobs[0].max_tokens)
+        finally:  # a failed call kept the engine busy too
+            self.metrics.observe_batch(time.perf_counter() - started, None if output is None else output.timings)
         for job, result in zip(jobs, output.results, strict=True):
             self.on_decoded(job, result)
         return output

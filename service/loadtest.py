@@ -76,8 +76,9 @@ class Run:
     statuses: list[int] = field(default_factory=list)
     latencies: list[float] = field(default_factory=list)
     wall_s: float = 0.0
-    batched_images: float = 0.0  # images and engine calls the server counted meanwhile
+    batched_images: float = 0.0  # images, engine calls and engine-call seconds the server counted meanwhile
     engine_calls: float = 0.0
+    engine_s: float = 0.0
 
     def record(self, status: int, latency: float) -> None:
         self.statuses.append(status)
@@ -87,11 +88,18 @@ class Run:
     def mean_batch(self) -> float | None:
         return self.batched_images / self.engine_calls if self.engine_calls else None
 
+    def engine_figures(self) -> tuple[str, str]:
+        """The share of the wall time the engine was busy, and its milliseconds per image, as table cells."""
+        if not self.batched_images or not self.wall_s:
+            return "-", "-"
+        return f"{self.engine_s / self.wall_s:.0%}", f"{1000 * self.engine_s / self.batched_images:.2f}"
+
     @classmethod
     def merged(cls, runs: list[Run]) -> Run:
         """One run made of several (rounds of one measurement): their requests, wall times and batches."""
         return cls([s for r in runs for s in r.statuses], [lat for r in runs for lat in r.latencies],
-                   sum(r.wall_s for r in runs), sum(r.batched_images for r in runs), sum(r.engine_calls for r in runs))
+                   sum(r.wall_s for r in runs), sum(r.batched_images for r in runs), sum(r.engine_calls for r in runs),
+                   sum(r.engine_s for r in runs))
 
     @property
     def captions_per_s(self) -> float:
@@ -228,14 +236,15 @@ class Target:
             await asyncio.sleep(0.2)
         raise UserError(f"capeen serve was not ready within {timeout_s:.0f} s")
 
-    async def batch_totals(self) -> tuple[float, float]:
-        """(images, engine calls) so far, from the server's capeen_batch_size histogram."""
+    async def batch_totals(self) -> tuple[float, float, float]:
+        """(images, engine calls, seconds in engine calls) so far, from the server's metrics."""
+        names = ("capeen_batch_size_sum", "capeen_batch_size_count", "capeen_batch_duration_seconds_sum")
         values = {}
         for line in (await self.http.send(self.http.get("/metrics")))[1].decode().splitlines():
             name, _, value = line.partition(" ")
-            if name in ("capeen_batch_size_sum", "capeen_batch_size_count"):
+            if name in names:
                 values[name] = float(value)
-        return values.get("capeen_batch_size_sum", 0.0), values.get("capeen_batch_size_count", 0.0)
+        return tuple(values.get(name, 0.0) for name in names)
 
     def stop(self) -> None:
         self.http.close()
@@ -274,12 +283,12 @@ async def closed_loop(stream: Stream, concurrency: int, requests: int) -> Run:
             left -= 1
             await stream.send(run)
 
-    images_before, calls_before = await stream.target.batch_totals()
+    before = await stream.target.batch_totals()
     started = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(concurrency)))
     run.wall_s = time.perf_counter() - started
-    images_after, calls_after = await stream.target.batch_totals()
-    run.batched_images, run.engine_calls = images_after - images_before, calls_after - calls_before
+    after = await stream.target.batch_totals()
+    run.batched_images, run.engine_calls, run.engine_s = (b - a for a, b in zip(before, after, strict=True))
     return run
 
 
@@ -347,8 +356,10 @@ def _answer_counts(run: Run) -> tuple[Counter, int]:
 def _latency_row(label: str, concurrency: int, run: Run) -> str:
     batch = f"{run.mean_batch:.1f}" if run.mean_batch is not None else "-"
     failed = len(run.statuses) - run.statuses.count(200)
+    busy, engine_ms = run.engine_figures()
     return (f"| {label} | {concurrency} | {len(run.statuses)} | {failed} | {run.captions_per_s:.1f} | {batch} | "
-            f"{run.percentile_ms(50):.0f} | {run.percentile_ms(95):.0f} | {run.percentile_ms(99):.0f} |")
+            f"{busy} | {engine_ms} | {run.percentile_ms(50):.0f} | {run.percentile_ms(95):.0f} "
+            f"| {run.percentile_ms(99):.0f} |")
 
 
 def report(args: argparse.Namespace, batched: dict[int, Run], single: Run, round_ratios: list[float],
@@ -362,8 +373,9 @@ def report(args: argparse.Namespace, batched: dict[int, Run], single: Run, round
         f"Load benchmark: checkpoint `{args.checkpoint or 'default'}`, device {args.device}, {os.cpu_count()} CPU "
         f"cores, mode={args.mode}, {args.images} distinct {args.image_size}x{args.image_size} JPEG scenes.",
         "",
-        "| serving | concurrency | requests | not 200 | captions/s | mean batch | p50 ms | p95 ms | p99 ms |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| serving | concurrency | requests | not 200 | captions/s | mean batch | engine busy | engine ms/caption "
+        "| p50 ms | p95 ms | p99 ms |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         *(_latency_row(f"dynamic batching (max {args.max_batch_size})", c, run) for c, run in sorted(batched.items())),
         _latency_row("batch-1 (max_batch_size=1)", top, single),
         "",
@@ -479,9 +491,9 @@ async def _setting_comparison(args: argparse.Namespace, concurrency: list[int], 
         f"{os.cpu_count()} CPU cores, mode={args.mode}, dynamic batching (max {args.max_batch_size}), "
         f"{args.rounds} alternating rounds per concurrency.",
         "",
-        "| server | concurrency | requests | not 200 | captions/s | captions/s per round | mean batch | p50 ms "
-        "| p95 ms | p99 ms |",
-        "| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |",
+        "| server | concurrency | requests | not 200 | captions/s | captions/s per round | mean batch | engine busy "
+        "| engine ms/caption | p50 ms | p95 ms | p99 ms |",
+        "| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for c in concurrency:
         for label, runs in zip(labels, rounds[c]):
@@ -489,9 +501,10 @@ async def _setting_comparison(args: argparse.Namespace, concurrency: list[int], 
             failed = len(merged.statuses) - merged.statuses.count(200)
             per_round = ", ".join(f"{r.captions_per_s:.1f}" for r in runs)
             batch = "-" if merged.mean_batch is None else f"{merged.mean_batch:.1f}"
+            busy, engine_ms = merged.engine_figures()
             lines.append(f"| {label} | {c} | {len(merged.statuses)} | {failed} | {merged.captions_per_s:.1f} "
-                         f"| {per_round} | {batch} | {merged.percentile_ms(50):.1f} | {merged.percentile_ms(95):.1f} "
-                         f"| {merged.percentile_ms(99):.1f} |")
+                         f"| {per_round} | {batch} | {busy} | {engine_ms} | {merged.percentile_ms(50):.1f} "
+                         f"| {merged.percentile_ms(95):.1f} | {merged.percentile_ms(99):.1f} |")
     lines += [
         "",
         "| server | offered | achieved rate | seconds | 200 | captions/s | 503 | 504 | other 5xx | no answer "

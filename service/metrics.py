@@ -13,10 +13,12 @@ from collections.abc import Callable, Mapping
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from models.decoding import DecodeTrace
+from models.engine import BatchTimings
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 # A request's reward is a mean of C_i - C_1 - mu * p_i / L: mostly small, below zero when depth did not pay.
 REWARD_BUCKETS = (-0.2, -0.1, -0.05, -0.02, 0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
+ENGINE_STAGES = ("encode", "decode")
 
 
 class HttpMetrics:
@@ -50,6 +52,14 @@ class ServingMetrics:
                                         "queue before its batch started", buckets=LATENCY_BUCKETS, registry=registry)
         self.batch_size = Histogram("capeen_batch_size", "images per engine call",
                                     buckets=_batch_buckets(max_batch_size), registry=registry)
+        self.batch_duration = Histogram("capeen_batch_duration_seconds", "wall time of each engine call (one "
+                                        "batch; the pipe to the engine process included): the rate of its sum is "
+                                        "the share of time the engine is busy", buckets=LATENCY_BUCKETS,
+                                        registry=registry)
+        self.engine_compute = Counter("capeen_engine_compute_seconds", "seconds the engine spent encoding images "
+                                      "and decoding captions, by stage", ["stage"], registry=registry)
+        for stage in ENGINE_STAGES:  # both series exist from the start, so that rate() works from the first batch
+            self.engine_compute.labels(stage=stage)
         self.queue_depth = Gauge("capeen_queue_depth", "caption requests waiting for a batch", registry=registry)
         self.tokens = Counter("capeen_tokens_generated", "decoding steps run, end-of-caption token included",
                               registry=registry)
@@ -77,6 +87,13 @@ class ServingMetrics:
     def track_queue(self, depth: Callable[[], int]) -> None:
         """Read the queue depth at scrape time, so it is never stale."""
         self.queue_depth.set_function(depth)
+
+    def observe_batch(self, seconds: float, timings: BatchTimings | None) -> None:
+        """One engine call: its wall time, and (when it answered) the engine's own encode and decode time."""
+        self.batch_duration.observe(seconds)
+        if timings is not None:
+            self.engine_compute.labels(stage="encode").inc(timings.encode_s)
+            self.engine_compute.labels(stage="decode").inc(timings.decode_s)
 
     def observe_trace(self, trace: DecodeTrace) -> None:
         for layer in trace.exit_layers:

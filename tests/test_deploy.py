@@ -57,10 +57,11 @@ SERVICE_METRICS = {
     "capeen_queue_depth", "capeen_tokens_generated_total", "capeen_token_exit_layer",
     "capeen_decoder_layers_computed_total", "capeen_decoder_layers_full_total", "capeen_bandit_arm_pulls_total",
     "capeen_bandit_threshold", "capeen_bandit_reward", "capeen_bandit_changes_detected_total", "capeen_errors_total",
-    "capeen_engine_restarts_total", "capeen_model_info",
+    "capeen_engine_restarts_total", "capeen_batch_duration_seconds", "capeen_engine_compute_seconds_total",
+    "capeen_model_info",
 }
 HISTOGRAMS = {"capeen_request_duration_seconds", "capeen_queue_duration_seconds", "capeen_batch_size",
-              "capeen_token_exit_layer", "capeen_bandit_reward"}
+              "capeen_token_exit_layer", "capeen_bandit_reward", "capeen_batch_duration_seconds"}
 
 
 # ----------------------------------------------------------------------------------------------- compose files

@@ -378,6 +378,7 @@ def test_metrics_exposition(client: httpx.Client) -> None:
     text = client.get("/metrics").text
     for name in ("capeen_requests_total", "capeen_request_duration_seconds_bucket",
                  "capeen_queue_duration_seconds_bucket", "capeen_batch_size_bucket", "capeen_queue_depth",
+                 "capeen_batch_duration_seconds_bucket", "capeen_engine_compute_seconds_total",
                  "capeen_tokens_generated_total",
                  "capeen_token_exit_layer_bucket", "capeen_decoder_layers_computed_total",
                  "capeen_decoder_layers_full_total", "capeen_bandit_arm_pulls_total", "capeen_bandit_threshold",
@@ -392,6 +393,13 @@ def test_metrics_exposition(client: httpx.Client) -> None:
     computed = metric_value(text, "capeen_decoder_layers_computed_total")
     assert metric_value(text, "capeen_decoder_layers_full_total") == 4 * tokens >= computed > 0
     assert 'capeen_model_info{' in text and 'name="tiny-test"' in text
+    # every engine call is timed; the engine's own encode and decode time fits inside the call's wall time
+    batches = metric_value(text, "capeen_batch_size_count")
+    assert metric_value(text, "capeen_batch_duration_seconds_count") == batches >= 1
+    encode_s = metric_value(text, 'capeen_engine_compute_seconds_total{stage="encode"}')
+    decode_s = metric_value(text, 'capeen_engine_compute_seconds_total{stage="decode"}')
+    assert 0 < encode_s and 0 < decode_s
+    assert encode_s + decode_s <= metric_value(text, "capeen_batch_duration_seconds_sum")
 
 
 def test_bandit_restarts_are_counted_once_each(tmp_path) -> None:

@@ -237,6 +237,9 @@ def test_load_benchmark_runs(tiny_checkpoint, capsys) -> None:
     # every closed-loop request answered 200, and the comparison's alternating rounds add up to --requests
     assert table.count("| 24 | 0 |") == 3
     assert re.search(r"\(4 alternating rounds: (\d+\.\d\dx, ){3}\d+\.\d\dx\)", table), table
+    # the engine's share of the wall time and its time per image, read from the server's own metrics
+    engine = re.findall(r"\| 24 \| 0 \| [\d.]+ \| [\d.]+ \| (\d+)% \| ([\d.]+) \|", table)
+    assert len(engine) == 3 and all(int(busy) > 0 and float(ms) > 0 for busy, ms in engine), table
 
 
 def test_setting_comparison_runs(tiny_checkpoint, capsys) -> None:
