@@ -8,7 +8,7 @@ model in a process of its own (service.engine_process) unless the settings say o
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from importlib.metadata import version
 
@@ -29,14 +29,15 @@ DESCRIPTION = """Image captioning with early-exit decoding (CAPEEN) and a per-re
 Every error is JSON `{"error": kind, "detail": message}`."""
 
 
-def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
-    """The app; `engine` is an already loaded one (the CLI loads it first to report a bad checkpoint in one line)."""
+def create_app(settings: Settings | None = None, engines: Sequence[Engine] = ()) -> FastAPI:
+    """The app; `engines` are already loaded ones (the CLI loads them first to report a bad checkpoint in one
+    line); none: the lifespan loads them."""
     settings = settings or Settings()
     registry = CollectorRegistry()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        runtime = start_runtime(settings, registry, engine)
+        runtime = start_runtime(settings, registry, engines)
         app.state.runtime = runtime
         try:
             yield

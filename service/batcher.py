@@ -10,6 +10,9 @@ in one dedicated thread so the event loop keeps accepting and answering requests
 vLLM's routers keep HTTP apart from the model loop); with the engine in a child process (service.engine_process)
 that thread only waits on the pipe. Each request's future gets its own result.
 
+With several engines (processes, each with its own copy of the model), each has a worker and a thread of its
+own, and the workers take their batches from the one queue: a batch goes to whichever engine is free first.
+
 Back-pressure and abandonment:
 * a full queue refuses at once (`QueueFull`: 503 upstream) instead of letting latency grow without bound;
 * a request whose deadline passes, or whose client goes away, stops waiting and cancels its future; the
@@ -24,7 +27,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -82,24 +85,27 @@ _STOP = object()  # queued by close(): the worker ends after what is ahead of it
 
 
 class Batcher:
-    def __init__(self, engine: Engine, metrics: ServingMetrics, on_decoded: Callable[[Job, CaptionResult], None],
-                 *, max_batch_size: int, max_wait_s: float, queue_size: int, wait_fill: float = 0.5) -> None:
-        """`on_decoded` runs in the engine thread for every decoded request, wanted or not (metrics, bandit)."""
-        self.engine = engine
+    def __init__(self, engines: Sequence[Engine], metrics: ServingMetrics,
+                 on_decoded: Callable[[Job, CaptionResult], None], *, max_batch_size: int, max_wait_s: float,
+                 queue_size: int, wait_fill: float = 0.5) -> None:
+        """`on_decoded` runs in an engine thread for every decoded request, wanted or not (metrics, bandit), and
+        must be safe to call from several at once when there are several engines."""
+        self.engines = list(engines)
         self.metrics = metrics
         self.on_decoded = on_decoded
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.wait_until = max(1, math.ceil(wait_fill * max_batch_size))  # batch size from which nobody is awaited
         self._queue: asyncio.Queue[Job | object] = asyncio.Queue(maxsize=queue_size)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="capeen-engine")
-        self._worker: asyncio.Task[None] | None = None
+        self._executors = [ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"capeen-engine-{index}")
+                           for index in range(len(self.engines))]
+        self._workers: list[asyncio.Task[None]] = []
         self._closing = False
         self._incoming = 0
 
     @property
     def running(self) -> bool:
-        return self._worker is not None and not self._worker.done() and not self._closing
+        return bool(self._workers) and not any(worker.done() for worker in self._workers) and not self._closing
 
     def depth(self) -> int:
         return self._queue.qsize()
@@ -115,15 +121,19 @@ class Batcher:
             self._incoming -= 1
 
     def start(self) -> None:
-        self._worker = asyncio.get_running_loop().create_task(self._work(), name="capeen-batcher")
+        loop = asyncio.get_running_loop()
+        self._workers = [loop.create_task(self._work(index), name=f"capeen-batcher-{index}")
+                         for index in range(len(self.engines))]
 
     async def close(self) -> None:
-        """Refuse new requests, decode those queued, stop the worker and its thread."""
+        """Refuse new requests, decode those queued, stop the workers and their threads."""
         self._closing = True
-        if self._worker is not None and not self._worker.done():
+        alive = [worker for worker in self._workers if not worker.done()]
+        for _ in alive:  # one marker each, behind every queued request: each worker stops at the first it takes
             await self._queue.put(_STOP)
-            await self._worker
-        self._executor.shutdown(wait=True)
+        await asyncio.gather(*alive)
+        for executor in self._executors:
+            executor.shutdown(wait=True)
 
     async def caption(self, pixels: torch.Tensor, threshold: float, max_tokens: int, arm: Arm | None, *,
                       timeout: float, abandoned: Callable[[], Awaitable[object]]) -> Outcome:
@@ -150,7 +160,8 @@ class Batcher:
             raise Abandoned("the client went away")
         raise DeadlineExceeded(f"no caption within the deadline ({timeout:.3g} s left when queued)")
 
-    async def _work(self) -> None:
+    async def _work(self, engine: int) -> None:
+        """The worker of engine number `engine`."""
         loop = asyncio.get_running_loop()
         stop = False
         while not stop:
@@ -158,7 +169,7 @@ class Batcher:
             wanted = [job for job in batch if not job.future.done()]
             # one engine call per max_tokens value: a batch decodes to a single length limit
             for _, group in groupby(sorted(wanted, key=lambda job: job.max_tokens), key=lambda job: job.max_tokens):
-                await self._decode(loop, list(group))
+                await self._decode(loop, engine, list(group))
 
     async def _collect(self, loop: asyncio.AbstractEventLoop) -> tuple[list[Job], bool]:
         """The next batch, and whether the stop marker came after it."""
@@ -184,13 +195,13 @@ class Batcher:
             batch.append(item)
         return batch, False
 
-    async def _decode(self, loop: asyncio.AbstractEventLoop, jobs: list[Job]) -> None:
+    async def _decode(self, loop: asyncio.AbstractEventLoop, engine: int, jobs: list[Job]) -> None:
         started = time.perf_counter()
         self.metrics.batch_size.observe(len(jobs))
         for job in jobs:
             self.metrics.queue_duration.observe(started - job.enqueued)
         try:
-            output = await loop.run_in_executor(self._executor, self._run, jobs)
+            output = await loop.run_in_executor(self._executors[engine], self._run, engine, jobs)
         except Exception as exc:  # a failing batch answers its requests with 500 and the worker goes on
             log.exception("engine failed on a batch of %d", len(jobs))
             for job in jobs:
@@ -202,15 +213,17 @@ class Batcher:
                 job.future.set_result(Outcome(result, queue_s=started - job.enqueued,
                                               encode_s=output.timings.encode_s, decode_s=output.timings.decode_s))
 
-    def _run(self, jobs: list[Job]) -> BatchOutput:
-        """In the engine thread: one engine call, then `on_decoded` for each request."""
+    def _run(self, engine: int, jobs: list[Job]) -> BatchOutput:
+        """In the thread of engine number `engine`: one call of it, then `on_decoded` for each request."""
         started = time.perf_counter()
         output = None
         try:
-            output = self.engine.caption_pixels(torch.cat([job.pixels for job in jobs]),
-                                                [job.threshold for job in jobs], max_tokens=jobs[0].max_tokens)
+            output = self.engines[engine].caption_pixels(torch.cat([job.pixels for job in jobs]),
+                                                         [job.threshold for job in jobs],
+                                                         max_tokens=jobs[0].max_tokens)
         finally:  # a failed call kept the engine busy too
-            self.metrics.observe_batch(time.perf_counter() - started, None if output is None else output.timings)
+            self.metrics.observe_batch(engine, time.perf_counter() - started,
+                                       None if output is None else output.timings)
         for job, result in zip(jobs, output.results, strict=True):
             self.on_decoded(job, result)
         return output

@@ -4,7 +4,7 @@ The model is loaded before uvicorn starts so that a bad checkpoint or an unavail
 stderr and exit status 2 (`UserError`), not a lifespan traceback. One uvicorn process only: the batcher is
 what shares the model between concurrent requests, and more processes would each hold a copy and fight for
 it. The model itself runs in a child process of that one (service.engine_process, unless
-CAPEEN_ENGINE_PROCESS=false).
+CAPEEN_ENGINE_PROCESS=false), or in several (CAPEEN_ENGINES), each with its own copy of the model.
 """
 
 from __future__ import annotations
@@ -33,7 +33,9 @@ def load_settings(args: argparse.Namespace) -> Settings:
     try:
         return Settings(**overrides)
     except ValidationError as exc:
-        problems = "; ".join(f"CAPEEN_{'.'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors())
+        # a field's error names its variable; one about several settings together names them in its message
+        problems = "; ".join(f"CAPEEN_{'.'.join(map(str, e['loc'])).upper()}: {e['msg']}" if e["loc"]
+                             else e["msg"].removeprefix("Value error, ") for e in exc.errors())
         raise UserError(f"bad setting: {problems}") from None
 
 
@@ -45,13 +47,13 @@ def serve_main(args: argparse.Namespace) -> int:
     from models.checkpoint import CheckpointError
     from service.app import create_app
     from service.engine_process import EngineStartError
-    from service.runtime import load_engine
+    from service.runtime import load_engines
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        engine = load_engine(settings)
+        engines = load_engines(settings)
     except (CheckpointError, ValueError, EngineStartError) as exc:
         raise UserError(str(exc)) from None
-    uvicorn.run(create_app(settings, engine), host=settings.host, port=settings.port, log_level=settings.log_level,
+    uvicorn.run(create_app(settings, engines), host=settings.host, port=settings.port, log_level=settings.log_level,
                 timeout_graceful_shutdown=int(settings.request_timeout_s + _SHUTDOWN_GRACE_S))
     return 0

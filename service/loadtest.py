@@ -78,7 +78,8 @@ class Run:
     wall_s: float = 0.0
     batched_images: float = 0.0  # images, engine calls and engine-call seconds the server counted meanwhile
     engine_calls: float = 0.0
-    engine_s: float = 0.0
+    engine_s: float = 0.0  # summed over the server's engines
+    engines: int = 1
 
     def record(self, status: int, latency: float) -> None:
         self.statuses.append(status)
@@ -92,14 +93,15 @@ class Run:
         """The share of the wall time the engine was busy, and its milliseconds per image, as table cells."""
         if not self.batched_images or not self.wall_s:
             return "-", "-"
-        return f"{self.engine_s / self.wall_s:.0%}", f"{1000 * self.engine_s / self.batched_images:.2f}"
+        return (f"{self.engine_s / (self.wall_s * self.engines):.0%}",
+                f"{1000 * self.engine_s / self.batched_images:.2f}")
 
     @classmethod
     def merged(cls, runs: list[Run]) -> Run:
         """One run made of several (rounds of one measurement): their requests, wall times and batches."""
         return cls([s for r in runs for s in r.statuses], [lat for r in runs for lat in r.latencies],
                    sum(r.wall_s for r in runs), sum(r.batched_images for r in runs), sum(r.engine_calls for r in runs),
-                   sum(r.engine_s for r in runs))
+                   sum(r.engine_s for r in runs), max((r.engines for r in runs), default=1))
 
     @property
     def captions_per_s(self) -> float:
@@ -236,15 +238,20 @@ class Target:
             await asyncio.sleep(0.2)
         raise UserError(f"capeen serve was not ready within {timeout_s:.0f} s")
 
-    async def batch_totals(self) -> tuple[float, float, float]:
-        """(images, engine calls, seconds in engine calls) so far, from the server's metrics."""
-        names = ("capeen_batch_size_sum", "capeen_batch_size_count", "capeen_batch_duration_seconds_sum")
-        values = {}
+    async def batch_totals(self) -> tuple[float, float, float, int]:
+        """(images, engine calls, seconds in engine calls, engines) so far, from the server's metrics."""
+        images = calls = engine_s = 0.0
+        engines = 0
         for line in (await self.http.send(self.http.get("/metrics")))[1].decode().splitlines():
-            name, _, value = line.partition(" ")
-            if name in names:
-                values[name] = float(value)
-        return tuple(values.get(name, 0.0) for name in names)
+            name, _, value = line.rpartition(" ")
+            if name == "capeen_batch_size_sum":
+                images = float(value)
+            elif name == "capeen_batch_size_count":
+                calls = float(value)
+            elif name.startswith("capeen_batch_duration_seconds_sum{"):  # one series per engine
+                engine_s += float(value)
+                engines += 1
+        return images, calls, engine_s, max(engines, 1)
 
     def stop(self) -> None:
         self.http.close()
@@ -288,7 +295,8 @@ async def closed_loop(stream: Stream, concurrency: int, requests: int) -> Run:
     await asyncio.gather(*(client() for _ in range(concurrency)))
     run.wall_s = time.perf_counter() - started
     after = await stream.target.batch_totals()
-    run.batched_images, run.engine_calls, run.engine_s = (b - a for a, b in zip(before, after, strict=True))
+    run.batched_images, run.engine_calls, run.engine_s = (b - a for a, b in zip(before[:3], after[:3], strict=True))
+    run.engines = after[3]
     return run
 
 

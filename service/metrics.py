@@ -46,20 +46,22 @@ def _batch_buckets(max_batch_size: int) -> list[float]:
 class ServingMetrics:
     """The batcher's, the decoder's and the bandit's figures."""
 
-    def __init__(self, registry: CollectorRegistry, *, n_layer: int, max_batch_size: int) -> None:
+    def __init__(self, registry: CollectorRegistry, *, n_layer: int, max_batch_size: int, engines: int = 1) -> None:
         self.n_layer = n_layer
         self.queue_duration = Histogram("capeen_queue_duration_seconds", "time a caption request waited in the "
                                         "queue before its batch started", buckets=LATENCY_BUCKETS, registry=registry)
         self.batch_size = Histogram("capeen_batch_size", "images per engine call",
                                     buckets=_batch_buckets(max_batch_size), registry=registry)
         self.batch_duration = Histogram("capeen_batch_duration_seconds", "wall time of each engine call (one "
-                                        "batch; the pipe to the engine process included): the rate of its sum is "
-                                        "the share of time the engine is busy", buckets=LATENCY_BUCKETS,
-                                        registry=registry)
-        self.engine_compute = Counter("capeen_engine_compute_seconds", "seconds the engine spent encoding images "
-                                      "and decoding captions, by stage", ["stage"], registry=registry)
-        for stage in ENGINE_STAGES:  # both series exist from the start, so that rate() works from the first batch
-            self.engine_compute.labels(stage=stage)
+                                        "batch; the pipe to the engine process included), by engine: the rate of "
+                                        "its sum is the share of time that engine is busy", ["engine"],
+                                        buckets=LATENCY_BUCKETS, registry=registry)
+        self.engine_compute = Counter("capeen_engine_compute_seconds", "seconds each engine spent encoding images "
+                                      "and decoding captions, by stage", ["engine", "stage"], registry=registry)
+        for engine in range(engines):  # every series exists from the start, so that rate() works from the first
+            self.batch_duration.labels(engine=str(engine))
+            for stage in ENGINE_STAGES:
+                self.engine_compute.labels(engine=str(engine), stage=stage)
         self.queue_depth = Gauge("capeen_queue_depth", "caption requests waiting for a batch", registry=registry)
         self.tokens = Counter("capeen_tokens_generated", "decoding steps run, end-of-caption token included",
                               registry=registry)
@@ -88,12 +90,13 @@ class ServingMetrics:
         """Read the queue depth at scrape time, so it is never stale."""
         self.queue_depth.set_function(depth)
 
-    def observe_batch(self, seconds: float, timings: BatchTimings | None) -> None:
-        """One engine call: its wall time, and (when it answered) the engine's own encode and decode time."""
-        self.batch_duration.observe(seconds)
+    def observe_batch(self, engine: int, seconds: float, timings: BatchTimings | None) -> None:
+        """One call of engine number `engine`: its wall time, and (when it answered) the engine's own encode and
+        decode time."""
+        self.batch_duration.labels(engine=str(engine)).observe(seconds)
         if timings is not None:
-            self.engine_compute.labels(stage="encode").inc(timings.encode_s)
-            self.engine_compute.labels(stage="decode").inc(timings.decode_s)
+            self.engine_compute.labels(engine=str(engine), stage="encode").inc(timings.encode_s)
+            self.engine_compute.labels(engine=str(engine), stage="decode").inc(timings.decode_s)
 
     def observe_trace(self, trace: DecodeTrace) -> None:
         for layer in trace.exit_layers:

@@ -7,6 +7,8 @@ once shutdown has begun, the service is not ready.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 
@@ -26,17 +28,28 @@ from service.settings import Settings
 log = logging.getLogger(__name__)
 
 
-def load_engine(settings: Settings) -> Engine:
-    """The settings' checkpoint on their device, in a child process unless `engine_process` is off.
+def load_engines(settings: Settings) -> list[Engine]:
+    """The settings' checkpoint on their device: `engines` child processes, started side by side, or one engine
+    in the service's process when `engine_process` is off.
 
-    Raises CheckpointError or ValueError (in-process) or EngineStartError (child) with a one-line reason."""
-    if settings.engine_process:
-        return EngineProcess(EngineOptions(
-            checkpoint=None if settings.checkpoint is None else str(settings.checkpoint), device=settings.device,
-            half=settings.half, kv_fill=settings.kv_fill, torch_threads=settings.torch_threads,
-            onednn=settings.onednn, log_level=settings.log_level))
-    return CaptionEngine.from_checkpoint(settings.checkpoint, device=settings.device, half=settings.half,
-                                         kv_fill=settings.kv_fill)
+    Raises CheckpointError or ValueError (in-process) or EngineStartError (child) with a one-line reason; a
+    child that did start is stopped again when another one fails."""
+    if not settings.engine_process:
+        return [CaptionEngine.from_checkpoint(settings.checkpoint, device=settings.device, half=settings.half,
+                                              kv_fill=settings.kv_fill)]
+    options = EngineOptions(
+        checkpoint=None if settings.checkpoint is None else str(settings.checkpoint), device=settings.device,
+        half=settings.half, kv_fill=settings.kv_fill, torch_threads=settings.torch_threads,
+        onednn=settings.onednn, log_level=settings.log_level)
+    with ThreadPoolExecutor(settings.engines, thread_name_prefix="capeen-engine-start") as pool:
+        starting = [pool.submit(EngineProcess, options) for _ in range(settings.engines)]
+    started = [future.result() for future in starting if future.exception() is None]
+    failures = [future.exception() for future in starting if future.exception() is not None]
+    if failures:
+        for engine in started:
+            engine.close()
+        raise failures[0]
+    return started
 
 
 def exit_positions(engine: Engine) -> list[int]:
@@ -52,11 +65,15 @@ def exit_offsets(engine: Engine) -> list[float]:
 @dataclass
 class Runtime:
     settings: Settings
-    engine: Engine
+    engines: list[Engine]  # copies of one model: the routes ask the first about it
     metrics: ServingMetrics
     bandit: AdaptiveThreshold
     batcher: Batcher
     max_tokens: int  # longest caption a request may ask for, and the default
+
+    @property
+    def engine(self) -> Engine:
+        return self.engines[0]
 
     @property
     def ready(self) -> bool:
@@ -77,14 +94,16 @@ class Runtime:
             "vocab_size": config.vocab_size,
             "image_size": config.image_size,
             "max_tokens": self.max_tokens,
+            "engines": len(self.engines),
         }
 
     async def close(self) -> None:
         """Graceful stop: refuse new requests, decode the queued ones, keep what the bandit learnt."""
         await self.batcher.close()
         self.bandit.save()
-        if isinstance(self.engine, EngineProcess):
-            self.engine.close()
+        for engine in self.engines:
+            if isinstance(engine, EngineProcess):
+                engine.close()
 
 
 def _record(metrics: ServingMetrics, bandit: AdaptiveThreshold, job: Job, result: CaptionResult) -> None:
@@ -93,34 +112,37 @@ def _record(metrics: ServingMetrics, bandit: AdaptiveThreshold, job: Job, result
         bandit.update(job.arm, result.trace)
 
 
-def start_runtime(settings: Settings, registry: CollectorRegistry, engine: Engine | None = None) -> Runtime:
-    """Load (unless given) and warm the engine, restore the bandit and start the batcher; needs a running loop."""
+def start_runtime(settings: Settings, registry: CollectorRegistry, engines: Sequence[Engine] = ()) -> Runtime:
+    """Load (unless given) and warm the engines, restore the bandit and start the batcher; needs a running loop."""
     torch.set_num_threads(settings.torch_threads)
     kernels.set_onednn(settings.onednn)
     if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < settings.max_pixels:
         # Pillow's own decompression-bomb guard would otherwise cap CAPEEN_MAX_PIXELS at its default
         Image.MAX_IMAGE_PIXELS = settings.max_pixels
-    if engine is None:
-        engine = load_engine(settings)
-    engine.warmup()
+    engines = list(engines) or load_engines(settings)
+    for engine in engines:
+        engine.warmup()
+    engine = engines[0]
     config = engine.config
-    metrics = ServingMetrics(registry, n_layer=config.n_layer, max_batch_size=settings.max_batch_size)
-    if isinstance(engine, EngineProcess):
-        engine.on_restart = metrics.engine_restarts.inc
+    metrics = ServingMetrics(registry, n_layer=config.n_layer, max_batch_size=settings.max_batch_size,
+                             engines=len(engines))
+    for each in engines:
+        if isinstance(each, EngineProcess):
+            each.on_restart = metrics.engine_restarts.inc
     grid = None if settings.bandit_thresholds is None else parse_grid(settings.bandit_thresholds)
     factory = partial(make_policy, settings.policy, grid, exit_positions=exit_positions(engine),
                       exit_offsets=exit_offsets(engine), num_layers=config.n_layer,
                       calibrated=engine.calibrated_threshold, mu=settings.bandit_mu)
     bandit = AdaptiveThreshold(factory, metrics, settings.bandit_state)
-    batcher = Batcher(engine, metrics, partial(_record, metrics, bandit), max_batch_size=settings.max_batch_size,
+    batcher = Batcher(engines, metrics, partial(_record, metrics, bandit), max_batch_size=settings.max_batch_size,
                       max_wait_s=settings.max_wait_ms / 1000, wait_fill=settings.wait_fill,
                       queue_size=settings.queue_size)
     metrics.track_queue(batcher.depth)
     model_limit = config.n_positions - 1
-    runtime = Runtime(settings, engine, metrics, bandit, batcher,
+    runtime = Runtime(settings, engines, metrics, bandit, batcher,
                       max_tokens=min(settings.max_tokens or model_limit, model_limit))
     metrics.describe_model(runtime.describe_model())
     batcher.start()
-    log.info("ready: %s on %s (%s), policy %s", engine.name, engine.device, runtime.describe_model()["dtype"],
-             settings.policy)
+    log.info("ready: %s on %s (%s), %d engine(s), policy %s", engine.name, engine.device,
+             runtime.describe_model()["dtype"], len(engines), settings.policy)
     return runtime

@@ -69,6 +69,7 @@ class ModelInfo(BaseModel):
     vocab_size: int
     image_size: int = Field(description="side of the square the encoder sees, in pixels")
     max_tokens: int = Field(description="longest caption a request may ask for")
+    engines: int = Field(description="engines decoding batches side by side, each with its own copy of the model")
 
 
 class ArmStats(BaseModel):

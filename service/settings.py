@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from bandit import DEFAULT_MU, POLICIES, parse_grid
@@ -60,8 +60,18 @@ class Settings(BaseSettings):
                          "CPUs; false: every product on MKL")
     engine_process: bool = Field(True, description="decode in a child process of its own, so that the HTTP work "
                                  "never holds the Python lock the decode loop needs; false: in the service's process")
+    engines: int = Field(1, ge=1, description="engine processes decoding batches side by side, each with its own "
+                         "copy of the model and torch_threads threads: on a host with CPU cores to spare, more "
+                         "captions per second. Needs engine_process")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         "info", description="log level of the service and uvicorn")
+
+    @model_validator(mode="after")
+    def _engines_need_their_processes(self) -> Settings:
+        if self.engines > 1 and not self.engine_process:
+            raise ValueError("CAPEEN_ENGINES above 1 needs CAPEEN_ENGINE_PROCESS=true: engines inside the "
+                             "service's process would take turns on one Python lock")
+        return self
 
     @field_validator("bandit_thresholds")
     @classmethod

@@ -120,3 +120,33 @@ def test_the_service_captions_through_the_child_and_outlives_it(tiny_checkpoint)
         assert metric_value(client.get("/metrics").text, "capeen_engine_restarts_total") == 1
         child = engine._process
     assert child.poll() == 0  # the service's shutdown stopped the child it had started
+
+
+def test_the_service_starts_and_stops_several_engine_processes(tiny_checkpoint):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from service.settings import Settings
+    from tests.test_service import encode, noise_image, running_server, upload
+
+    settings = Settings(checkpoint=tiny_checkpoint, engines=2, max_batch_size=2, max_wait_ms=0, log_level="warning")
+    images = [encode(noise_image(seed)) for seed in range(8)]
+    with running_server(settings) as server, httpx.Client(base_url=server.url, timeout=60) as client:
+        engines = server.app.state.runtime.engines
+        assert len(engines) == 2 and all(isinstance(e, EngineProcess) and e.alive for e in engines)
+        assert len({engine.pid for engine in engines}) == 2 and client.get("/v1/model").json()["engines"] == 2
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda image: client.post("/caption", files=upload(image),
+                                                              data={"mode": "fixed"}), images))
+        singles = [client.post("/caption", files=upload(image), data={"mode": "fixed"}) for image in images]
+        assert [a.status_code for a in answers] == [200] * len(images)
+        assert [a.json()["caption"] for a in answers] == [s.json()["caption"] for s in singles]
+        children = [engine._process for engine in engines]
+    assert [child.poll() for child in children] == [0, 0]  # shutdown stopped every child it had started
+
+
+def test_engines_that_cannot_start_are_one_error(tmp_path):
+    from service.runtime import load_engines
+    from service.settings import Settings
+
+    with pytest.raises(EngineStartError, match="no-such-checkpoint"):
+        load_engines(Settings(checkpoint=tmp_path / "no-such-checkpoint", engines=2, log_level="warning"))

@@ -51,9 +51,9 @@ class Server:
 
 
 @contextmanager
-def running_server(settings: Settings, engine: CaptionEngine | None = None) -> Iterator[Server]:
-    """`create_app(settings, engine)` served by uvicorn in a thread, on a loopback port bound beforehand."""
-    app = create_app(settings, engine)
+def running_server(settings: Settings, *engines: CaptionEngine) -> Iterator[Server]:
+    """`create_app(settings, engines)` served by uvicorn in a thread, on a loopback port bound beforehand."""
+    app = create_app(settings, engines)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=30)
@@ -363,7 +363,7 @@ def test_health_model_and_bandit_routes(client: httpx.Client) -> None:
     assert client.get("/v1/model").json() == {
         "name": "tiny-test", "layers": 4, "exits": [1, 2, 3, 4], "exit_offsets": [0.0, 0.0, 0.0, 0.0],
         "calibrated_threshold": 0.6, "kv_fill": "propagate", "device": "cpu",
-        "dtype": "float32", "vocab_size": 29, "image_size": 32, "max_tokens": 15}
+        "dtype": "float32", "vocab_size": 29, "image_size": 32, "max_tokens": 15, "engines": 1}
     bandit = client.get("/v1/bandit").json()
     assert bandit["policy"] == "cd-ucb"
     thresholds = [arm["threshold"] for arm in bandit["arms"]]
@@ -395,11 +395,11 @@ def test_metrics_exposition(client: httpx.Client) -> None:
     assert 'capeen_model_info{' in text and 'name="tiny-test"' in text
     # every engine call is timed; the engine's own encode and decode time fits inside the call's wall time
     batches = metric_value(text, "capeen_batch_size_count")
-    assert metric_value(text, "capeen_batch_duration_seconds_count") == batches >= 1
-    encode_s = metric_value(text, 'capeen_engine_compute_seconds_total{stage="encode"}')
-    decode_s = metric_value(text, 'capeen_engine_compute_seconds_total{stage="decode"}')
+    assert metric_value(text, 'capeen_batch_duration_seconds_count{engine="0"}') == batches >= 1
+    encode_s = metric_value(text, 'capeen_engine_compute_seconds_total{engine="0",stage="encode"}')
+    decode_s = metric_value(text, 'capeen_engine_compute_seconds_total{engine="0",stage="decode"}')
     assert 0 < encode_s and 0 < decode_s
-    assert encode_s + decode_s <= metric_value(text, "capeen_batch_duration_seconds_sum")
+    assert encode_s + decode_s <= metric_value(text, 'capeen_batch_duration_seconds_sum{engine="0"}')
 
 
 def test_bandit_restarts_are_counted_once_each(tmp_path) -> None:

@@ -173,6 +173,62 @@ def test_graceful_shutdown_drains_and_keeps_the_bandit(tiny_engine, tmp_path) ->
     assert bandit["rounds"] == 3 and sum(arm["pulls"] for arm in bandit["arms"]) == 3
 
 
+class TimedEngine(SlowEngine):
+    """A slow engine that notes when each of its calls started and ended."""
+
+    def __init__(self, engine, delay: float) -> None:
+        super().__init__(engine, delay)
+        self.calls: list[tuple[float, float]] = []
+
+    def caption_pixels(self, *args, **kwargs):
+        started = time.monotonic()
+        try:
+            return super().caption_pixels(*args, **kwargs)
+        finally:
+            self.calls.append((started, time.monotonic()))
+
+
+def test_two_engines_decode_side_by_side_and_both_drain_at_shutdown(tiny_engine) -> None:
+    """Batches go to whichever engine is free, so two run at once; at shutdown every queued request is still
+    answered, each with its own caption, and each engine's calls are counted under its own label."""
+    from prometheus_client import generate_latest
+
+    from models.images import load_image
+
+    settings = Settings(max_batch_size=1, log_level="warning")
+    engines = [TimedEngine(tiny_engine, 0.4), TimedEngine(tiny_engine, 0.4)]
+    images = [encode(noise_image(seed)) for seed in range(6)]
+    answers: dict[int, httpx.Response] = {}
+
+    def ask(url: str, index: int) -> None:
+        answers[index] = httpx.post(f"{url}/caption", files=upload(images[index]), data={"mode": "full"},
+                                    timeout=30)
+
+    with running_server(settings, *engines) as server:
+        assert httpx.get(f"{server.url}/v1/model").json()["engines"] == 2
+        senders = [threading.Thread(target=ask, args=(server.url, index)) for index in range(len(images))]
+        for sender in senders:
+            sender.start()
+        batcher = server.app.state.runtime.batcher
+        deadline = time.monotonic() + 10
+        while batcher.depth() < 3:  # two decoding, the rest queued
+            assert time.monotonic() < deadline, "the requests did not arrive"
+            time.sleep(0.01)
+        server.stop()  # as on SIGTERM: the queued requests are still answered, by both engines
+        for sender in senders:
+            sender.join(30)
+    for index, image in enumerate(images):
+        alone = tiny_engine.caption([load_image(image)]).results[0]
+        assert answers[index].status_code == 200 and answers[index].json()["caption"] == alone.caption
+    first, second = (engine.calls for engine in engines)
+    assert first and second and len(first) + len(second) == len(images)
+    assert any(a_start < b_end and b_start < a_end for a_start, a_end in first for b_start, b_end in second)
+    metrics = generate_latest(server.app.state.registry).decode()
+    for engine, calls in enumerate((first, second)):
+        assert metric_value(metrics, f'capeen_batch_duration_seconds_count{{engine="{engine}"}}') == len(calls)
+    assert 'engines="2"' in metrics  # capeen_model_info
+
+
 def test_kv_fill_setting_decodes_the_deferred_way(tiny_checkpoint) -> None:
     from models.engine import CaptionEngine
     from models.images import load_image
@@ -213,8 +269,10 @@ def _serve(*args: str, **env: str) -> subprocess.CompletedProcess:
         ((), {"CAPEEN_POLICY": "greedy"}, "CAPEEN_POLICY"),
         ((), {"CAPEEN_BANDIT_THRESHOLDS": "0.3,high"}, "CAPEEN_BANDIT_THRESHOLDS"),
         ((), {"CAPEEN_KV_FILL": "exact"}, "CAPEEN_KV_FILL"),
+        ((), {"CAPEEN_ENGINES": "0"}, "CAPEEN_ENGINES"),
+        ((), {"CAPEEN_ENGINES": "2", "CAPEEN_ENGINE_PROCESS": "false"}, "CAPEEN_ENGINES above 1 needs"),
     ],
-    ids=["bad-checkpoint", "bad-port", "bad-policy", "bad-grid", "bad-kv-fill"],
+    ids=["bad-checkpoint", "bad-port", "bad-policy", "bad-grid", "bad-kv-fill", "no-engine", "engines-in-process"],
 )
 def test_serve_reports_bad_configuration_in_one_line(args, env, says) -> None:
     done = _serve(*args, **env)
@@ -322,7 +380,7 @@ def test_a_half_full_batch_does_not_wait_for_requests_on_their_way(wait_fill, ex
     from service.batcher import Batcher, Job
 
     async def scenario() -> int:
-        batcher = Batcher(engine=None, metrics=None, on_decoded=lambda job, result: None, max_batch_size=8,
+        batcher = Batcher(engines=(), metrics=None, on_decoded=lambda job, result: None, max_batch_size=8,
                           max_wait_s=0.5, queue_size=16, wait_fill=wait_fill)
         loop = asyncio.get_running_loop()
 
