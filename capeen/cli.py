@@ -96,6 +96,8 @@ def _add_serve(sub) -> None:
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], help="CAPEEN_DEVICE, default auto")
     p.add_argument("--half", action="store_true", default=None, help="half precision on CUDA (CAPEEN_HALF)")
     add_kv_fill(p, env_var="CAPEEN_KV_FILL")
+    p.add_argument("--engines", type=int, help="engine processes decoding side by side, each with its own copy "
+                   "of the model (CAPEEN_ENGINES, default 1): on a CPU host, up to one per core")
     p.set_defaults(func=_handler("service.cli:serve_main"))
 
 

@@ -18,7 +18,7 @@ from capeen.errors import UserError
 if TYPE_CHECKING:
     from service.settings import Settings
 
-_FLAGS = ("host", "port", "checkpoint", "device", "half", "kv_fill")
+_FLAGS = ("host", "port", "checkpoint", "device", "half", "kv_fill", "engines")
 # uvicorn's grace period for in-flight requests at shutdown, beyond the request deadline
 _SHUTDOWN_GRACE_S = 5.0
 
