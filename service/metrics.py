@@ -95,8 +95,8 @@ class ServingMetrics:
         decode time."""
         self.batch_duration.labels(engine=str(engine)).observe(seconds)
         if timings is not None:
-            self.engine_compute.labels(engine=str(engine), stage="encode").inc(timings.encode_s)
-            self.engine_compute.labels(engine=str(engine), stage="decode").inc(timings.decode_s)
+            for stage, seconds in zip(ENGINE_STAGES, (timings.encode_s, timings.decode_s), strict=True):
+                self.engine_compute.labels(engine=str(engine), stage=stage).inc(seconds)
 
     def observe_trace(self, trace: DecodeTrace) -> None:
         for layer in trace.exit_layers:
