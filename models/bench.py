@@ -16,6 +16,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
@@ -46,8 +47,9 @@ def _sync(device: torch.device) -> None:
 
 
 def methods(engine: CaptionEngine, threshold: float, compare_kernels: bool = False) -> list[Method]:
-    """HF generate, our full depth and our early exit; with `compare_kernels`, our two again with every product
-    on MKL (models.kernels), to measure what oneDNN's large products buy in the same run."""
+    """HF generate, our full depth and our early exit (with the kernels as set: by default, measured); with
+    `compare_kernels`, our two again with every product on MKL and with the large ones on oneDNN
+    (models.kernels), to measure what oneDNN's large products buy in the same run."""
     hf = to_hf_vision_encoder_decoder(engine.model)
     max_new = engine.config.n_positions - 1
     eos = engine.config.eos_token_id
@@ -67,11 +69,12 @@ def methods(engine: CaptionEngine, threshold: float, compare_kernels: bool = Fal
             return MethodOutput([r.trace.token_ids for r in out.results], out.timings.encode_s, out.timings.decode_s)
         return run
 
-    def on_mkl(run: Callable[[torch.Tensor], MethodOutput]) -> Callable[[torch.Tensor], MethodOutput]:
-        def run_on_mkl(pixels: torch.Tensor) -> MethodOutput:
-            with kernels.onednn_disabled():
+    def on_kernels(run: Callable[[torch.Tensor], MethodOutput],
+                   kernel_choice: Callable[[], AbstractContextManager[None]]) -> Callable[[torch.Tensor], MethodOutput]:
+        def run_on_kernels(pixels: torch.Tensor) -> MethodOutput:
+            with kernel_choice():
                 return run(pixels)
-        return run_on_mkl
+        return run_on_kernels
 
     listed = [
         Method("hf-generate", run_hf),
@@ -79,7 +82,8 @@ def methods(engine: CaptionEngine, threshold: float, compare_kernels: bool = Fal
         Method(f"capeen-early-exit@{threshold:g}", ours(threshold)),
     ]
     if compare_kernels:
-        listed += [Method(f"{m.name}/mkl-only", on_mkl(m.run)) for m in listed[1:]]
+        for suffix, kernel_choice in (("mkl-only", kernels.onednn_disabled), ("onednn", kernels.onednn_forced)):
+            listed += [Method(f"{m.name}/{suffix}", on_kernels(m.run, kernel_choice)) for m in listed[1:3]]
     return listed
 
 
@@ -236,5 +240,24 @@ def kernel_crossover(engine: CaptionEngine, rows: Sequence[int] = (1, 8, 16, 32,
                 mkl_us, onednn_us = statistics.median(samples["mkl"]), statistics.median(samples["onednn"])
                 table.append({"product": name, "in": n_in, "out": n_out, "rows": count,
                               "multiply_adds": count * n_in * n_out, "mkl_us": mkl_us, "onednn_us": onednn_us,
-                              "picked": "onednn" if kernels.is_large(count * n_in * n_out) else "mkl"})
+                              "picked": "onednn" if kernels.onednn_active() and kernels.is_large(count * n_in * n_out)
+                              else "mkl"})
     return table
+
+
+def kernel_choice() -> dict:
+    """Where this process sends its large CPU products, and why (models.kernels)."""
+    setting = kernels.onednn_setting()
+    choice = {"setting": setting, "large_products_on": "onednn" if kernels.onednn_active() else "mkl"}
+    if setting == "auto" and kernels.onednn_available():
+        choice["onednn_gain"] = kernels.auto_gain()
+    return choice
+
+
+def describe_kernel_choice(choice: dict) -> str:
+    on = "oneDNN" if choice["large_products_on"] == "onednn" else "MKL"
+    if "onednn_gain" not in choice:
+        return f"large CPU products on {on} (CAPEEN_ONEDNN={str(choice['setting']).lower()})"
+    rows, n_in, n_out = kernels.AUTO_PRODUCT
+    return (f"large CPU products on {on}: oneDNN measured {choice['onednn_gain']:.2f}x as fast as MKL on a "
+            f"{rows}x{n_in} by {n_in}x{n_out} product (it takes them from {kernels.AUTO_MIN_GAIN:.2f}x)")

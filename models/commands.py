@@ -300,7 +300,8 @@ def _print_report(report: dict) -> None:
 
 def bench_main(args) -> int:
     from models import kernels
-    from models.bench import agreement, head_cost, kernel_crossover, measure, methods, profile_early_exit
+    from models.bench import (agreement, describe_kernel_choice, head_cost, kernel_choice, kernel_crossover, measure,
+                              methods, profile_early_exit)
 
     _set_threads(args)
     engine = _engine(args)
@@ -318,6 +319,9 @@ def bench_main(args) -> int:
     method_list = methods(engine, threshold, compare_kernels=args.compare_kernels)
     results = {"device": str(engine.device), "dtype": str(engine.dtype).replace("torch.", ""),
                "threads": args.threads, "threshold": threshold, "checkpoint": engine.name, "runs": []}
+    if engine.device.type == "cpu":
+        results["kernels"] = kernel_choice()
+        print(describe_kernel_choice(results["kernels"]))
     for batch_size in sizes:
         images = data.pixels[: max(args.images, batch_size * (args.min_batches + 2))]
         try:
@@ -335,9 +339,10 @@ def bench_main(args) -> int:
             "hf_and_full_identical_captions": agreement(report, names[0], names[1]),
         }
         if args.compare_kernels:  # ours with oneDNN's large products against ours on MKL alone
-            run["onednn_speedup"] = {n: report[f"{n}/mkl-only"]["ms_per_caption"] / report[n]["ms_per_caption"]
-                                     for n in names[1:3]}
-            run["onednn_identical_captions"] = {n: agreement(report, n, f"{n}/mkl-only") for n in names[1:3]}
+            run["onednn_speedup"] = {n: report[f"{n}/mkl-only"]["ms_per_caption"]
+                                     / report[f"{n}/onednn"]["ms_per_caption"] for n in names[1:3]}
+            run["onednn_identical_captions"] = {n: agreement(report, f"{n}/onednn", f"{n}/mkl-only")
+                                                for n in names[1:3]}
         results["runs"].append(run)
         print(f"\nbatch {batch_size}: " + "  ".join(
             f"{n}: {report[n]['ms_per_caption']:.2f} ms/caption ({report[n]['captions_per_s']:.1f}/s)" for n in names))
@@ -346,7 +351,7 @@ def bench_main(args) -> int:
               f"HF and ours give identical captions for {run['hf_and_full_identical_captions']:.1%}")
         for n in names[1:3]:
             if args.compare_kernels:
-                print(f"  {n}: oneDNN for large products {run['onednn_speedup'][n]:.2f}x faster than MKL alone "
+                print(f"  {n}: oneDNN for large products {run['onednn_speedup'][n]:.2f}x as fast as MKL alone "
                       f"(identical captions {run['onednn_identical_captions'][n]:.1%}); MKL alone: encoder "
                       f"{report[n + '/mkl-only']['encode_ms_per_image']:.2f} ms/image + decoder "
                       f"{report[n + '/mkl-only']['decode_ms_per_caption']:.2f} ms/caption")
@@ -364,10 +369,11 @@ def bench_main(args) -> int:
     print(f"\none decoder layer step {hc['decoder_layer_us']:.1f} us, one exit check {hc['exit_check_us']:.1f} us "
           f"({hc['ratio']:.1%} of a layer); one position catching up in a layer call {hc['catch_up_us']:.1f} us "
           f"({hc['catch_up_ratio']:.1%}, kv fill deferred)")
-    if args.compare_kernels and kernels.onednn_active():
+    if args.compare_kernels and kernels.onednn_available():
         results["kernel_crossover"] = kernel_crossover(engine)
-        print(f"\nmicroseconds per product, MKL against oneDNN (models.kernels sends {kernels.ONEDNN_MIN_MACS:,} "
-              "multiply-adds and more to oneDNN):")
+        large_on = "oneDNN" if kernels.onednn_active() else "MKL"
+        print(f"\nmicroseconds per product, MKL against oneDNN (models.kernels sends products of "
+              f"{kernels.ONEDNN_MIN_MACS:,} multiply-adds and more to {large_on} here):")
         for row in results["kernel_crossover"]:
             print(f"  {row['product']:<42} {row['in']:>4} x {row['out']:<5} rows {row['rows']:>5}: MKL "
                   f"{row['mkl_us']:9.1f}  oneDNN {row['onednn_us']:9.1f}  ({row['mkl_us'] / row['onednn_us']:.2f}x) "

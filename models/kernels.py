@@ -1,4 +1,4 @@
-"""Matrix products on the CPU: MKL for small ones, oneDNN for large ones.
+"""Matrix products on the CPU: MKL for small ones, oneDNN for large ones where it is the faster.
 
 torch sends a float32 matrix product on the CPU to MKL. On AMD CPUs, MKL runs its AVX2 kernels even where the
 CPU has AVX-512, and oneDNN (also inside torch) runs AVX-512 ones. On this project's 2-core AMD EPYC,
@@ -9,18 +9,27 @@ cross-attention keys and values of every layer (one product per batch) go to one
 and sending the large ones of big batches to oneDNN too was no faster in the decode loop. `capeen bench
 --compare-kernels` measures the crossover and the gain; BENCHMARKS.md ("oneDNN for large products") has them.
 
+Which library is faster depends on the CPU: on an Intel Xeon (Sapphire Rapids), MKL runs AVX-512 itself and
+was as fast as oneDNN for the largest products and faster for all others. So by default (`"auto"`) the choice is
+measured once per process, on first use: one product of the size the encoder does for a batch of 8 images, MKL
+against oneDNN in interleaved rounds. oneDNN takes the large products only if it is at least `AUTO_MIN_GAIN` times
+as fast. `set_onednn(True)` or `False` skips the measurement.
+
 Inference only: the oneDNN op has no autograd, so anything that needs gradients stays on MKL. So does a
 weight that is a strided view (a column slice of a wider matrix, say): oneDNN has no fast kernel for that
 layout and fell to one hundreds of times slower. Where the op is
 missing or fails its self-check (another torch build), everything stays on MKL. `set_onednn(False)` or the
-`onednn_disabled()` context turns it off process-wide, for comparisons.
+`onednn_disabled()` context turns it off process-wide, `onednn_forced()` on, for comparisons.
 """
 
 from __future__ import annotations
 
 import logging
+import statistics
+import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -31,8 +40,17 @@ log = logging.getLogger(__name__)
 # measured crossover: at 2**20 multiply-adds oneDNN is level with MKL for the model's shapes, beyond it faster
 ONEDNN_MIN_MACS = 1 << 20
 
-_enabled = True
+# "auto": measured. oneDNN must be this much faster than MKL to take the large products: a smaller gain is within
+# the measurement's noise, and MKL is what every other product runs on
+AUTO_MIN_GAIN = 1.15
+# the measured product: (8 images x 65 image tokens) rows, 128 in, 512 out (an encoder MLP of a batch of 8)
+AUTO_PRODUCT = (520, 128, 512)
+AUTO_ROUNDS = 7
+
+Setting = bool | Literal["auto"]
+_setting: Setting = "auto"
 _available: bool | None = None  # decided on first use
+_auto_gain: float | None = None  # "auto": oneDNN's speed over MKL's, measured on first use
 
 
 def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -58,30 +76,86 @@ def _self_check() -> bool:
     return ok
 
 
-def onednn_active() -> bool:
-    """Whether large CPU products go to oneDNN now."""
+def onednn_available() -> bool:
+    """Whether this torch build has a working oneDNN linear op (whatever the setting)."""
     global _available
-    if not _enabled:
-        return False
     if _available is None:
         _available = _self_check()
     return _available
 
 
-def set_onednn(enabled: bool) -> None:
-    global _enabled
-    _enabled = bool(enabled)
+def _time_products(rounds: int = AUTO_ROUNDS) -> tuple[float, float]:
+    """Median seconds of `AUTO_PRODUCT` on MKL and on oneDNN, in interleaved rounds (a busy spell of the
+    machine then slows both alike)."""
+    rows, n_in, n_out = AUTO_PRODUCT
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, n_in, generator=generator)
+    weight = torch.randn(n_out, n_in, generator=generator)
+    weight_t, bias = weight.t().contiguous(), torch.randn(n_out, generator=generator)
+    mkl, onednn = [], []
+    with torch.inference_mode():
+        for _ in range(rounds):
+            for seconds, run in ((mkl, lambda: torch.addmm(bias, x, weight_t)),
+                                 (onednn, lambda: _onednn_linear(x, weight, bias))):
+                run()  # the first call of a round warms the caches
+                start = time.perf_counter()
+                for _ in range(3):
+                    run()
+                seconds.append((time.perf_counter() - start) / 3)
+    return statistics.median(mkl), statistics.median(onednn)
+
+
+def auto_gain() -> float:
+    """oneDNN's speed over MKL's on `AUTO_PRODUCT` on this machine (measured once; 0.0 without oneDNN)."""
+    global _auto_gain
+    if _auto_gain is None:
+        if not onednn_available():
+            return 0.0
+        mkl_s, onednn_s = _time_products()
+        _auto_gain = mkl_s / onednn_s
+        rows, n_in, n_out = AUTO_PRODUCT
+        log.info("oneDNN ran a %dx%d by %dx%d product %.2fx as fast as MKL: large products go to %s", rows, n_in,
+                 n_in, n_out, _auto_gain, "oneDNN" if _auto_gain >= AUTO_MIN_GAIN else "MKL")
+    return _auto_gain
+
+
+def onednn_active() -> bool:
+    """Whether large CPU products go to oneDNN now."""
+    if _setting is False or not onednn_available():
+        return False
+    return _setting is True or auto_gain() >= AUTO_MIN_GAIN
+
+
+def set_onednn(setting: Setting) -> None:
+    """True: large products on oneDNN; False: every product on MKL; "auto": whichever measures faster here."""
+    global _setting
+    if setting not in (True, False, "auto"):
+        raise ValueError(f"onednn must be true, false or auto, got {setting!r}")
+    _setting = setting
+
+
+def onednn_setting() -> Setting:
+    return _setting
 
 
 @contextmanager
-def onednn_disabled() -> Iterator[None]:
-    """Every product on MKL inside the block (process-wide: for side-by-side measurements)."""
-    previous = _enabled
-    set_onednn(False)
+def _onednn_set(setting: Setting) -> Iterator[None]:
+    previous = _setting
+    set_onednn(setting)
     try:
         yield
     finally:
         set_onednn(previous)
+
+
+def onednn_disabled() -> AbstractContextManager[None]:
+    """Every product on MKL inside the block (process-wide: for side-by-side measurements)."""
+    return _onednn_set(False)
+
+
+def onednn_forced() -> AbstractContextManager[None]:
+    """Large products on oneDNN inside the block, where this torch build has it, whatever "auto" measured."""
+    return _onednn_set(True)
 
 
 def is_large(multiply_adds: int) -> bool:

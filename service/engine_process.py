@@ -61,7 +61,7 @@ class EngineOptions:
     half: bool
     kv_fill: str | None
     torch_threads: int
-    onednn: bool
+    onednn: bool | str
     log_level: str = "info"
 
 

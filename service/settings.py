@@ -16,6 +16,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from bandit import DEFAULT_MU, POLICIES, parse_grid
 
 MiB = 1024 * 1024
+_BOOLEAN_WORDS = {"true", "false", "1", "0", "yes", "no", "on", "off", "t", "f", "y", "n"}  # as pydantic reads them
 
 
 class Settings(BaseSettings):
@@ -55,9 +56,10 @@ class Settings(BaseSettings):
                                           "unset: no token needed")
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads; one is fastest for this small decoder "
                                "on a few CPU cores and avoids OpenMP stalls next to other processes")
-    onednn: bool = Field(True, description="on a CPU, run the large matrix products (the image encoder, the "
-                         "cross-attention keys and values) on oneDNN, about twice as fast as MKL there on AMD "
-                         "CPUs; false: every product on MKL")
+    onednn: Literal["auto"] | bool = Field("auto", description="on a CPU, run the large matrix products (the image "
+                                           "encoder, the cross-attention keys and values) on oneDNN: about twice "
+                                           "as fast as MKL there on AMD CPUs, no faster on Intel ones; auto: "
+                                           "measured at start-up; false: every product on MKL")
     engine_process: bool = Field(True, description="decode in a child process of its own, so that the HTTP work "
                                  "never holds the Python lock the decode loop needs; false: in the service's process")
     engines: int = Field(1, ge=1, description="engine processes decoding batches side by side, each with its own "
@@ -79,6 +81,15 @@ class Settings(BaseSettings):
         if value is not None:
             parse_grid(value)
         return value
+
+    @field_validator("onednn", mode="before")
+    @classmethod
+    def _onednn_choice(cls, value: object) -> object:
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        if isinstance(value, bool) or (isinstance(value, str) and value.strip().lower() in _BOOLEAN_WORDS):
+            return value  # pydantic reads the words it knows as booleans
+        raise ValueError(f"should be auto, true or false, got {value!r}")
 
     @field_validator("policy")
     @classmethod

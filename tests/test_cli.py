@@ -417,14 +417,20 @@ def test_bench_compare_kernels_reports_what_onednn_buys(capsys, tiny_checkpoint,
                        "--batch-sizes", "2", "--images", "4", "--min-batches", "1", "--compare-kernels",
                        "--json", report_path, "--device", "cpu")
     assert rc == 0 and "Traceback" not in err
-    run_report = json.loads(report_path.read_text())["runs"][0]
+    report = json.loads(report_path.read_text())
+    run_report = report["runs"][0]
     for name in ("capeen-full", "capeen-early-exit@0.6"):
-        assert run_report[f"{name}/mkl-only"]["ms_per_caption"] > 0
+        assert run_report[f"{name}/mkl-only"]["ms_per_caption"] > 0 and run_report[f"{name}/onednn"]["ms_per_caption"] > 0
         assert run_report["onednn_speedup"][name] > 0
         assert run_report["onednn_identical_captions"][name] == 1.0  # the kernels must not change a caption
-    if kernels.onednn_active():
-        crossover = json.loads(report_path.read_text())["kernel_crossover"]
-        assert {row["picked"] for row in crossover} == {"mkl", "onednn"}
+    # where this machine's large products went, and why
+    large_on = report["kernels"]["large_products_on"]
+    assert large_on == ("onednn" if kernels.onednn_active() else "mkl")
+    assert f"large CPU products on {'oneDNN' if large_on == 'onednn' else 'MKL'}" in out
+    if kernels.onednn_available():
+        assert report["kernels"]["onednn_gain"] > 0
+        crossover = report["kernel_crossover"]
+        assert {row["picked"] for row in crossover} == ({"mkl", "onednn"} if large_on == "onednn" else {"mkl"})
         assert all(row["mkl_us"] > 0 and row["onednn_us"] > 0 for row in crossover)
         assert "MKL against oneDNN" in out
 

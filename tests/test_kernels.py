@@ -13,12 +13,13 @@ from models.checkpoint import load_checkpoint
 from models.decoding import FULL_DEPTH
 from models.engine import CaptionEngine
 
-pytestmark = pytest.mark.skipif(not kernels.onednn_active(), reason="this torch build has no working oneDNN linear")
+pytestmark = pytest.mark.skipif(not kernels.onednn_available(), reason="this torch build has no working oneDNN linear")
 
 
 @pytest.fixture
 def onednn_calls(monkeypatch):
-    """Counts the products that went to oneDNN."""
+    """Large products on oneDNN whatever this machine's CPU prefers; counts the products that went there."""
+    monkeypatch.setattr(kernels, "_setting", True)
     calls = []
     real = kernels._onednn_linear
 
@@ -86,6 +87,62 @@ def test_switching_off_restores_the_previous_state(onednn_calls):
     with torch.inference_mode():
         kernels.linear(x, weight)
     assert len(onednn_calls) == 1
+
+
+@pytest.fixture
+def auto_choice(monkeypatch):
+    """The default setting, not measured yet; yields a list that the fake measurement's calls land in."""
+    monkeypatch.setattr(kernels, "_setting", "auto")
+    monkeypatch.setattr(kernels, "_auto_gain", None)
+    measured = []
+
+    def measure(speeds):
+        def fake_time_products():
+            measured.append(speeds)
+            return speeds
+        monkeypatch.setattr(kernels, "_time_products", fake_time_products)
+        monkeypatch.setattr(kernels, "_auto_gain", None)
+    return measure, measured
+
+
+def test_auto_sends_large_products_to_onednn_only_where_it_measured_faster(auto_choice, onednn_calls):
+    measure, measured = auto_choice
+    kernels.set_onednn("auto")
+    x, weight = torch.randn(300, 128), torch.randn(512, 128)
+    measure((2.0e-3, 1.0e-3))  # an AMD EPYC's MKL: oneDNN twice as fast
+    with torch.inference_mode():
+        for _ in range(3):
+            kernels.linear(x, weight)
+    assert kernels.auto_gain() == pytest.approx(2.0) and len(onednn_calls) == 3
+    assert len(measured) == 1, "the choice is measured once per process"
+    onednn_calls.clear()
+    measure((1.0e-3, 0.95e-3))  # an Intel Xeon's: level within the noise
+    with torch.inference_mode():
+        kernels.linear(x, weight)
+    assert not kernels.onednn_active() and onednn_calls == []
+    with kernels.onednn_forced():  # for side-by-side measurements
+        assert kernels.onednn_active()
+    assert kernels.onednn_setting() == "auto" and not kernels.onednn_active()
+
+
+def test_forcing_either_way_skips_the_measurement(auto_choice):
+    measure, measured = auto_choice
+    measure((1.0e-3, 1.0e-3))
+    kernels.set_onednn(True)
+    assert kernels.onednn_active()
+    kernels.set_onednn(False)
+    assert not kernels.onednn_active()
+    assert measured == []
+    with pytest.raises(ValueError, match="true, false or auto"):
+        kernels.set_onednn("maybe")
+    assert kernels.onednn_setting() is False
+
+
+def test_the_measurement_times_both_libraries_on_this_machine():
+    mkl_s, onednn_s = kernels._time_products(rounds=1)
+    rows, n_in, n_out = kernels.AUTO_PRODUCT
+    # a product of 34M multiply-adds takes microseconds to seconds on any CPU; zero would mean nothing ran
+    assert 1e-6 < mkl_s < 10 and 1e-6 < onednn_s < 10
 
 
 def test_a_build_without_onednn_falls_back_to_mkl(monkeypatch, onednn_calls):

@@ -271,8 +271,10 @@ def _serve(*args: str, **env: str) -> subprocess.CompletedProcess:
         ((), {"CAPEEN_KV_FILL": "exact"}, "CAPEEN_KV_FILL"),
         ((), {"CAPEEN_ENGINES": "0"}, "CAPEEN_ENGINES"),
         ((), {"CAPEEN_ENGINES": "2", "CAPEEN_ENGINE_PROCESS": "false"}, "CAPEEN_ENGINES above 1 needs"),
+        ((), {"CAPEEN_ONEDNN": "sometimes"}, "CAPEEN_ONEDNN"),
     ],
-    ids=["bad-checkpoint", "bad-port", "bad-policy", "bad-grid", "bad-kv-fill", "no-engine", "engines-in-process"],
+    ids=["bad-checkpoint", "bad-port", "bad-policy", "bad-grid", "bad-kv-fill", "no-engine", "engines-in-process",
+         "bad-onednn"],
 )
 def test_serve_reports_bad_configuration_in_one_line(args, env, says) -> None:
     done = _serve(*args, **env)
