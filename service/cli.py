@@ -34,8 +34,9 @@ def load_settings(args: argparse.Namespace) -> Settings:
         return Settings(**overrides)
     except ValidationError as exc:
         # a field's error names its variable; one about several settings together names them in its message
-        problems = "; ".join(f"CAPEEN_{'.'.join(map(str, e['loc'])).upper()}: {e['msg'].removeprefix('Value error, ')}"
-                             if e["loc"] else e["msg"].removeprefix("Value error, ") for e in exc.errors())
+        messages = [(e["loc"], e["msg"].removeprefix("Value error, ")) for e in exc.errors()]
+        problems = "; ".join(f"CAPEEN_{'.'.join(map(str, loc)).upper()}: {msg}" if loc else msg
+                             for loc, msg in messages)
         raise UserError(f"bad setting: {problems}") from None
 
 

@@ -10,13 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, ValidatorFunctionWrapHandler, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from bandit import DEFAULT_MU, POLICIES, parse_grid
 
 MiB = 1024 * 1024
-_BOOLEAN_WORDS = {"true", "false", "1", "0", "yes", "no", "on", "off", "t", "f", "y", "n"}  # as pydantic reads them
 
 
 class Settings(BaseSettings):
@@ -82,14 +81,15 @@ class Settings(BaseSettings):
             parse_grid(value)
         return value
 
-    @field_validator("onednn", mode="before")
+    @field_validator("onednn", mode="wrap")
     @classmethod
-    def _onednn_choice(cls, value: object) -> object:
+    def _onednn_choice(cls, value: object, handler: ValidatorFunctionWrapHandler) -> object:
         if isinstance(value, str) and value.strip().lower() == "auto":
             return "auto"
-        if isinstance(value, bool) or (isinstance(value, str) and value.strip().lower() in _BOOLEAN_WORDS):
-            return value  # pydantic reads the words it knows as booleans
-        raise ValueError(f"should be auto, true or false, got {value!r}")
+        try:
+            return handler(value)  # pydantic's booleans: true, false, 1, 0, yes, no, ...
+        except ValidationError:
+            raise ValueError(f"should be auto, true or false, got {value!r}") from None
 
     @field_validator("policy")
     @classmethod
