@@ -222,22 +222,8 @@ def kernel_crossover(engine: CaptionEngine, rows: Sequence[int] = (1, 8, 16, 32,
             for count in rows:
                 x = torch.randn(count, n_in, generator=generator)
                 calls = max(5, min(500, 2_000_000 // (count * n_in * n_out // 64 + 1)))
-
-                def on_mkl() -> None:
-                    torch.addmm(bias, x, weight)
-
-                def on_onednn() -> None:
-                    kernels._onednn_linear(x, weight.t(), bias)
-
-                samples: dict[str, list[float]] = {"mkl": [], "onednn": []}
-                for _ in range(repeats):
-                    for kind, fn in (("mkl", on_mkl), ("onednn", on_onednn)):
-                        fn()
-                        start = time.perf_counter()
-                        for _ in range(calls):
-                            fn()
-                        samples[kind].append(1e6 * (time.perf_counter() - start) / calls)
-                mkl_us, onednn_us = statistics.median(samples["mkl"]), statistics.median(samples["onednn"])
+                mkl_s, onednn_s = kernels.time_both(x, weight, bias, calls, repeats)
+                mkl_us, onednn_us = 1e6 * mkl_s, 1e6 * onednn_s
                 table.append({"product": name, "in": n_in, "out": n_out, "rows": count,
                               "multiply_adds": count * n_in * n_out, "mkl_us": mkl_us, "onednn_us": onednn_us,
                               "picked": "onednn" if kernels.onednn_active() and kernels.is_large(count * n_in * n_out)

@@ -84,25 +84,29 @@ def onednn_available() -> bool:
     return _available
 
 
-def _time_products(rounds: int = AUTO_ROUNDS) -> tuple[float, float]:
-    """Median seconds of `AUTO_PRODUCT` on MKL and on oneDNN, in interleaved rounds (a busy spell of the
-    machine then slows both alike)."""
-    rows, n_in, n_out = AUTO_PRODUCT
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(rows, n_in, generator=generator)
-    weight = torch.randn(n_out, n_in, generator=generator)
-    weight_t, bias = weight.t().contiguous(), torch.randn(n_out, generator=generator)
-    mkl, onednn = [], []
+def time_both(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, calls: int,
+              rounds: int) -> tuple[float, float]:
+    """Median seconds of one product `x @ weight + bias` (weight: (in, out)) on MKL and on oneDNN, in interleaved
+    rounds of `calls` calls each (a busy spell of the machine then slows both alike)."""
+    samples: tuple[list[float], list[float]] = ([], [])
     with torch.inference_mode():
         for _ in range(rounds):
-            for seconds, run in ((mkl, lambda: torch.addmm(bias, x, weight_t)),
-                                 (onednn, lambda: _onednn_linear(x, weight, bias))):
+            for seconds, run in zip(samples, (lambda: torch.addmm(bias, x, weight),
+                                              lambda: _onednn_linear(x, weight.t(), bias))):
                 run()  # the first call of a round warms the caches
                 start = time.perf_counter()
-                for _ in range(3):
+                for _ in range(calls):
                     run()
-                seconds.append((time.perf_counter() - start) / 3)
-    return statistics.median(mkl), statistics.median(onednn)
+                seconds.append((time.perf_counter() - start) / calls)
+    return statistics.median(samples[0]), statistics.median(samples[1])
+
+
+def _time_products(rounds: int = AUTO_ROUNDS) -> tuple[float, float]:
+    """`time_both` on `AUTO_PRODUCT`."""
+    rows, n_in, n_out = AUTO_PRODUCT
+    generator = torch.Generator().manual_seed(0)
+    x, weight = torch.randn(rows, n_in, generator=generator), torch.randn(n_in, n_out, generator=generator)
+    return time_both(x, weight, torch.randn(n_out, generator=generator), calls=3, rounds=rounds)
 
 
 def auto_gain() -> float:
