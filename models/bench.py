@@ -136,18 +136,21 @@ def agreement(report: dict[str, dict], a: str, b: str) -> float:
     return sum(x == y for x, y in pairs) / max(1, len(pairs))
 
 
-def profile_early_exit(engine: CaptionEngine, pixels_uint8: torch.Tensor, threshold: float) -> dict[str, float]:
-    """Where batch-1 decode time goes, in ms per caption, for the early-exit decoder."""
+def profile_early_exit(engine: CaptionEngine, pixels_uint8: torch.Tensor, threshold: float,
+                       batch_size: int = 1) -> dict[str, float]:
+    """Where early-exit decode time goes, in ms per caption, in batches of `batch_size` (whole batches only).
+
+    Side by side over batch sizes it shows which parts batching shares out and which stay per caption."""
     timer = SectionTimer(synchronize=lambda: _sync(engine.device))
     total = 0.0
+    n = len(pixels_uint8) - len(pixels_uint8) % batch_size
     engine.decoder.timer = timer
     try:
-        for i in range(len(pixels_uint8)):
-            out = engine.caption_pixels(normalize(pixels_uint8[i:i + 1].to(engine.device), engine.dtype), threshold)
-            total += out.timings.decode_s
+        for i in range(0, n, batch_size):
+            pixels = normalize(pixels_uint8[i:i + batch_size].to(engine.device), engine.dtype)
+            total += engine.caption_pixels(pixels, threshold).timings.decode_s
     finally:
         engine.decoder.timer = None
-    n = len(pixels_uint8)
     profile = {name: 1000 * seconds / n for name, seconds in sorted(timer.seconds.items())}
     profile["other (Python, embeddings, cache bookkeeping)"] = 1000 * total / n - sum(profile.values())
     profile["total decode"] = 1000 * total / n

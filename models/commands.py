@@ -298,6 +298,11 @@ def _print_report(report: dict) -> None:
               ", ".join(f"L{k}: {v:.3f}" for k, v in report["exit_agreement"].items()))
 
 
+def _profile_order(section: str) -> tuple[int, str]:
+    """The timed sections by name, then what lies around them, then the total."""
+    return ({"total decode": 2}.get(section, 1 if section.startswith("other") else 0), section)
+
+
 def bench_main(args) -> int:
     from models import kernels
     from models.bench import (agreement, describe_kernel_choice, head_cost, kernel_choice, kernel_crossover, measure,
@@ -360,10 +365,13 @@ def bench_main(args) -> int:
             print(f"  {n}: encoder {report[n]['encode_ms_per_image']:.2f} ms/image + decoder "
                   f"{report[n]['decode_ms_per_caption']:.2f} ms/caption; captions/s x"
                   f"{report[n]['captions_per_s'] / first['captions_per_s']:.2f} against batch {first['batch_size']}")
-    results["profile_ms_per_caption"] = profile_early_exit(engine, data.pixels[: args.images], threshold)
-    print(f"\nwhere early-exit decode time goes at batch 1 (ms per caption, threshold {threshold:g}):")
-    for name, ms in results["profile_ms_per_caption"].items():
-        print(f"  {name:<48} {ms:8.3f}")
+    profiles = {str(b): profile_early_exit(engine, data.pixels[: max(args.images, b)], threshold, b) for b in sizes}
+    results["profile_ms_per_caption"] = profiles
+    print(f"\nwhere early-exit decode time goes (ms per caption, threshold {threshold:g}), by batch size:")
+    print(f"  {'':<48} " + " ".join(f"{'batch ' + b:>10}" for b in profiles))
+    sections = sorted({name for profile in profiles.values() for name in profile}, key=_profile_order)
+    for name in sections:
+        print(f"  {name:<48} " + " ".join(f"{profile.get(name, 0.0):10.3f}" for profile in profiles.values()))
     results["head_cost"] = head_cost(engine)
     hc = results["head_cost"]
     print(f"\none decoder layer step {hc['decoder_layer_us']:.1f} us, one exit check {hc['exit_check_us']:.1f} us "

@@ -296,8 +296,9 @@ class EarlyExitDecoder:
         # cross-attention keys/values of every layer, in one product: (L, 2, B, H, P, hd)
         p = encoder_states.shape[1]
         # (batch x image tokens) rows x 2d per layer: large enough for oneDNN (models.kernels)
-        cross = kernels.addmm(self.cross_bias, encoder_states.reshape(-1, self.d), self.cross_weight)
-        cross = cross.view(batch, p, L, 2, H, hd).permute(2, 3, 0, 4, 1, 5).contiguous()
+        with self._section("cross-attention keys and values"):
+            cross = kernels.addmm(self.cross_bias, encoder_states.reshape(-1, self.d), self.cross_weight)
+            cross = cross.view(batch, p, L, 2, H, hd).permute(2, 3, 0, 4, 1, 5).contiguous()
         # self-attention cache of every layer: (L, 2, B, H, T, hd)
         cache = torch.zeros(L, 2, batch, H, max_tokens, hd, device=device, dtype=dtype)
 
@@ -409,7 +410,8 @@ class EarlyExitDecoder:
                 break
             if len(keep) < n:  # finished captions leave the batch
                 index = torch.tensor(keep, device=device)
-                cache, cross = cache.index_select(2, index), cross.index_select(2, index)
+                with self._section("finished captions leave the batch"):
+                    cache, cross = cache.index_select(2, index), cross.index_select(2, index)
                 alive = [alive[r] for r in keep]
                 next_list = [next_list[r] for r in keep]
                 if deferred:

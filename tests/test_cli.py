@@ -407,6 +407,14 @@ def test_bench_compares_hf_full_and_early_exit_and_splits_encoder_from_decoder(c
         assert "encode_ms_per_image" not in r["hf-generate"]
     assert "encoder" in out and "against batch 1" in out
     assert report["head_cost"]["decoder_layer_us"] > 0
+    # where decode time goes, per batch size: timed sections, what lies around them, and their total
+    profiles = report["profile_ms_per_caption"]
+    assert list(profiles) == ["1", "2"]
+    for profile in profiles.values():
+        assert profile["decoder layers"] > 0 and profile["cross-attention keys and values"] > 0
+        total = profile.pop("total decode")
+        assert total > 0 and sum(profile.values()) == pytest.approx(total)
+    assert "by batch size" in out and "batch 2" in out
 
 
 def test_bench_compare_kernels_reports_what_onednn_buys(capsys, tiny_checkpoint, data, tmp_path):
