@@ -444,11 +444,21 @@ class Policy(ABC):
             self._add(rewards)
 
 
+def _is_finite_number(value: Any) -> bool:
+    """A JSON number that fits a float (JSON integers are unbounded: 10**400 is one, and no float holds it)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def _float_array(state: Mapping[str, Any], key: str, length: int) -> np.ndarray:
     value = state.get(key)
     if not isinstance(value, list) or len(value) != length:
         raise SnapshotError(f"snapshot {key} is not a list of {length} numbers")
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value):
+    if not all(_is_finite_number(v) for v in value):
         raise SnapshotError(f"snapshot {key} holds a value that is not a finite number")
     return np.asarray(value, dtype=float)
 
@@ -540,7 +550,7 @@ class DiscountedUCB(Policy):
     def _parse_state(self, state: Mapping[str, Any], rounds: int, observations: np.ndarray) -> dict[str, Any]:
         counts = _float_array(state, "counts", len(self.arms))
         horizon = state.get("horizon")
-        if not isinstance(horizon, (int, float)) or isinstance(horizon, bool) or not 0 <= horizon <= rounds:
+        if not _is_finite_number(horizon) or not 0 <= horizon <= rounds:
             raise SnapshotError(f"snapshot horizon is {horizon!r}")
         if np.any(counts < 0) or np.any(counts > horizon + 1e-9):
             raise SnapshotError("snapshot counts must lie between 0 and the horizon")
@@ -600,10 +610,7 @@ class SlidingWindowUCB(Policy):
         for row in rows:
             if not isinstance(row, list) or len(row) != len(self.arms):
                 raise SnapshotError(f"snapshot history rows must list {len(self.arms)} rewards")
-            if not all(
-                v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v))
-                for v in row
-            ):
+            if not all(v is None or _is_finite_number(v) for v in row):
                 raise SnapshotError("snapshot history holds a reward that is neither null nor a finite number")
             history.append(np.array([np.nan if v is None else v for v in row], dtype=float))
         matrix = np.array(history).reshape(len(history), len(self.arms))
@@ -734,8 +741,7 @@ class ChangeDetectingUCB(Policy):
             known = [v is not None for v in row]
             if any(a and not b for a, b in pairwise(known)) or sum(known) > counts[arm]:
                 raise SnapshotError("snapshot recent rows must end with at most their arm's count of rewards")
-            if not all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v))
-                       for v in row):
+            if not all(v is None or _is_finite_number(v) for v in row):
                 raise SnapshotError("snapshot recent holds a reward that is neither null nor a finite number")
             recent[arm] = [np.nan if v is None else v for v in row]
         changes = state.get("changes")

@@ -83,7 +83,7 @@ def load_or_new(path: str | os.PathLike[str], factory: Callable[[], Policy]) -> 
         return LoadResult(policy, restored=True)
     except SnapshotError as exc:
         problem = f"foreign or malformed snapshot: {exc}"
-    except (OSError, ValueError) as exc:  # unreadable, not UTF-8, not JSON, truncated
+    except (OSError, ValueError, RecursionError) as exc:  # unreadable, not UTF-8, not JSON, truncated, nested too deep
         problem = f"unreadable snapshot: {exc}"
     set_aside = _set_aside(target)
     log.warning(

@@ -393,6 +393,8 @@ def _foreign(edit):
         (_foreign(lambda s: s["state"].update(squares=[0.0] * 5)), "squares"),  # the sums imply squares > 0
         (_foreign(lambda s: s["state"].update(squares=[float("nan")] * 5)), "unreadable"),  # NaN is not JSON
         (_foreign(lambda s: s.update(version=[1])), "version"),
+        (_foreign(lambda s: s["state"]["sums"].__setitem__(0, 10**400)), "sums"),  # valid JSON, no float holds it
+        ("[" * 200_000 + "]" * 200_000, "unreadable"),  # nested deeper than the parser's recursion allows
     ],
 )
 def test_bad_snapshots_are_set_aside_not_fatal(content, problem, tmp_path, caplog):
@@ -418,6 +420,9 @@ def test_bad_snapshots_are_set_aside_not_fatal(content, problem, tmp_path, caplo
     ("cd-ucb", "recent", lambda state: state["recent"][0].__setitem__(-1, None)),  # a gap after a reward
     ("cd-ucb", "changes", lambda state: state.update(changes=[30, 20])),
     ("cd-ucb", "counts", lambda state: state["counts"].__setitem__(0, state["horizon"] + 1)),
+    ("cd-ucb", "recent", lambda state: state["recent"][0].__setitem__(-1, 10**400)),
+    ("sw-ucb", "history", lambda state: state["history"][-1].__setitem__(0, -10**400)),
+    ("d-ucb", "horizon", lambda state: state.update(horizon=10**400)),
 ])
 def test_restore_failure_leaves_the_policy_untouched(name, key, edit):
     p = _trained(name)
