@@ -7,6 +7,7 @@ The field descriptions are the settings table of the README.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -19,7 +20,8 @@ MiB = 1024 * 1024
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="CAPEEN_", extra="ignore")
+    # no inf or nan: a timeout of inf overflows the event loop's clock, and a price of nan poisons every reward
+    model_config = SettingsConfigDict(env_prefix="CAPEEN_", extra="ignore", allow_inf_nan=False)
 
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="TCP port")
@@ -31,12 +33,13 @@ class Settings(BaseSettings):
         "approximate) or deferred (exact, computed when a later token runs deeper); unset: the way the "
         "checkpoint's threshold was calibrated for")
     max_batch_size: int = Field(16, ge=1, description="most requests decoded together in one batch")
-    max_wait_ms: float = Field(20.0, ge=0, description="longest a batch waits for requests still being decoded "
+    max_wait_ms: float = Field(20.0, ge=0, le=10_000, description="longest a batch waits for requests still being decoded "
                                "(it never waits when none is, so a lone request goes at once)")
     wait_fill: float = Field(0.5, gt=0, le=1, description="a batch waits for requests still being decoded only "
                              "until it holds this share of max_batch_size; 1: until it is full")
     queue_size: int = Field(64, ge=1, description="requests that may wait for the model; more get 503")
-    request_timeout_s: float = Field(30.0, gt=0, description="deadline of a request from its arrival; past it: 504")
+    request_timeout_s: float = Field(30.0, gt=0, le=3600, description="deadline of a request from its arrival; past "
+                                     "it: 504")
     max_upload_bytes: int = Field(10 * MiB, ge=1, description="largest image file accepted, in bytes; more: 413")
     max_pixels: int = Field(40_000_000, ge=1,
                             description="largest image accepted, in pixels, read from its header; more: 413")
@@ -46,7 +49,7 @@ class Settings(BaseSettings):
                         "(UCB1 that starts learning afresh when it detects that the rewards moved)")
     bandit_state: Path | None = Field(None, description="JSON snapshot of the bandit, restored at start and "
                                       "written at shutdown; unset: learning starts afresh at each start")
-    bandit_mu: float = Field(DEFAULT_MU, ge=0, description="the bandit's price of running the whole decoder, "
+    bandit_mu: float = Field(DEFAULT_MU, ge=0, le=100, description="the bandit's price of running the whole decoder, "
                              "in units of confidence")
     bandit_thresholds: str | None = Field(None, description="the bandit's arms, comma-separated thresholds in "
                                           "[0, 1]; the calibrated one is always added. Unset: 0.5, 0.55, ..., "
@@ -73,6 +76,29 @@ class Settings(BaseSettings):
             raise ValueError("CAPEEN_ENGINES above 1 needs CAPEEN_ENGINE_PROCESS=true: engines inside the "
                              "service's process would take turns on one Python lock")
         return self
+
+    @field_validator("bandit_state")
+    @classmethod
+    def _writable_state_path(cls, value: Path | None) -> Path | None:
+        # checked at start: found out at shutdown, it would cost everything learnt since
+        if value is None:
+            return value
+        if value.is_dir():
+            raise ValueError(f"{value} is a directory; give the path of the snapshot file in it")
+        folder = value.parent
+        if not folder.is_dir():
+            raise ValueError(f"folder {folder} does not exist; create it or choose another path")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise ValueError(f"folder {folder} is not writable, so the snapshot could not be written at shutdown")
+        return value
+
+    @field_validator("admin_token")
+    @classmethod
+    def _token_not_blank(cls, value: SecretStr | None) -> SecretStr | None:
+        # an empty token (`CAPEEN_ADMIN_TOKEN=` from an unset shell variable) would lock the reset route for good
+        if value is not None and not value.get_secret_value().strip():
+            raise ValueError("is set but empty; give a token, or unset it to leave POST /v1/bandit/reset open")
+        return value
 
     @field_validator("bandit_thresholds")
     @classmethod

@@ -280,9 +280,15 @@ def _serve(*args: str, **env: str) -> subprocess.CompletedProcess:
         ((), {"CAPEEN_ENGINES": "0"}, "CAPEEN_ENGINES"),
         ((), {"CAPEEN_ENGINES": "2", "CAPEEN_ENGINE_PROCESS": "false"}, "CAPEEN_ENGINES above 1 needs"),
         ((), {"CAPEEN_ONEDNN": "sometimes"}, "CAPEEN_ONEDNN"),
+        ((), {"CAPEEN_REQUEST_TIMEOUT_S": "inf"}, "CAPEEN_REQUEST_TIMEOUT_S"),
+        ((), {"CAPEEN_BANDIT_MU": "nan"}, "CAPEEN_BANDIT_MU"),
+        ((), {"CAPEEN_BANDIT_STATE": "/no/such/folder/bandit.json"}, "folder /no/such/folder does not exist"),
+        ((), {"CAPEEN_BANDIT_STATE": "/tmp"}, "is a directory"),
+        ((), {"CAPEEN_ADMIN_TOKEN": " "}, "CAPEEN_ADMIN_TOKEN: is set but empty"),
     ],
     ids=["bad-checkpoint", "bad-port", "bad-policy", "bad-grid", "bad-kv-fill", "no-engine", "engines-in-process",
-         "bad-onednn"],
+         "bad-onednn", "infinite-timeout", "nan-price", "state-in-missing-folder", "state-is-a-folder",
+         "blank-admin-token"],
 )
 def test_serve_reports_bad_configuration_in_one_line(args, env, says) -> None:
     done = _serve(*args, **env)
