@@ -12,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 # Kinds of the errors FastAPI and Starlette raise themselves, by status (ours carry their kind).
 _STATUS_KINDS = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 422: "invalid_request"}
@@ -73,6 +74,10 @@ def _validation_detail(exc: RequestValidationError) -> str:
 
 
 async def _on_http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    if isinstance(exc.__cause__, ClientDisconnect):
+        # FastAPI turns a client that left mid-upload into a 400 for a malformed body; the body was fine, and
+        # counting it as a client error would page someone for every impatient caller
+        return error_response(request, 499, "client_closed", "the client closed the connection during its upload")
     error = getattr(exc, "error", None) or _STATUS_KINDS.get(exc.status_code, "http_error")
     return error_response(request, exc.status_code, error, str(exc.detail), exc.headers)
 

@@ -288,6 +288,31 @@ def test_upload_over_limit_refused_from_content_length(server: Server) -> None:
     assert b'"upload_too_large"' in reply
 
 
+def test_client_leaving_mid_upload_is_counted_as_gone_not_as_a_bad_request(server: Server,
+                                                                          client: httpx.Client) -> None:
+    """Half an upload, then the connection closes: a 499 client_closed in the metrics, not a 400 bad_request."""
+    def count(metrics: str, status: str, kind: str) -> tuple[float, float]:
+        return (metric_value(metrics, f'capeen_requests_total{{route="/caption",status="{status}"}}'),
+                metric_value(metrics, f'capeen_errors_total{{kind="{kind}"}}'))
+
+    before = client.get("/metrics").text
+    host, port = server.url.removeprefix("http://").split(":")
+    for _ in range(3):
+        with socket.create_connection((host, int(port)), timeout=10) as conn:
+            conn.sendall(b"POST /caption HTTP/1.1\r\nHost: test\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                         b"Content-Length: 5000\r\n\r\n--b\r\nContent-Disposition: form-data; name=\"image\"; "
+                         b"filename=\"a.png\"\r\n\r\n" + encode(noise_image(0))[:100])
+            time.sleep(0.1)  # the server is reading the body when the client goes
+    deadline = time.monotonic() + 10
+    while count(client.get("/metrics").text, "499", "client_closed")[0] < count(before, "499", "client_closed")[0] + 3:
+        assert time.monotonic() < deadline, "the abandoned uploads were not counted"
+        time.sleep(0.05)
+    after = client.get("/metrics").text
+    assert count(after, "499", "client_closed") == tuple(v + 3 for v in count(before, "499", "client_closed"))
+    assert count(after, "400", "bad_request") == count(before, "400", "bad_request")
+    assert client.post("/caption", files=upload(encode(noise_image(1)))).status_code == 200
+
+
 @pytest.mark.parametrize(
     ("files", "data", "mentions"),
     [
