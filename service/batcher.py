@@ -15,9 +15,10 @@ own, and the workers take their batches from the one queue: a batch goes to whic
 
 Back-pressure and abandonment:
 * a full queue refuses at once (`QueueFull`: 503 upstream) instead of letting latency grow without bound;
-* a request whose deadline passes, or whose client goes away, stops waiting and cancels its future; the
-  worker skips cancelled futures when it forms a batch, and drops results nobody waits for, so neither
-  ever stalls it;
+* a request whose deadline passes, or whose client goes away, stops waiting and cancels its future. It
+  leaves the count of waiting requests at once (the queue-depth gauge, and room for a new request), and
+  the worker throws it away when it comes to it, without decoding it, and drops results nobody waits
+  for, so neither ever stalls it;
 * `close()` refuses new requests, lets the worker finish everything queued, then stops it.
 """
 
@@ -71,6 +72,7 @@ class Job:
     arm: Arm | None  # the bandit arm that chose `threshold`; None unless adaptive
     future: asyncio.Future[Outcome]
     enqueued: float = field(default_factory=time.perf_counter)
+    waiting: bool = True  # counted among the requests waiting for the engine
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,7 @@ class Outcome:
 
 
 _STOP = object()  # queued by close(): the worker ends after what is ahead of it
+_NO_PIXELS = torch.empty(0, dtype=torch.uint8)
 
 
 class Batcher:
@@ -96,7 +99,11 @@ class Batcher:
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.wait_until = max(1, math.ceil(wait_fill * max_batch_size))  # batch size from which nobody is awaited
-        self._queue: asyncio.Queue[Job | object] = asyncio.Queue(maxsize=queue_size)
+        self.queue_size = queue_size
+        # Unbounded: the limit is on requests still waiting (`_waiting`), so that abandoned ones, which stay
+        # in the queue until a worker comes to them, hold no room that a live request could have.
+        self._queue: asyncio.Queue[Job | object] = asyncio.Queue()
+        self._waiting = 0
         self._executors = [ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"capeen-engine-{index}")
                            for index in range(len(self.engines))]
         self._workers: list[asyncio.Task[None]] = []
@@ -108,7 +115,19 @@ class Batcher:
         return bool(self._workers) and not any(worker.done() for worker in self._workers) and not self._closing
 
     def depth(self) -> int:
-        return self._queue.qsize()
+        """Requests queued whose caller still waits."""
+        return self._waiting
+
+    def _on_done(self, job: Job) -> None:
+        if job.waiting:  # abandoned in the queue: only its place in the queue is left to give up, not its pixels
+            job.pixels = _NO_PIXELS
+        self._stop_waiting(job)
+
+    def _stop_waiting(self, job: Job) -> None:
+        """`job` left the count of waiting requests: taken by a worker, or abandoned by its caller."""
+        if job.waiting:
+            job.waiting = False
+            self._waiting -= 1
 
     @contextmanager
     def incoming(self) -> Iterator[None]:
@@ -143,11 +162,13 @@ class Batcher:
             raise ShuttingDown("the service is shutting down")
         if timeout <= 0:
             raise DeadlineExceeded("the request's deadline passed before it was queued")
+        if self._waiting >= self.queue_size:
+            raise QueueFull(f"{self.queue_size} requests are already waiting")
         future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
-        try:
-            self._queue.put_nowait(Job(pixels, threshold, max_tokens, arm, future))
-        except asyncio.QueueFull:
-            raise QueueFull(f"{self._queue.maxsize} requests are already waiting") from None
+        job = Job(pixels, threshold, max_tokens, arm, future)
+        self._queue.put_nowait(job)
+        self._waiting += 1
+        future.add_done_callback(lambda _: self._on_done(job))
         watcher = asyncio.ensure_future(abandoned())
         try:
             done, _ = await asyncio.wait({future, watcher}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
@@ -173,10 +194,14 @@ class Batcher:
 
     async def _collect(self, loop: asyncio.AbstractEventLoop) -> tuple[list[Job], bool]:
         """The next batch, and whether the stop marker came after it."""
-        first = await self._queue.get()
-        if first is _STOP:
-            return [], True
-        batch = [first]
+        batch: list[Job] = []
+        while not batch:  # the first request still wanted
+            first = await self._queue.get()
+            if first is _STOP:
+                return [], True
+            if not first.future.done():
+                batch.append(first)
+            self._stop_waiting(first)
         closes_at = loop.time() + self.max_wait_s
         while len(batch) < self.max_batch_size:
             try:
@@ -192,7 +217,9 @@ class Batcher:
                     break
             if item is _STOP:
                 return batch, True
-            batch.append(item)
+            if not item.future.done():  # an abandoned request takes no place in the batch
+                batch.append(item)
+            self._stop_waiting(item)
         return batch, False
 
     async def _decode(self, loop: asyncio.AbstractEventLoop, engine: int, jobs: list[Job]) -> None:

@@ -80,7 +80,7 @@ def test_overfilled_queue_answers_every_request_exactly_once(tiny_engine) -> Non
                 assert_error(response, 504, "timeout")
 
         # The server answered each request once, and the worker is free again afterwards: a request that
-        # timed out may still sit in the queue until the decode in progress ends, then it is skipped.
+        # timed out no longer counts as waiting, and is skipped when the worker comes to it.
         with httpx.Client(base_url=server.url, timeout=30) as http:
             text = http.get("/metrics").text
             answered = {code: metric_value(text, f'capeen_requests_total{{route="/caption",status="{code}"}}')
@@ -114,6 +114,51 @@ def test_a_client_that_leaves_does_not_stall_the_worker(tiny_engine) -> None:
                    < abandoned):
                 assert time.monotonic() < deadline, "the abandoned requests were not noticed"
                 time.sleep(0.05)
+
+
+class StartedEngine(SlowEngine):
+    """A slow engine that says when its first batch has started."""
+
+    def __init__(self, engine, delay: float) -> None:
+        super().__init__(engine, delay)
+        self.started = threading.Event()
+
+    def caption_pixels(self, *args, **kwargs):
+        self.started.set()
+        return super().caption_pixels(*args, **kwargs)
+
+
+def test_abandoned_requests_give_their_place_in_the_queue_back_at_once(tiny_engine) -> None:
+    """Two requests wait behind a 3 s decode in a queue of two, and their clients give up. Before that decode
+    ends, the queue-depth gauge reads 0 and two new requests are queued, not refused with queue_full."""
+    settings = Settings(max_batch_size=1, queue_size=2, log_level="warning")
+    engine = StartedEngine(tiny_engine, 3.0)
+    with running_server(settings, engine) as server, httpx.Client(base_url=server.url, timeout=30) as http:
+        first: list[int] = []
+        decoding = threading.Thread(target=lambda: first.append(
+            http.post("/caption", files=upload(encode(noise_image(0)))).status_code))
+        decoding.start()
+        assert engine.started.wait(10), "the first request was not decoded"
+        deadline = time.monotonic() + 10
+        with httpx.Client(base_url=server.url, timeout=0.3) as impatient:
+            for seed in (1, 2):
+                with pytest.raises(httpx.TimeoutException):
+                    impatient.post("/caption", files=upload(encode(noise_image(seed))))
+        closed = 'capeen_requests_total{route="/caption",status="499"}'
+        while metric_value(http.get("/metrics").text, closed) < 2:
+            assert time.monotonic() < deadline, "the abandoned requests were not noticed"
+            time.sleep(0.02)
+        assert metric_value(http.get("/metrics").text, "capeen_queue_depth") == 0
+        assert decoding.is_alive(), "the first decode ended too soon for this test to mean anything"
+
+        async def two_more() -> list[int]:
+            async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+                return [r.status_code for r in await asyncio.gather(*(
+                    client.post("/caption", files=upload(encode(noise_image(seed)))) for seed in (3, 4)))]
+
+        assert asyncio.run(two_more()) == [200, 200]
+        decoding.join(30)
+        assert first == [200]
 
 
 def test_a_lone_request_does_not_wait_for_company(tiny_engine) -> None:
