@@ -283,8 +283,11 @@ def test_cpu_override(compose):
     assert merged["services"]["prometheus"] == compose["services"]["prometheus"]
 
 
-def test_capeen_variables_are_real_settings(compose):
-    """Every CAPEEN_* variable the deployment sets is a field of service.settings.Settings, with a valid value."""
+def test_capeen_variables_are_real_settings(compose, tmp_path):
+    """Every CAPEEN_* variable the deployment sets is a field of service.settings.Settings, with a valid value.
+
+    The bandit snapshot's folder exists only in the image: each Dockerfile must create it, writable by the
+    service's user, and the rest of the path is checked here against a folder of this machine."""
     from service.settings import Settings
 
     fields = {f"CAPEEN_{name.upper()}": name for name in Settings.model_fields}
@@ -299,6 +302,14 @@ def test_capeen_variables_are_real_settings(compose):
                 assert key in fields, f"{source}: {key} is not a setting of the service"
                 if value is not None:
                     values[fields[key]] = value
+        state = values.pop("bandit_state", None)
+        if state is not None:
+            folder = str(Path(state).parent)
+            for dockerfile in DOCKERFILES:
+                text = dockerfile.read_text(encoding="utf-8")
+                assert re.search(rf"mkdir -p [^\n]*{folder}", text), f"{dockerfile.name} does not create {folder}"
+                assert f"chown capeen:capeen {folder}" in text, f"{dockerfile.name}: {folder} is not the service's"
+            values["bandit_state"] = tmp_path / Path(state).name
         Settings(**values)  # raises on an invalid value
 
 
