@@ -9,7 +9,8 @@ only turns batches of pixels into decode traces. `capeen bench-serve` with and w
 The child is `python -m service.engine_process`, started with a socket pair: no fork of a threaded process,
 no re-import of the service's main module. The two talk over it in bytes (multiprocessing's message framing):
 JSON headers and raw uint8 pixels, nothing pickled. A child that dies
-fails the batch it was decoding (500 for its requests) and is started again for the next batch. The child
+fails the batch it was decoding (500 for its requests) and is started again for the next batch; so does a
+child that does not answer a batch within its time limit (a hung GPU, a stopped process), after it is killed. The child
 ignores SIGINT and SIGTERM: Ctrl-C or a signal to the process group reaches the service, which drains the
 queue through the child before it stops it. If the service itself dies the pipe closes and the child exits.
 """
@@ -52,6 +53,10 @@ class EngineStartError(Exception):
 
 class EngineProcessDied(Exception):
     """The child exited while decoding a batch."""
+
+
+class EngineProcessHung(EngineProcessDied):
+    """The child did not answer a batch in time; it was killed."""
 
 
 @dataclass(frozen=True)
@@ -137,14 +142,16 @@ class EngineProcess:
     request and reply together anyway.
     """
 
-    def __init__(self, options: EngineOptions) -> None:
+    def __init__(self, options: EngineOptions, batch_timeout_s: float = 60.0) -> None:
         self.options = options
+        self.batch_timeout_s = batch_timeout_s  # past it without an answer, the child is taken for hung
         self._lock = threading.Lock()
         self._process: subprocess.Popen | None = None
         self._conn: Connection | None = None
         self.restarts = 0
         self.on_restart: Callable[[], None] | None = None  # the service counts restarts in its metrics
         self._start()
+        self._watchdog = _Watchdog(self.kill)
 
     def _start(self) -> None:
         ours, theirs = socket.socketpair()
@@ -155,6 +162,8 @@ class EngineProcess:
         try:
             if not conn.poll(START_TIMEOUT_S):
                 process.kill()
+                process.wait()
+                conn.close()
                 raise EngineStartError(f"the engine did not start within {START_TIMEOUT_S:.0f} s")
             hello = json.loads(conn.recv_bytes())
         except (EOFError, OSError):
@@ -202,10 +211,16 @@ class EngineProcess:
             if not self.alive:
                 self._restart()
             try:
+                self._watchdog.arm(self.batch_timeout_s)
                 self._conn.send_bytes(header.encode())
                 self._conn.send_bytes(memoryview(pixels.contiguous().numpy()).cast("B"))
                 reply = json.loads(self._conn.recv_bytes())
             except (EOFError, OSError):
+                if self._watchdog.fired:
+                    self._process.wait()  # reaped (the watchdog may still be at it): the next batch sees it gone
+                    raise EngineProcessHung(f"the engine process did not answer a batch of {count} within "
+                                            f"{self.batch_timeout_s:g} s; it was killed and is started again "
+                                            "for the next batch") from None
                 code = self._wait(STOP_TIMEOUT_S)
                 if code is None:  # a broken pipe to a child still running: end it, so the next batch starts anew
                     self._process.kill()
@@ -213,6 +228,8 @@ class EngineProcess:
                 raise EngineProcessDied(f"the engine process exited (exit code {code}) while "
                                         f"decoding a batch of {count}; it is started again for the next batch"
                                         ) from None
+            finally:
+                self._watchdog.disarm()
         if "failed" in reply:
             raise RuntimeError(reply["failed"])
         return BatchOutput([_result_from_json(r) for r in reply["results"]],
@@ -236,6 +253,13 @@ class EngineProcess:
         except subprocess.TimeoutExpired:
             return None
 
+    def kill(self) -> None:
+        """End the child at once (from any thread): a batch it is decoding fails, the next one restarts it."""
+        process = self._process
+        if process is not None and process.poll() is None:
+            process.kill()
+            process.wait()
+
     def close(self) -> None:
         """Stop the child after the batch in progress, if any; kill it if it does not stop in time."""
         with self._lock:
@@ -249,6 +273,38 @@ class EngineProcess:
                 self._process.wait()
             self._conn.close()
             self._process = None
+            self._watchdog.stop()
+
+
+class _Watchdog:
+    """Calls `expire` once a batch has taken longer than its limit: a child that hangs in a decode, or that is
+    stopped so that even sending it the pixels blocks. One thread that looks once a second, so that arming it
+    for each batch costs nothing."""
+
+    def __init__(self, expire: Callable[[], None]) -> None:
+        self._expire = expire
+        self._deadline: float | None = None
+        self.fired = False  # whether it expired while armed for the batch in progress
+        self._stopped = threading.Event()
+        threading.Thread(target=self._watch, name="capeen-engine-watchdog", daemon=True).start()
+
+    def arm(self, seconds: float) -> None:
+        self.fired = False
+        self._deadline = time.monotonic() + seconds
+
+    def disarm(self) -> None:
+        self._deadline = None
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def _watch(self) -> None:
+        while not self._stopped.wait(1.0):
+            deadline = self._deadline
+            if deadline is not None and time.monotonic() > deadline:
+                self._deadline = None
+                self.fired = True
+                self._expire()
 
 
 Engine = CaptionEngine | EngineProcess  # what the service captions with: in its process, or in a child

@@ -6,6 +6,7 @@ once shutdown has begun, the service is not ready.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +28,8 @@ from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
+DRAIN_TIMEOUT_S = 5.0  # at shutdown, for the batches in progress (compose's stop_grace_period leaves 10 s)
+
 
 def load_engines(settings: Settings) -> list[Engine]:
     """The settings' checkpoint on their device: `engines` child processes, started side by side, or one engine
@@ -42,7 +45,7 @@ def load_engines(settings: Settings) -> list[Engine]:
         half=settings.half, kv_fill=settings.kv_fill, torch_threads=settings.torch_threads,
         onednn=settings.onednn, log_level=settings.log_level)
     with ThreadPoolExecutor(settings.engines, thread_name_prefix="capeen-engine-start") as pool:
-        starting = [pool.submit(EngineProcess, options) for _ in range(settings.engines)]
+        starting = [pool.submit(EngineProcess, options, settings.engine_timeout_s) for _ in range(settings.engines)]
     started = [future.result() for future in starting if future.exception() is None]
     failures = [future.exception() for future in starting if future.exception() is not None]
     if failures:
@@ -98,12 +101,28 @@ class Runtime:
         }
 
     async def close(self) -> None:
-        """Graceful stop: refuse new requests, decode the queued ones, keep what the bandit learnt."""
-        await self.batcher.close()
-        self.bandit.save()
-        for engine in self.engines:
-            if isinstance(engine, EngineProcess):
-                engine.close()
+        """Graceful stop: refuse new requests, decode the queued ones, keep what the bandit learnt.
+
+        By the time the lifespan ends, uvicorn has waited for the requests in flight, so what is left is at
+        most the batches being decoded. An engine that does not finish them within `DRAIN_TIMEOUT_S` is taken
+        for hung: the snapshot is written all the same and the engine processes are killed, so that a stuck
+        engine neither keeps the service from stopping nor costs what the bandit learnt."""
+        try:
+            await asyncio.wait_for(self.batcher.close(), DRAIN_TIMEOUT_S)
+        except TimeoutError:
+            log.error("the engine did not finish its batches within %.0f s of shutdown; stopping without them",
+                      DRAIN_TIMEOUT_S)
+            for engine in self.engines:
+                if isinstance(engine, EngineProcess):
+                    engine.kill()
+        finally:
+            try:
+                self.bandit.save()
+            except OSError as exc:  # the folder went away or filled up since start: say so, still stop cleanly
+                log.error("could not write the bandit snapshot %s: %s", self.settings.bandit_state, exc)
+            for engine in self.engines:
+                if isinstance(engine, EngineProcess):
+                    engine.close()
 
 
 def _record(metrics: ServingMetrics, bandit: AdaptiveThreshold, job: Job, result: CaptionResult) -> None:

@@ -64,6 +64,9 @@ class Settings(BaseSettings):
                                            "measured at start-up; false: every product on MKL")
     engine_process: bool = Field(True, description="decode in a child process of its own, so that the HTTP work "
                                  "never holds the Python lock the decode loop needs; false: in the service's process")
+    engine_timeout_s: float = Field(60.0, gt=0, le=3600, description="longest an engine process may take over one "
+                                    "batch; past it, it is taken for hung (a stuck GPU), killed and started again, "
+                                    "and the batch's requests that still wait get 500")
     engines: int = Field(1, ge=1, description="engine processes decoding batches side by side, each with its own "
                          "copy of the model and torch_threads threads: on a host with CPU cores to spare, more "
                          "captions per second. Needs engine_process")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -15,7 +16,7 @@ from PIL import Image
 
 from models.decoding import FULL_DEPTH
 from models.engine import CaptionEngine
-from service.engine_process import EngineOptions, EngineProcess, EngineProcessDied, EngineStartError
+from service.engine_process import EngineOptions, EngineProcess, EngineProcessDied, EngineProcessHung, EngineStartError
 
 
 def options(checkpoint) -> EngineOptions:
@@ -91,6 +92,23 @@ def test_a_dead_child_fails_the_batch_it_had_and_is_started_again(tiny_checkpoin
         # ...and the next batch starts a new child and gets its captions
         assert len(engine.caption_pixels(pixels, 0.5).results) == 3
         assert engine.restarts == 1 and engine.pid != first_pid and engine.alive
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("images", [2, 400], ids=["stuck-decoding", "stuck-reading-its-pixels"])
+def test_a_hung_child_is_killed_and_started_again(tiny_checkpoint, images):
+    """A stopped child never answers; with 400 images (1.2 MB) even sending it the pixels blocks."""
+    engine = EngineProcess(options(tiny_checkpoint), batch_timeout_s=1.0)
+    try:
+        first_pid = engine.pid
+        os.kill(first_pid, signal.SIGSTOP)
+        started = time.monotonic()
+        with pytest.raises(EngineProcessHung, match="within 1 s"):
+            engine.caption_pixels(engine.pixels(scenes(images)), 0.5)
+        assert time.monotonic() - started < 10  # one second, and the watchdog looks once a second
+        assert len(engine.caption_pixels(engine.pixels(scenes(3)), 0.5).results) == 3
+        assert engine.restarts == 1 and engine.pid != first_pid
     finally:
         engine.close()
 

@@ -226,6 +226,43 @@ def test_graceful_shutdown_drains_and_keeps_the_bandit(tiny_engine, tmp_path) ->
     assert bandit["rounds"] == 3 and sum(arm["pulls"] for arm in bandit["arms"]) == 3
 
 
+class HangsAfterFirstBatch:
+    """An engine that answers one batch, then hangs (a stuck GPU) until `release` is set."""
+
+    def __init__(self, engine) -> None:
+        self._engine = engine
+        self.release = threading.Event()
+        self.batches = 0
+
+    def __getattr__(self, name: str):
+        return getattr(self._engine, name)
+
+    def caption_pixels(self, *args, **kwargs):
+        self.batches += 1
+        if self.batches > 1:
+            self.release.wait(120)
+        return self._engine.caption_pixels(*args, **kwargs)
+
+
+def test_a_hung_engine_neither_blocks_shutdown_nor_loses_the_bandit(tiny_engine, tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr("service.runtime.DRAIN_TIMEOUT_S", 1.0)
+    state = tmp_path / "bandit.json"
+    engine = HangsAfterFirstBatch(tiny_engine)
+    settings = Settings(bandit_state=state, request_timeout_s=1.0, log_level="warning")
+    try:
+        with running_server(settings, engine) as server:
+            assert httpx.post(f"{server.url}/caption", files=upload(encode(noise_image(1))),
+                              timeout=30).status_code == 200
+            assert_error(httpx.post(f"{server.url}/caption", files=upload(encode(noise_image(2))), timeout=30),
+                         504, "timeout")
+            started = time.monotonic()
+            server.stop()  # asserts that the server did stop
+            assert time.monotonic() - started < 20
+        assert json.loads(state.read_text())["state"]["rounds"] == 1  # what it learnt is kept
+    finally:
+        engine.release.set()
+
+
 class TimedEngine(SlowEngine):
     """A slow engine that notes when each of its calls started and ended."""
 
