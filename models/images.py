@@ -106,8 +106,11 @@ def _over_white(image: Image.Image) -> Image.Image:
 
 
 def _scaled_to_8bit(image: Image.Image) -> Image.Image:
-    """Greyscale with more than 8 bits (I;16*, I, F) scaled, not clipped, into 0..255."""
-    values = np.asarray(image).astype(np.float64)
+    """Greyscale with more than 8 bits (I;16*, I, F) scaled, not clipped, into 0..255.
+
+    One float32 copy, scaled in place: a small compressed file can hold tens of millions of such pixels, and
+    each float64 temporary of those would cost hundreds of MB (eight bits of output need no more precision)."""
+    values = np.array(image, dtype=np.float32)
     if image.mode.startswith("I;16"):
         low, high = 0.0, 65535.0
     elif image.mode == "I" and values.size and values.min() >= 0 and values.max() <= 65535:
@@ -118,8 +121,12 @@ def _scaled_to_8bit(image: Image.Image) -> Image.Image:
         low = float(np.nanmin(values)) if values.size else 0.0
         high = float(np.nanmax(values)) if values.size else 1.0
     span = high - low if high > low else 1.0
-    grey = np.clip(np.nan_to_num((values - low) / span * 255.0), 0, 255).round().astype(np.uint8)
-    return Image.fromarray(grey).convert("RGB")
+    values -= low
+    values *= 255.0 / span
+    np.nan_to_num(values, copy=False)
+    np.clip(values, 0, 255, out=values)
+    np.rint(values, out=values)
+    return Image.fromarray(values.astype(np.uint8)).convert("RGB")
 
 
 def _to_rgb(image: Image.Image, name: str) -> Image.Image:
@@ -139,11 +146,13 @@ def _to_rgb(image: Image.Image, name: str) -> Image.Image:
 
 
 def _upright(image: Image.Image) -> Image.Image:
-    """Apply the EXIF orientation (phone photos are stored sideways)."""
+    """Apply the EXIF orientation (phone photos are stored sideways), in place: a copy of an image without
+    one would cost its whole size again."""
     try:
-        return ImageOps.exif_transpose(image)
+        ImageOps.exif_transpose(image, in_place=True)
     except Exception:  # broken EXIF must not cost the image: keep it as stored
-        return image
+        pass
+    return image
 
 
 def load_image(

@@ -73,6 +73,7 @@ class Runtime:
     bandit: AdaptiveThreshold
     batcher: Batcher
     max_tokens: int  # longest caption a request may ask for, and the default
+    decode_slots: asyncio.Semaphore  # uploads being turned into pixels at once (each may take hundreds of MB)
 
     @property
     def engine(self) -> Engine:
@@ -159,7 +160,8 @@ def start_runtime(settings: Settings, registry: CollectorRegistry, engines: Sequ
     metrics.track_queue(batcher.depth)
     model_limit = config.n_positions - 1
     runtime = Runtime(settings, engines, metrics, bandit, batcher,
-                      max_tokens=min(settings.max_tokens or model_limit, model_limit))
+                      max_tokens=min(settings.max_tokens or model_limit, model_limit),
+                      decode_slots=asyncio.Semaphore(settings.decode_concurrency))
     metrics.describe_model(runtime.describe_model())
     batcher.start()
     log.info("ready: %s on %s (%s), %d engine(s), policy %s", engine.name, engine.device,

@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(10 * MiB, ge=1, description="largest image file accepted, in bytes; more: 413")
     max_pixels: int = Field(40_000_000, ge=1,
                             description="largest image accepted, in pixels, read from its header; more: 413")
+    decode_concurrency: int = Field(4, ge=1, description="uploads decoded into pixels at once, the others wait "
+                                    "their turn: bounds the memory large images take (a 40-megapixel one needs "
+                                    "a few hundred MB while it is decoded)")
     max_tokens: int | None = Field(None, ge=1, description="longest caption in tokens, and the cap of the max_tokens "
                                    "option; unset: the model's limit")
     policy: str = Field("cd-ucb", description="bandit policy of mode=adaptive: ucb1, sw-ucb, d-ucb or cd-ucb "

@@ -161,6 +161,38 @@ def test_abandoned_requests_give_their_place_in_the_queue_back_at_once(tiny_engi
         assert first == [200]
 
 
+@pytest.mark.parametrize("slots", [1, 3])
+def test_uploads_are_decoded_at_most_decode_concurrency_at_once(tiny_engine, monkeypatch, slots) -> None:
+    """Eight uploads at once: at most CAPEEN_DECODE_CONCURRENCY are turned into pixels together (a large image
+    holds hundreds of MB while it is), and every request still gets its caption."""
+    import service.routes.caption as route
+
+    decoding, most = 0, 0
+    lock = threading.Lock()
+
+    def slow_image_pixels(*args):
+        nonlocal decoding, most
+        with lock:
+            decoding += 1
+            most = max(most, decoding)
+        time.sleep(0.2)
+        with lock:
+            decoding -= 1
+        return route_image_pixels(*args)
+
+    route_image_pixels = route.image_pixels
+    monkeypatch.setattr(route, "image_pixels", slow_image_pixels)
+    settings = Settings(decode_concurrency=slots, log_level="warning")
+    with running_server(settings, tiny_engine) as server:
+        async def burst() -> list[int]:
+            async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+                return [r.status_code for r in await asyncio.gather(*(
+                    http.post("/caption", files=upload(encode(noise_image(seed)))) for seed in range(8)))]
+
+        assert asyncio.run(burst()) == [200] * 8
+    assert most == slots
+
+
 def test_a_lone_request_does_not_wait_for_company(tiny_engine) -> None:
     """A batch waits up to max_wait_ms only for requests already being decoded; with none, it leaves at once."""
     settings = Settings(max_wait_ms=3000, log_level="warning")

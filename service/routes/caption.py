@@ -83,7 +83,8 @@ async def caption(
     fixed = _fixed_threshold(runtime, mode, threshold)
     with runtime.batcher.incoming():
         data = await read_upload(form.image, settings.max_upload_bytes)
-        pixels = await run_in_threadpool(image_pixels, runtime.engine, data, settings.max_pixels)
+        async with runtime.decode_slots:
+            pixels = await run_in_threadpool(image_pixels, runtime.engine, data, settings.max_pixels)
     arm = runtime.bandit.select() if fixed is None else None  # as late as possible: the freshest statistics
     chosen = fixed if arm is None else arm.threshold
 
