@@ -17,13 +17,16 @@ from starlette.requests import ClientDisconnect
 # Kinds of the errors FastAPI and Starlette raise themselves, by status (ours carry their kind).
 _STATUS_KINDS = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 422: "invalid_request"}
 
+_MAX_PROBLEMS = 5  # validation problems named in one detail
+
 # What each error status means, with its kinds, for the OpenAPI schema.
 _DESCRIPTIONS = {
-    400: "the body is not valid multipart (bad_request)",
+    400: "a multipart body that cannot be parsed (bad_request)",
     401: "no admin bearer token (unauthorized)",
     403: "a wrong admin token (forbidden)",
     413: "an upload over CAPEEN_MAX_UPLOAD_BYTES (upload_too_large) or an image over CAPEEN_MAX_PIXELS (too_large)",
-    415: "not an image, or an image kind that cannot be decoded (not_image, unsupported)",
+    415: "not an image, or an image kind that cannot be decoded (not_image, unsupported), or a body that is not "
+         "multipart/form-data (not_multipart)",
     422: "a missing field or bad option (invalid_request), or a truncated or empty image (truncated, empty)",
     503: "not ready yet, or the queue is full (not_ready, queue_full, shutting_down); retry after Retry-After seconds",
     504: "no caption within CAPEEN_REQUEST_TIMEOUT_S (timeout)",
@@ -70,6 +73,8 @@ def _validation_detail(exc: RequestValidationError) -> str:
         elif problem.get("type") == "extra_forbidden":
             message = "unknown field (misspelt?); the request's fields are in the OpenAPI schema, GET /docs"
         parts.append(f"{where}: {message}" if where else message)
+    if len(parts) > _MAX_PROBLEMS:  # a request with hundreds of bad fields gets a readable answer, not all of them
+        parts[_MAX_PROBLEMS:] = [f"and {len(parts) - _MAX_PROBLEMS} more problems"]
     return "; ".join(parts) or "invalid request"
 
 

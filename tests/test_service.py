@@ -316,7 +316,7 @@ def test_client_leaving_mid_upload_is_counted_as_gone_not_as_a_bad_request(serve
 @pytest.mark.parametrize(
     ("files", "data", "mentions"),
     [
-        (None, {"mode": "fixed"}, "image"),
+        ("mode only", {}, "image: Field required"),  # a form with no image in it
         ("image", {"mode": "sideways"}, "mode"),
         ("image", {"mode": "fixed", "threshold": "0"}, "threshold"),
         ("image", {"mode": "fixed", "threshold": "1.5"}, "threshold"),
@@ -335,6 +335,8 @@ def test_client_leaving_mid_upload_is_counted_as_gone_not_as_a_bad_request(serve
 def test_bad_options(client: httpx.Client, files, data: dict, mentions: str) -> None:
     if files == "image":
         files = upload(encode(noise_image(5)))
+    elif files == "mode only":
+        files = {"mode": (None, b"fixed")}
     elif files == "text":  # the image sent as a plain form field, not a file (no filename)
         files = {"image": (None, b"not a file")}
     elif files == "two images":
@@ -343,6 +345,25 @@ def test_bad_options(client: httpx.Client, files, data: dict, mentions: str) -> 
     response = client.post("/caption", files=files, data=data)
     assert_error(response, 422, "invalid_request")
     assert mentions in response.json()["detail"]
+
+
+def test_hundreds_of_bad_fields_get_a_short_answer(client: httpx.Client) -> None:
+    response = client.post("/caption", files=upload(encode(noise_image(5))), data={f"f{i}": "1" for i in range(900)})
+    assert_error(response, 422, "invalid_request")
+    detail = response.json()["detail"]
+    assert detail.startswith("f0: unknown field") and detail.endswith("and 895 more problems") and len(detail) < 1000
+
+
+@pytest.mark.parametrize("body", [
+    {"content": encode(noise_image(5)), "headers": {"Content-Type": "image/png"}},  # the raw image
+    {"json": {"image": "aGVsbG8="}},
+    {"data": {"mode": "full"}},  # url-encoded: no file fits in it
+    {"content": b""},
+], ids=["raw-image", "json", "url-encoded", "no-content-type"])
+def test_a_body_that_is_not_multipart_is_refused_with_how_to_send_one(client: httpx.Client, body: dict) -> None:
+    response = client.post("/caption", **body)
+    assert_error(response, 415, "not_multipart")
+    assert "curl -F image=@" in response.json()["detail"]
 
 
 def test_schema_says_multipart_with_no_other_fields(client: httpx.Client) -> None:

@@ -193,6 +193,26 @@ def test_uploads_are_decoded_at_most_decode_concurrency_at_once(tiny_engine, mon
     assert most == slots
 
 
+def test_a_client_gone_while_its_image_was_decoded_costs_no_engine_time(tiny_engine, monkeypatch) -> None:
+    import service.routes.caption as route
+
+    route_image_pixels = route.image_pixels
+    monkeypatch.setattr(route, "image_pixels", lambda *args: (time.sleep(0.5), route_image_pixels(*args))[1])
+    with running_server(Settings(log_level="warning"), tiny_engine) as server, \
+            httpx.Client(base_url=server.url, timeout=30) as http:
+        with pytest.raises(httpx.TimeoutException):
+            http.post("/caption", files=upload(encode(noise_image(1))), timeout=0.2)
+        closed = 'capeen_requests_total{route="/caption",status="499"}'
+        deadline = time.monotonic() + 10
+        while metric_value(http.get("/metrics").text, closed) < 1:
+            assert time.monotonic() < deadline, "the request that was left was not answered"
+            time.sleep(0.05)
+        metrics = http.get("/metrics").text
+        assert metric_value(metrics, "capeen_batch_size_count") == 0  # never decoded
+        assert metric_value(metrics, "capeen_tokens_generated_total") == 0
+        assert http.get("/v1/bandit").json()["rounds"] == 0  # and the bandit learnt nothing from it
+
+
 def test_a_lone_request_does_not_wait_for_company(tiny_engine) -> None:
     """A batch waits up to max_wait_ms only for requests already being decoded; with none, it leaves at once."""
     settings = Settings(max_wait_ms=3000, log_level="warning")

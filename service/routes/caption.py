@@ -36,11 +36,18 @@ async def _until_disconnected(request: Request) -> None:
 
 
 async def refuse_unread_fields(request: Request) -> None:
-    """422 for a query parameter or a form field sent twice (CaptionForm refuses unknown fields).
+    """415 for a body that is not a form, 422 for a query parameter or a form field sent twice (CaptionForm
+    refuses unknown fields).
 
-    FastAPI would ignore both: `?mode=full` would decode in the default mode and of two images one would be
+    FastAPI would read a raw image or JSON body as a form without fields, and answer that `image` is missing;
+    it would ignore the others: `?mode=full` would decode in the default mode and of two images one would be
     dropped, without a word, and the caller would get an answer to a question it did not ask.
     """
+    content_type = request.headers.get("content-type", "")
+    if content_type.split(";", 1)[0].strip().lower() != "multipart/form-data":
+        raise ServiceError(415, "not_multipart", f"the body must be multipart/form-data, with the image in a field "
+                                                 f"named image (curl -F image=@photo.jpg); got "
+                                                 f"{content_type or 'no Content-Type'}")
     if request.query_params:
         names = ", ".join(sorted(set(request.query_params.keys())))
         raise ServiceError(422, "invalid_request", f"query parameters are not read ({names}): send options as "
@@ -88,6 +95,8 @@ async def caption(
     arm = runtime.bandit.select() if fixed is None else None  # as late as possible: the freshest statistics
     chosen = fixed if arm is None else arm.threshold
 
+    if await request.is_disconnected():  # gone while its image was decoded: no engine time, no bandit update
+        raise ServiceError(499, "client_closed", "the client closed the connection before its image was queued")
     started: float = request.state.started
     remaining = settings.request_timeout_s - (time.perf_counter() - started)
     try:
