@@ -175,7 +175,7 @@ def _add_bench_drift(sub) -> None:
     from capeen.drift import add_arguments  # the standard library only at import time
 
     p = sub.add_parser("bench-drift", help="A-CAPEEN on drifting traffic: the fixed threshold against UCB1, "
-                       "SW-UCB and D-UCB, per phase (CIDEr-D, mean exit layer, reward vs the best fixed arm)")
+                       "SW-UCB, D-UCB and CD-UCB, per phase (CIDEr-D, mean exit layer, reward vs the best fixed arm)")
     add_arguments(p)
     p.set_defaults(func=_handler("capeen.drift:bench_drift_main"))
 

@@ -787,7 +787,7 @@ def _send_load(base_url: str, seconds: float, min_rounds: int) -> Counter:
         if kind == "not_image":
             response = httpx.post(f"{base_url}/caption", files={"image": ("x.png", b"not an image", "image/png")})
         elif kind == "missing_field":
-            response = httpx.post(f"{base_url}/caption", data={"mode": "full"})
+            response = httpx.post(f"{base_url}/caption", files={"mode": (None, b"full")})  # a form with no image
         elif kind == "bad_mode":
             response = httpx.post(f"{base_url}/caption", files={"image": images[0]}, data={"mode": "fastest"})
         elif kind == "threshold_not_fixed":
