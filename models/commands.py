@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -60,6 +61,23 @@ def _engine(args):
                                              kv_fill=getattr(args, "kv_fill", None))
     except (CheckpointError, ValueError) as exc:
         raise UserError(str(exc)) from None
+    except RuntimeError as exc:  # torch's words for a device string it cannot parse
+        raise UserError(f"--device {args.device}: not a device torch knows (auto, cpu, cuda or cuda:N): "
+                        f"{str(exc).splitlines()[0]}") from None
+
+
+def _check_output(option: str, path: str | None) -> None:
+    """Refuse an output file that could not be written, before the work whose result it would hold."""
+    if path is None:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise UserError(f"{option} {path}: is a directory; give a file name")
+    folder = target.parent
+    if not folder.is_dir():
+        raise UserError(f"{option} {path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise UserError(f"{option} {path}: folder {folder} is not writable")
 
 
 def caption_main(args) -> int:
@@ -192,7 +210,8 @@ def calibrate_main(args) -> int:
     data = _eval_set(args, engine, args.split)
     result = calibrate(engine, data, grid, quality_fraction=args.quality, batch_size=args.batch_size,
                        split=args.split, schedules=not args.no_schedules, confidence=args.confidence)
-    save_thresholds(engine.checkpoint.path, result)
+    if result.threshold is not None:  # a failed calibration leaves the one the checkpoint had
+        save_thresholds(engine.checkpoint.path, result)
     full = result.details["full_depth"]
     print(f"full depth: CIDEr-D {full['ciderD']:.3f}  BLEU-4 {full['bleu4']:.3f}")
     for entry in result.sweep:
@@ -204,7 +223,8 @@ def calibrate_main(args) -> int:
               f"decoder speedup {entry['decoder_speedup']:.2f}x")
     if result.threshold is None:
         sure = f" at {args.confidence:g} confidence" if args.confidence else ""
-        print(f"no threshold keeps CIDEr-D >= {args.quality:g} x full depth{sure}; the checkpoint stays uncalibrated")
+        print(f"no threshold keeps CIDEr-D >= {args.quality:g} x full depth{sure}; "
+              f"{engine.checkpoint.path / 'thresholds.json'} is left as it was")
         return 1
     plan = _exit_plan(result.details["exit_layers"], result.threshold, result.details.get("exit_offsets"))
     print(f"calibrated threshold {result.threshold:g} with exits {plan}, kv fill {engine.kv_fill}, "
@@ -221,6 +241,10 @@ def evaluate_main(args) -> int:
         distortions = [Distortion.parse(d) for d in (args.distortion or ["none"])]
     except ValueError as exc:
         raise UserError(str(exc)) from None
+    if args.plot and args.mode != "sweep":
+        raise UserError("--plot needs --mode sweep")
+    _check_output("--json", args.json)
+    _check_output("--plot", args.plot)
     sweep_grid = _thresholds(args.thresholds) if args.mode == "sweep" else []
     engines = [_engine(args)] + [_engine(argparse.Namespace(checkpoint=c, device=args.device, kv_fill=args.kv_fill))
                                  for c in args.compare]
@@ -253,8 +277,6 @@ def evaluate_main(args) -> int:
         Path(args.json).write_text(json.dumps(reports, indent=2) + "\n")
         print(f"wrote {args.json}")
     if args.plot:
-        if args.mode != "sweep":
-            raise UserError("--plot needs --mode sweep")
         plot_sweeps(reports, Path(args.plot))
         print(f"wrote {args.plot}")
     return 0
@@ -264,8 +286,9 @@ def _print_report(report: dict) -> None:
     full = report["full"]
     print(f"\n{report['checkpoint']}  distortion={report['distortion']}  images={report['images']}  "
           f"batch={report['batch_size']}")
-    header = ("threshold", "BLEU-4", "CIDEr-D", "ROUGE-L", "scene acc", "mean exit", "saved", "ms/caption",
-              "decoder x", "end-to-end x")
+    meteor = "meteor" in full  # computed when asked for and Java is there
+    header = ("threshold", "BLEU-4", "CIDEr-D", "ROUGE-L", *(("METEOR",) if meteor else ()), "scene acc",
+              "mean exit", "saved", "ms/caption", "decoder x", "end-to-end x")
     print(" | ".join(header))
     for entry in [full, *report["thresholds"]]:
         setting = "full" if entry["threshold"] is None else f"{entry['threshold']:g}"
@@ -274,6 +297,7 @@ def _print_report(report: dict) -> None:
         cells = [
             f"{setting} simulated" if entry.get("simulated") else setting,
             f"{entry['bleu4']:.3f}", f"{entry['ciderD']:.3f}", f"{entry['rougeL']:.3f}",
+            *((f"{entry['meteor']:.3f}",) if meteor else ()),
             f"{entry.get('scene_accuracy', float('nan')):.3f}", f"{entry['mean_exit_layer']:.2f}",
             f"{entry['layers_saved']:.1%}", f"{entry['decode_ms_per_caption']:.2f}",
             f"{entry['decoder_speedup']:.2f}", f"{entry['end_to_end_speedup']:.2f}",
@@ -309,6 +333,9 @@ def bench_main(args) -> int:
                               methods, profile_early_exit)
 
     _set_threads(args)
+    if args.images < 1:
+        raise UserError(f"--images must be at least 1, got {args.images}")
+    _check_output("--json", args.json)
     engine = _engine(args)
     try:
         threshold = engine.threshold_for("fixed", args.threshold)

@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = 50_000_000
+MAX_FILE_BYTES = 512 * 2**20  # an image file read from a path (uploads have the service's own, lower limit)
 KINDS = ("empty", "not_image", "truncated", "too_large", "unsupported", "unreadable")
 _WHITE = (255, 255, 255)
 # Signatures of the common formats: a file that starts like one but that Pillow cannot identify is broken (cut
@@ -38,13 +39,17 @@ def _read_source(source: bytes | bytearray | memoryview | str | Path) -> tuple[b
         return bytes(source), "image"
     path = Path(source)
     try:
-        return path.read_bytes(), str(path)
+        with path.open("rb") as handle:
+            data = handle.read(MAX_FILE_BYTES + 1)  # never more: /dev/zero or a huge file would eat all memory
     except FileNotFoundError:
         raise ImageError("unreadable", f"{path}: no such file") from None
     except IsADirectoryError:
         raise ImageError("unreadable", f"{path}: is a directory, not an image file") from None
     except OSError as exc:
         raise ImageError("unreadable", f"{path}: cannot read: {exc.strerror or exc}") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise ImageError("too_large", f"{path}: larger than {MAX_FILE_BYTES // 2**20} MiB, too large for an image file")
+    return data, str(path)
 
 
 def _open(data: bytes, name: str, max_pixels: int) -> Image.Image:

@@ -68,6 +68,13 @@ class CapeenConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < self.vocab_size:
+                raise ValueError(f"{name} must be a token id below vocab_size ({self.vocab_size}), got {value!r}")
+        epsilon = self.layer_norm_epsilon
+        if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not 0 < epsilon < 1:
+            raise ValueError(f"layer_norm_epsilon must be a small positive number, got {epsilon!r}")
         if not isinstance(self.exit_layers, (list, tuple)):
             raise ValueError(f"exit_layers must be a list of layer numbers, got {self.exit_layers!r}")
         if self.n_embd % self.n_head:

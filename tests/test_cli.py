@@ -324,12 +324,29 @@ def test_calibrate_writes_thresholds_json_with_the_sweep(capsys, tiny_checkpoint
                        "--no-schedules")
     written = json.loads((directory / "thresholds.json").read_text())
     assert rc in (0, 1) and "Traceback" not in err
-    assert written["quality_fraction"] == 0.5 and written["images"] == 3 and written["calibration_split"] == "val"
-    assert {e["threshold"] for e in written["sweep"]} == {0.4, 0.8}
     if rc == 0:
+        assert written["quality_fraction"] == 0.5 and written["images"] == 3 and written["calibration_split"] == "val"
+        assert {e["threshold"] for e in written["sweep"]} == {0.4, 0.8}
         assert written["threshold"] in (0.4, 0.8) and "calibrated threshold" in out
     else:
-        assert written["threshold"] is None
+        assert written == json.loads((tiny_checkpoint / "thresholds.json").read_text())
+
+
+def test_a_calibration_that_finds_nothing_leaves_the_checkpoints_own(capsys, tiny_checkpoint, data, tmp_path,
+                                                                     monkeypatch):
+    import dataclasses
+
+    import models.calibration
+
+    calibrate = models.calibration.calibrate  # the tiny model passes any floor: make this sweep find nothing
+    monkeypatch.setattr(models.calibration, "calibrate",
+                        lambda *args, **kwargs: dataclasses.replace(calibrate(*args, **kwargs), threshold=None))
+    directory = shutil.copytree(tiny_checkpoint, tmp_path / "ck")
+    before = (directory / "thresholds.json").read_bytes()
+    rc, out, err = run(capsys, "calibrate", "--checkpoint", directory, "--data", data, "--limit", "3",
+                       "--thresholds", "0.4", "--batch-size", "3", "--device", "cpu", "--no-schedules")
+    assert rc == 1 and "left as it was" in out and "Traceback" not in err
+    assert (directory / "thresholds.json").read_bytes() == before
 
 
 def test_calibrate_with_deferred_kv_fill_makes_it_the_checkpoints_default(capsys, tiny_checkpoint, data, tmp_path):
@@ -450,7 +467,65 @@ def test_bench_with_too_few_images_for_a_batch_size_is_one_line(capsys, tiny_che
     assert_one_line_error(err, "batch size 4 needs at least 12 images", "the val split has 4 images")
 
 
+@pytest.mark.parametrize("argv, fragment", [
+    (["caption", "{a}", "--device", "gpu0"], "--device gpu0: not a device"),
+    (["evaluate", "--data", "{data}", "--json", "/no/such/folder/report.json"], "folder /no/such/folder does not exist"),
+    (["evaluate", "--data", "{data}", "--plot", "{tmp}/sweep.png"], "--plot needs --mode sweep"),
+    (["evaluate", "--data", "{data}", "--mode", "sweep", "--plot", "{tmp}"], "is a directory"),
+    (["bench", "--data", "{data}", "--json", "/no/such/folder/bench.json"], "folder /no/such/folder does not exist"),
+    (["bench", "--data", "{data}", "--images", "-1"], "--images must be at least 1"),
+], ids=["unknown-device", "evaluate-json-nowhere", "plot-without-sweep", "plot-into-a-folder", "bench-json-nowhere",
+        "negative-images"])
+def test_bad_output_and_device_options_are_refused_before_any_work(capsys, tiny_checkpoint, images, data, tmp_path,
+                                                                    monkeypatch, argv, fragment):
+    import models.evaluation
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the evaluation ran before the options were checked")
+
+    monkeypatch.setattr(models.evaluation, "evaluate_thresholds", no_work)
+    values = {"a": images["a.png"], "data": data, "tmp": tmp_path}
+    rc, out, err = run(capsys, *[part.format(**values) for part in argv], "--checkpoint", tiny_checkpoint)
+    assert rc == 2
+    assert_one_line_error(err, fragment)
+
+
+@pytest.mark.parametrize("field, value, fragment", [
+    ("bos_token_id", 999, "bos_token_id must be a token id"),
+    ("eos_token_id", -1, "eos_token_id must be a token id"),
+    ("layer_norm_epsilon", "x", "layer_norm_epsilon must be a small positive number"),
+])
+def test_impossible_model_config_values_are_one_line(capsys, tiny_checkpoint, images, tmp_path, field, value,
+                                                     fragment):
+    directory = shutil.copytree(tiny_checkpoint, tmp_path / "ck")
+    config = json.loads((directory / "config.json").read_text())
+    config["model"][field] = value
+    (directory / "config.json").write_text(json.dumps(config))
+    rc, out, err = run(capsys, "caption", images["a.png"], "--checkpoint", directory)
+    assert rc == 2 and out == ""
+    assert_one_line_error(err, "capeen caption: error:", fragment)
+
+
+def test_an_endless_file_is_refused_not_read_into_memory(capsys, tiny_checkpoint, images, monkeypatch):
+    import models.images
+
+    monkeypatch.setattr(models.images, "MAX_FILE_BYTES", 2**20)  # the real limit is 512 MiB
+    rc, out, err = run(capsys, "caption", images["a.png"], "/dev/zero", "--checkpoint", tiny_checkpoint)
+    assert rc == 1 and out.startswith(f"{images['a.png']}\t")  # the good image is still captioned
+    assert_one_line_error(err, "/dev/zero: larger than 1 MiB")
+
+
 # ----- as a real process ----------------------------------------------------------------------------------------
+def test_a_reader_that_stops_early_gets_no_traceback(tiny_checkpoint, images):
+    """`capeen caption *.png | head -1`: head leaves after one line, and capeen stops quietly."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    command = [sys.executable, "-m", "capeen", "caption", *[str(images["a.png"])] * 400, "--batch-size", "1",
+               "--checkpoint", str(tiny_checkpoint), "--device", "cpu"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=REPO)
+    proc.stdout.readline()
+    proc.stdout.close()  # as head does once it has its line
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 141 and b"Traceback" not in err, err.decode()
 def test_python_m_capeen_caption_as_a_subprocess(tiny_checkpoint, images):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     proc = subprocess.run(
