@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,29 +86,71 @@ class Checkpoint:
         return self.meta.get("name") or (self.path.name if self.path else "capeen")
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(data, handle, indent=2)
-        handle.write("\n")
-    os.replace(tmp, path)
+def _staging_path(path: Path) -> Path:
+    """A fresh hidden name next to `path`, for writing it before it replaces `path`."""
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    return Path(name)
+
+
+def _readable_mode() -> int:
+    """The mode a plain new file gets (0644 under the usual umask), not mkstemp's 0600: a checkpoint copied into
+    a container is read by another user than the one who wrote it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _commit(staged: dict[Path, Path]) -> None:
+    """Rename each staged file over its target, with Ctrl-C and SIGTERM held back until all are in place."""
+    mode = _readable_mode()
+    for temporary in staged.values():
+        os.chmod(temporary, mode)
+    held = threading.current_thread() is threading.main_thread() and hasattr(signal, "pthread_sigmask")
+    if held:
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        for target, temporary in staged.items():
+            os.replace(temporary, target)
+    finally:
+        if held:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def save_checkpoint(ckpt: Checkpoint, directory: Path) -> Path:
+    """Write the four files so that an interruption leaves the old checkpoint whole, never a mix: each is
+    written under a temporary name (the slow part), then all are renamed into place at once."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    _write_json_atomic(directory / CONFIG_FILE, {"model": ckpt.model.config.to_dict(), **ckpt.meta})
-    # lm_head shares wte's storage; safetensors refuses shared tensors, so the tied copy is not stored
-    state = {k: v.detach().contiguous().cpu() for k, v in ckpt.model.state_dict().items()
-             if k != "decoder.lm_head.weight"}
-    save_file(state, str(directory / WEIGHTS_FILE))
-    ckpt.tokenizer.save(directory / VOCAB_FILE)
-    _write_json_atomic(directory / THRESHOLDS_FILE, ckpt.thresholds.to_dict())
+    staged = {directory / name: _staging_path(directory / name)
+              for name in (CONFIG_FILE, WEIGHTS_FILE, VOCAB_FILE, THRESHOLDS_FILE)}
+    try:
+        _write_json(staged[directory / CONFIG_FILE], {"model": ckpt.model.config.to_dict(), **ckpt.meta})
+        # lm_head shares wte's storage; safetensors refuses shared tensors, so the tied copy is not stored
+        state = {k: v.detach().contiguous().cpu() for k, v in ckpt.model.state_dict().items()
+                 if k != "decoder.lm_head.weight"}
+        save_file(state, str(staged[directory / WEIGHTS_FILE]))
+        ckpt.tokenizer.save(staged[directory / VOCAB_FILE])
+        _write_json(staged[directory / THRESHOLDS_FILE], ckpt.thresholds.to_dict())
+        _commit(staged)
+    finally:
+        for temporary in staged.values():
+            temporary.unlink(missing_ok=True)
     return directory
 
 
 def save_thresholds(directory: Path, thresholds: Thresholds) -> None:
-    _write_json_atomic(Path(directory) / THRESHOLDS_FILE, thresholds.to_dict())
+    target = Path(directory) / THRESHOLDS_FILE
+    staged = _staging_path(target)
+    try:
+        _write_json(staged, thresholds.to_dict())
+        _commit({target: staged})
+    finally:
+        staged.unlink(missing_ok=True)
 
 
 def _read_json(path: Path) -> dict:

@@ -172,6 +172,32 @@ def test_checkpoint_files_are_json_and_safetensors(saved):
     assert "decoder.transformer.wte.weight" in state
 
 
+def test_checkpoint_files_are_readable_by_other_users(saved):
+    """A checkpoint copied into the container is read by its service user, not by the one who trained it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in saved[0].iterdir():
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path.name
+
+
+def test_an_interrupted_save_leaves_the_old_checkpoint_whole(saved, tmp_path, monkeypatch):
+    import models.checkpoint
+
+    directory = shutil.copytree(saved[0], tmp_path / "model")
+    before = {path.name: path.read_bytes() for path in directory.iterdir()}
+    ckpt = load_checkpoint(directory)
+    ckpt.thresholds = Thresholds(threshold=0.5)
+    ckpt.meta = {**ckpt.meta, "name": "retrained"}  # every file of the new one differs from the old one's
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C while the weights are being written
+
+    monkeypatch.setattr(models.checkpoint, "save_file", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(ckpt, directory)
+    assert {path.name: path.read_bytes() for path in directory.iterdir()} == before  # and no temporary files
+
+
 def test_load_never_unpickles(saved, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("load_checkpoint must not unpickle")
