@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import socket
 from typing import TYPE_CHECKING
 
 from capeen.errors import UserError
@@ -40,6 +41,21 @@ def load_settings(args: argparse.Namespace) -> Settings:
         raise UserError(f"bad setting: {problems}") from None
 
 
+def _check_listen_address(host: str, port: int) -> None:
+    """Bind the address once, as uvicorn will, so that a port in use or an unknown host is one line now."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise UserError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
 def serve_main(args: argparse.Namespace) -> int:
     settings = load_settings(args)  # before importing torch: a bad setting is reported at once
 
@@ -51,6 +67,7 @@ def serve_main(args: argparse.Namespace) -> int:
     from service.runtime import load_engines
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _check_listen_address(settings.host, settings.port)  # before the model loads: that takes a while
     try:
         engines = load_engines(settings)
     except (CheckpointError, ValueError, EngineStartError) as exc:

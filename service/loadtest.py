@@ -534,6 +534,10 @@ def bench_serve_main(args: argparse.Namespace) -> int:
         raise UserError(f"--concurrency must be comma-separated integers, got {args.concurrency!r}") from None
     if not concurrency or concurrency[0] < 1 or args.requests < 1 or args.images < 1 or args.rounds < 1:
         raise UserError("--concurrency, --requests, --rounds and --images must be positive")
+    from models.synthetic import MIN_IMAGE_SIZE
+
+    if args.image_size < MIN_IMAGE_SIZE:  # the scenes' objects would not fit
+        raise UserError(f"--image-size must be at least {MIN_IMAGE_SIZE}, got {args.image_size}")
     if args.rounds > args.requests:
         raise UserError(f"--rounds {args.rounds} is more than --requests {args.requests}: each round needs a request")
     if args.compare is None:

@@ -9,6 +9,7 @@ import re
 import asyncio
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -431,6 +432,18 @@ def test_serve_reports_bad_configuration_in_one_line(args, env, says) -> None:
     assert says in done.stderr and "Traceback" not in done.stderr
 
 
+def test_serve_reports_a_port_in_use_in_one_line_before_loading_the_model() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        started = time.monotonic()
+        done = _serve("--port", str(port), "--checkpoint", "/no/such/checkpoint")
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("capeen serve: error: cannot listen on 127.0.0.1:") and done.stderr.count("\n") == 1
+    assert "in use" in done.stderr and time.monotonic() - started < 60
+
+
 def test_load_benchmark_runs(tiny_checkpoint, capsys) -> None:
     """A seconds-long run of the load benchmark (BENCHMARKS.md has the 5-minute one with the shipped model)."""
     from service.loadtest import main
@@ -479,7 +492,8 @@ def test_setting_comparison_refuses_a_bad_setting_in_one_line(setting, says, cap
 
 
 @pytest.mark.parametrize(("args", "says"), [(("--rounds", "0"), "must be positive"),
-                                            (("--rounds", "30", "--requests", "24"), "--rounds 30 is more than")])
+                                            (("--rounds", "30", "--requests", "24"), "--rounds 30 is more than"),
+                                            (("--image-size", "5"), "--image-size must be at least 32")])
 def test_load_benchmark_refuses_bad_rounds_in_one_line(args, says, capsys) -> None:
     from service.loadtest import main
 
