@@ -9,9 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import tempfile
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from models.decoding import KV_FILLS
+from models.interrupts import signals_deferred
 from models.model import CapeenConfig, CapeenModel
 from models.tokenizer import WordTokenizer
 
@@ -106,15 +105,9 @@ def _commit(staged: dict[Path, Path]) -> None:
     mode = _readable_mode()
     for temporary in staged.values():
         os.chmod(temporary, mode)
-    held = threading.current_thread() is threading.main_thread() and hasattr(signal, "pthread_sigmask")
-    if held:
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-    try:
+    with signals_deferred():
         for target, temporary in staged.items():
             os.replace(temporary, target)
-    finally:
-        if held:
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _write_json(path: Path, data: dict) -> None:

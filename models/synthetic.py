@@ -13,11 +13,14 @@ Everything is deterministic from the seed: image `(split, index)` draws from its
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import multiprocessing
 import os
 import re
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,6 +29,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from capeen.errors import UserError
+from models.interrupts import signals_deferred
 from models.scene import (
     BACKGROUND_WORDS,
     COLOURS,
@@ -63,6 +67,7 @@ _MAX_HIDDEN = 0.25  # of an object's area, by all the objects drawn over it
 _SUPERSAMPLE = 4  # shapes are drawn this much larger and box-filtered down: anti-aliased edges
 _BACKGROUND_CLIP = (50.0, 200.0)  # medium luminance: white and black objects both stand out
 _IMAGE_NAME = re.compile(r"(train|val|test)_\d{6}\.png")
+_STAGING_PREFIX = ".capeen-data-"  # a data set being drawn, inside the output directory
 
 
 # ----------------------------------------------------------------------------------------------------- drawing
@@ -405,6 +410,8 @@ def _is_ours(entry: Path) -> bool:
     """Whether `entry` in an output directory can only have been written by this generator."""
     if entry.name == "dataset.json.tmp":
         return True
+    if entry.name.startswith(_STAGING_PREFIX) and entry.is_dir() and not entry.is_symlink():
+        return True  # the staging folder of a generation that was killed before it could remove it
     if entry.name == "images" and entry.is_dir():
         return all(_IMAGE_NAME.fullmatch(p.name) for p in entry.iterdir())
     if entry.name == "dataset.json" and entry.is_file():
@@ -441,6 +448,48 @@ def _entry(imgid: int, sentid: int, split: str, index: int, result: tuple[list[d
     }
 
 
+def _write_dataset(directory: Path, counts: dict[str, int], seed: int, image_size: int, workers: int) -> None:
+    """Draw every image into `directory/images` and write `directory/dataset.json` (an empty directory)."""
+    images_dir = directory / "images"
+    images_dir.mkdir()
+    tasks = [(seed, split, i, image_size, str(images_dir)) for split, n in counts.items() for i in range(n)]
+    workers = workers or os.cpu_count() or 1
+    entries = []
+    progress = tqdm(_results(tasks, min(workers, len(tasks))), total=len(tasks), desc="drawing", unit="img")
+    for imgid, (task, result) in enumerate(zip(tasks, progress)):
+        entries.append(_entry(imgid, 5 * imgid, task[1], task[2], result))
+    # "dataset" first: _is_ours recognises the file from its first bytes.
+    document = {"dataset": DATASET_NAME, "seed": seed, "image_size": image_size, "images": entries}
+    (directory / "dataset.json").write_text(json.dumps(document, separators=(",", ":")), encoding="utf-8")
+
+
+def _swap_in(staging: Path, out: Path) -> None:
+    """Move the complete data set in `staging` into `out`, and the one `out` held into `staging/old`.
+
+    The old dataset.json goes first and the new one comes last, so even a kill mid-way never leaves a
+    dataset.json beside images it does not describe; Ctrl-C and SIGTERM are held until the moves are done.
+    """
+    old = staging / "old"
+    old.mkdir()
+    moved: list[str] = []
+    with signals_deferred():
+        try:
+            for name in ("dataset.json", "dataset.json.tmp", "images"):
+                if (out / name).exists() or (out / name).is_symlink():
+                    os.replace(out / name, old / name)
+                    moved.append(name)
+            os.replace(staging / "images", out / "images")
+            os.replace(staging / "dataset.json", out / "dataset.json")
+        except OSError:  # put the earlier data set back as it was
+            with contextlib.suppress(OSError):
+                if not (staging / "images").exists():
+                    os.replace(out / "images", staging / "images")
+            for name in reversed(moved):
+                with contextlib.suppress(OSError):
+                    os.replace(old / name, out / name)
+            raise
+
+
 def generate_dataset(
     out_dir: str | Path,
     n_train: int,
@@ -453,34 +502,34 @@ def generate_dataset(
     """Write `out_dir/images/*.png` and `out_dir/dataset.json` (Karpathy format plus objects); returns the JSON path.
 
     Refuses (UserError) bad counts/sizes and an output directory holding anything but an earlier data set of ours,
-    which is overwritten (images it had beyond the new counts are removed).
+    which is replaced (images it had beyond the new counts are gone). The new data set is drawn into a staging
+    folder inside `out_dir` and moved into place only once complete: a generation that fails or is interrupted
+    leaves the earlier data set as it was (it needs the disk space of both while it runs).
     """
     counts = {"train": n_train, "val": n_val, "test": n_test}
     _check_arguments(counts, seed, image_size, workers)
     out = Path(out_dir)
     _check_output(out)
-    images_dir = out / "images"
-    images_dir.mkdir(parents=True, exist_ok=True)
-
-    tasks = [(seed, split, i, image_size, str(images_dir)) for split, n in counts.items() for i in range(n)]
-    workers = workers or os.cpu_count() or 1
-    entries = []
-    progress = tqdm(_results(tasks, min(workers, len(tasks))), total=len(tasks), desc="drawing", unit="img")
-    for imgid, (task, result) in enumerate(zip(tasks, progress)):
-        entries.append(_entry(imgid, 5 * imgid, task[1], task[2], result))
-
-    wanted = {image_name(split, i) for split, n in counts.items() for i in range(n)}
-    for stale in images_dir.iterdir():
-        if stale.name not in wanted:
-            stale.unlink()
-    json_path = out / "dataset.json"
-    tmp = out / "dataset.json.tmp"
-    # Written last and renamed into place: a dataset.json always describes a complete set of images.
-    # "dataset" first: _is_ours recognises the file from its first bytes.
-    document = {"dataset": DATASET_NAME, "seed": seed, "image_size": image_size, "images": entries}
-    tmp.write_text(json.dumps(document, separators=(",", ":")), encoding="utf-8")
-    tmp.replace(json_path)
-    return json_path
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for leftover in out.iterdir():  # staging folders of generations that were killed
+            if leftover.name.startswith(_STAGING_PREFIX) and leftover.is_dir() and not leftover.is_symlink():
+                shutil.rmtree(leftover, ignore_errors=True)
+        staging = Path(tempfile.mkdtemp(dir=out, prefix=_STAGING_PREFIX))
+    except OSError as exc:
+        raise UserError(f"{out}: cannot write the data set there: {exc.strerror or exc}") from None
+    try:
+        _write_dataset(staging, counts, seed, image_size, workers)
+        _swap_in(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created:
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise
+    shutil.rmtree(staging, ignore_errors=True)  # now the earlier data set
+    return out / "dataset.json"
 
 
 def cli_main(args: argparse.Namespace) -> int:

@@ -24,6 +24,7 @@ from models.scene import (
     scene_accuracy_by_count,
     scene_correct,
 )
+from models import synthetic
 from models.synthetic import _BASE_RGB, BACKGROUNDS, captions_for, draw_example, generate_dataset, render_scene
 
 N_SCENES = 2000
@@ -184,6 +185,52 @@ def test_regenerating_into_our_own_output_replaces_it(tmp_path: Path) -> None:
         "train_000000.png", "train_000001.png", "val_000000.png",
     ]  # fmt: skip
     assert len(json.loads((tmp_path / "dataset.json").read_text())["images"]) == 3
+
+
+def _stop_drawing_after(monkeypatch, n: int, error: BaseException) -> None:
+    """The generator stops (Ctrl-C, a full disk) after drawing `n` images."""
+    drawn = []
+    original = synthetic.draw_example
+
+    def draw(*args, **kwargs):
+        if len(drawn) == n:
+            raise error
+        drawn.append(args)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(synthetic, "draw_example", draw)
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt(), OSError(28, "No space left on device")])
+def test_a_stopped_regeneration_leaves_the_earlier_data_set_whole(tmp_path: Path, monkeypatch, error) -> None:
+    generate_dataset(tmp_path / "d", 6, 2, 0, seed=0, image_size=32, workers=1)
+    before = _files(tmp_path / "d")
+    with monkeypatch.context() as m:
+        _stop_drawing_after(m, 5, error)
+        with pytest.raises(type(error)):
+            generate_dataset(tmp_path / "d", 8, 1, 1, seed=1, image_size=32, workers=1)
+    assert _files(tmp_path / "d") == before  # no image of seed 1 beside the dataset.json of seed 0
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["dataset.json", "images"]
+    # and a complete regeneration still replaces it
+    generate_dataset(tmp_path / "d", 8, 1, 1, seed=1, image_size=32, workers=1)
+    generate_dataset(tmp_path / "fresh", 8, 1, 1, seed=1, image_size=32, workers=1)
+    assert _files(tmp_path / "d") == _files(tmp_path / "fresh")
+
+
+def test_a_stopped_first_generation_leaves_nothing_and_a_killed_ones_leftovers_are_cleared(tmp_path: Path,
+                                                                                          monkeypatch) -> None:
+    with monkeypatch.context() as m:
+        _stop_drawing_after(m, 2, KeyboardInterrupt())
+        with pytest.raises(KeyboardInterrupt):
+            generate_dataset(tmp_path / "new", 4, 0, 0, seed=0, image_size=32, workers=1)
+    assert not (tmp_path / "new").exists()
+    # a generation killed outright (SIGKILL) leaves its staging folder: the next one accepts and removes it
+    generate_dataset(tmp_path / "d", 2, 0, 0, seed=0, image_size=32, workers=1)
+    staging = tmp_path / "d" / ".capeen-data-killed"
+    (staging / "images").mkdir(parents=True)
+    (staging / "images" / "train_000000.png").write_bytes(b"half")
+    generate_dataset(tmp_path / "d", 3, 0, 0, seed=0, image_size=32, workers=1)
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["dataset.json", "images"]
 
 
 @pytest.mark.parametrize(
