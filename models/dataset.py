@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from models.scene import COLOURS, SHAPES, SIZES
+
 SPLITS: tuple[str, ...] = ("train", "val", "test", "restval")
 # Letters and digits, keeping inner apostrophes ("man's"): Karpathy's tokens have no punctuation.
 _TOKEN = re.compile(r"[^\W_]+(?:'[^\W_]+)*")
@@ -82,6 +84,19 @@ def _string_field(entry: dict, key: str, where: str, required: bool) -> str | No
     return value
 
 
+_OBJECT_FIELDS: dict[str, tuple[str, ...]] = {"shape": SHAPES, "colour": COLOURS, "size": SIZES}
+
+
+def _scene_object(obj: dict, where: str) -> None:
+    """One ground-truth object of a synthetic scene: what scene accuracy and stage encoder read from it."""
+    for key, allowed in _OBJECT_FIELDS.items():
+        value = obj.get(key)
+        if value is None:
+            raise DatasetError(f"{where}: missing \"{key}\"")
+        if value not in allowed:
+            raise DatasetError(f"{where}: unknown {key} {value!r} (expected one of {', '.join(allowed)})")
+
+
 def _record(entry: Any, where: str, image_root: Path, keep_restval: bool) -> CaptionRecord:
     if not isinstance(entry, dict):
         raise DatasetError(f"{where}: expected an object, got {type(entry).__name__}")
@@ -102,6 +117,8 @@ def _record(entry: Any, where: str, image_root: Path, keep_restval: bool) -> Cap
     objects = entry.get("objects")
     if objects is not None and not (isinstance(objects, list) and all(isinstance(o, dict) for o in objects)):
         raise DatasetError(f"{where}: \"objects\" is not a list of objects")
+    for k, obj in enumerate(objects or []):
+        _scene_object(obj, f"{where}.objects[{k}]")
     # COCO evaluation keys on the COCO id; elsewhere the running image id is all there is.
     image_id = entry.get("cocoid", entry.get("imgid", where))
     return CaptionRecord(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from models.dataset import load_karpathy, records_for_split
+from models.dataset import DatasetError, load_karpathy, records_for_split
 from models.preprocess import image_to_uint8
 from models.tokenizer import WordTokenizer
 
@@ -51,15 +52,49 @@ def resolve_dataset_json(path: Path) -> Path:
     return path / "dataset.json" if path.is_dir() else path
 
 
+def _reason(exc: BaseException) -> str:
+    """The first line of what went wrong, for a one-line message."""
+    text = getattr(exc, "strerror", None) or str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _read_cache(cache: Path, shape: tuple[int, ...]) -> np.ndarray | None:
+    """The cached pixels, or None (with a one-line note on stderr) when the file cannot be used: it is rebuilt."""
+    try:
+        pixels = np.load(cache, allow_pickle=False)
+        if pixels.dtype != np.uint8 or pixels.shape != shape:
+            raise ValueError(f"holds {pixels.dtype} {tuple(pixels.shape)}, expected uint8 {shape}")
+    except (OSError, ValueError, EOFError) as exc:
+        print(f"capeen: pixel cache {cache} cannot be read ({_reason(exc)}); rebuilding it",
+              file=sys.stderr)
+        return None
+    return pixels
+
+
+def _decode(record, size: int) -> np.ndarray:
+    """One image as uint8 (3, size, size); a missing, truncated or corrupt file is a DatasetError naming it."""
+    try:
+        with Image.open(record.image_path) as image:
+            return image_to_uint8(image.convert("RGB"), size)
+    except FileNotFoundError:
+        raise DatasetError(f"{record.image_path}: image file not found") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise DatasetError(f"{record.image_path}: cannot read image ({_reason(exc)})") from None
+
+
 def pixel_cache(json_path: Path, split: str, size: int, records: list) -> np.ndarray:
     fingerprint = hashlib.sha1(json_path.read_bytes()).hexdigest()[:12]
     cache = json_path.parent / "cache" / f"{split}-{size}px-{fingerprint}.npy"
+    shape = (len(records), 3, size, size)
+    unreadable = False
     if cache.exists():
-        return np.load(cache, allow_pickle=False)
-    pixels = np.empty((len(records), 3, size, size), dtype=np.uint8)
+        cached = _read_cache(cache, shape)
+        if cached is not None:
+            return cached
+        unreadable = True
+    pixels = np.empty(shape, dtype=np.uint8)
     for i, record in enumerate(tqdm(records, desc=f"decoding {split} images", unit="img", leave=False)):
-        with Image.open(record.image_path) as image:
-            pixels[i] = image_to_uint8(image.convert("RGB"), size)
+        pixels[i] = _decode(record, size)
     tmp = cache.with_suffix(".tmp.npy")
     try:
         cache.parent.mkdir(exist_ok=True)
@@ -69,6 +104,9 @@ def pixel_cache(json_path: Path, split: str, size: int, records: list) -> np.nda
         # a read-only data set (a shared COCO mount): go on without the cache, decoding the images each run
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
+        if unreadable:
+            print(f"capeen: could not rebuild pixel cache {cache}; delete it, or every run decodes the images again",
+                  file=sys.stderr)
     return pixels
 
 

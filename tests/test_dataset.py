@@ -103,6 +103,14 @@ def test_raw_only_sentences_are_tokenized_and_tokens_lowercased(tmp_path: Path) 
         ({"images": [_entry(sentences=[{"raw": 5}])]}, 'images[0].sentences[0]: "raw" is not a string'),
         ({"images": [_entry(sentences=[{"raw": "!!"}])]}, "images[0]: every sentence is empty"),
         ({"images": [_entry(objects="circle")]}, 'images[0]: "objects" is not a list of objects'),
+        ({"images": [_entry(objects=[{"foo": 1}])]}, 'images[0].objects[0]: missing "shape"'),
+        ({"images": [_entry(), _entry(objects=[{"shape": "star", "colour": "red", "size": "small"},
+                                               {"shape": "star", "size": "small"}])]},
+         'images[1].objects[1]: missing "colour"'),
+        ({"images": [_entry(objects=[{"shape": "hexagon", "colour": "red", "size": "small"}])]},
+         "images[0].objects[0]: unknown shape 'hexagon'"),
+        ({"images": [_entry(objects=[{"shape": "star", "colour": "red", "size": ["big"]}])]},
+         "images[0].objects[0]: unknown size ['big']"),
         ('{"images": [\n  {"filename": "a.png",,}\n]}', "invalid JSON at line 2 column 24"),
     ],
 )
@@ -137,3 +145,38 @@ def test_pixels_are_cached_beside_the_data_set_and_a_read_only_one_still_loads(t
     _, pixels = split_pixels(json_path, "val", 32)  # not cached yet, and the cache cannot be written
     assert pixels.shape == (1, 3, 32, 32)
     assert not list((tmp_path / "cache").glob("val-*"))
+
+
+def test_a_truncated_or_missing_image_is_one_line_naming_it(tmp_path: Path) -> None:
+    json_path = generate_dataset(tmp_path, 3, 1, 0, seed=0, image_size=32, workers=1)
+    image = tmp_path / "images" / "train_000001.png"
+    image.write_bytes(image.read_bytes()[:120])
+    with pytest.raises(DatasetError) as info:
+        split_pixels(json_path, "train", 32)
+    assert str(info.value).startswith(f"{image}: ") and "truncated" in str(info.value)
+    assert "\n" not in str(info.value)
+    assert not list((tmp_path / "cache").glob("train-*"))  # nothing cached from a split that could not be read
+    image.unlink()
+    with pytest.raises(DatasetError, match=f"{image}: image file not found"):
+        split_pixels(json_path, "train", 32)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "other shape"])
+def test_an_unreadable_pixel_cache_is_named_and_rebuilt(tmp_path: Path, capsys, damage: str) -> None:
+    json_path = generate_dataset(tmp_path, 3, 1, 0, seed=0, image_size=32, workers=1)
+    _, first = split_pixels(json_path, "train", 32)
+    [cache] = (tmp_path / "cache").glob("train-32px-*.npy")
+    if damage == "truncated":
+        cache.write_bytes(cache.read_bytes()[:200])
+    elif damage == "garbage":
+        cache.write_bytes(b"not a numpy file at all")
+    else:
+        np.save(cache, np.zeros((2, 3, 32, 32), dtype=np.uint8))
+    capsys.readouterr()
+    _, pixels = split_pixels(json_path, "train", 32)
+    assert torch.equal(pixels, first)
+    notes = [line for line in capsys.readouterr().err.splitlines() if "pixel cache" in line]  # not tqdm's
+    assert len(notes) == 1 and str(cache) in notes[0] and "rebuilding" in notes[0]
+    assert np.array_equal(np.load(cache, allow_pickle=False), first.numpy())  # rebuilt on disk
+    _, again = split_pixels(json_path, "train", 32)
+    assert torch.equal(again, first) and "pixel cache" not in capsys.readouterr().err
