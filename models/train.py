@@ -17,24 +17,37 @@ final head, or, with `keep_exits`, as the heads of the init checkpoint (distilli
 heads towards its final layer).
 
 Runs are resumable: `run_dir/last/` holds the weights, the optimizer state (both safetensors) and the step,
-sampler and RNG state (JSON), so a stopped run continues exactly where it was.
+sampler and RNG state (JSON), so a stopped run continues exactly where it was. The state records the --out and
+stage it was saved for: resuming it into another --out (two runs whose default run directories collide) is
+refused. Options, --out and --run-dir are checked before any data is read or any step is taken.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
-from models.checkpoint import Checkpoint, Thresholds, load_checkpoint, save_checkpoint
+from models.checkpoint import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    Checkpoint,
+    Thresholds,
+    load_checkpoint,
+    save_checkpoint,
+)
 from models.dataset import load_karpathy, records_for_split
 from models.model import CapeenConfig, CapeenModel
 from models.preprocess import normalize
@@ -75,6 +88,113 @@ class TrainOptions:
     resume: bool = False
     model_overrides: dict | None = None
     name: str = "capeen"
+
+
+_DAMAGED = "the run state is damaged: start the run again without --resume, or with a new --run-dir"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = getattr(exc, "strerror", None) or str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _flag(name: str) -> str:
+    """The command-line spelling of a TrainOptions field, for error messages."""
+    return "--" + name.replace("_", "-")
+
+
+def _number(opts: TrainOptions, name: str, integer: bool) -> int | float:
+    value = getattr(opts, name)
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        raise TypeError(f"{_flag(name)} must be {'an integer' if integer else 'a number'}, got {value!r}")
+    if not integer and not math.isfinite(value):
+        raise ValueError(f"{_flag(name)} must be a finite number, got {value}")
+    return value
+
+
+def check_options(opts: TrainOptions) -> None:
+    """Refuse options that cannot make a sensible run, before any data is read or any step is taken."""
+    if opts.stage not in STAGES:
+        raise ValueError(f"unknown stage {opts.stage!r} ({', '.join(STAGES)})")
+    for name in ("steps", "batch_size", "captions_per_image", "eval_every", "val_images"):
+        value = _number(opts, name, integer=True)
+        if value < 1:
+            raise ValueError(f"{_flag(name)} must be at least 1, got {value}")
+    warmup = _number(opts, "warmup", integer=True)
+    if warmup < 0:
+        raise ValueError(f"--warmup must be at least 0, got {warmup}")
+    seed = _number(opts, "seed", integer=True)
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"--seed must be between 0 and 2**63 - 1, got {seed}")
+    for name in ("lr", "weight_decay", "aux_weight"):  # --lr 0: a run that exports its starting weights
+        value = _number(opts, name, integer=False)
+        if value < 0:
+            raise ValueError(f"{_flag(name)} must be at least 0, got {value}")
+    alpha = _number(opts, "alpha", integer=False)
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"--alpha must be between 0 and 1, got {alpha}")
+    temperature = _number(opts, "temperature", integer=False)
+    if temperature <= 0:
+        raise ValueError(f"--temperature must be greater than 0, got {temperature}")
+
+
+def _is_checkpoint(directory: Path) -> bool:
+    return (directory / CONFIG_FILE).is_file() and (directory / WEIGHTS_FILE).is_file()
+
+
+def _check_writable_directory(path: Path, flag: str) -> None:
+    """`path` is a directory this process can write in, or can be made one; whatever the check creates, it removes."""
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {path} exists and is not a directory")
+    missing: list[Path] = []
+    parent = path
+    while not parent.exists() and not parent.is_symlink():
+        missing.append(parent)
+        if parent.parent == parent:
+            break
+        parent = parent.parent
+    created: list[Path] = []
+    try:
+        for directory in reversed(missing):
+            directory.mkdir()
+            created.append(directory)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".capeen-write-check-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(path) else ""
+        raise ValueError(f"{flag} {path}: cannot write there: {exc.strerror or exc}{where}") from None
+    finally:
+        for directory in reversed(created):
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+
+
+def check_locations(opts: TrainOptions) -> None:
+    """Refuse an --out or --run-dir that training could not write, before any step is taken.
+
+    An existing --out must be empty or a capeen checkpoint (retraining into it replaces it); anything else in it
+    would be overwritten or mixed with the new checkpoint's files.
+    """
+    out, run_dir = Path(opts.out), Path(opts.run_dir)
+    _check_writable_directory(run_dir, "--run-dir")
+    last = run_dir / "last"
+    if last.exists() and not last.is_dir():
+        raise ValueError(f"--run-dir {run_dir}: {last} exists and is not a directory")
+    _check_writable_directory(out, "--out")
+    if not out.is_dir() or _is_checkpoint(out):
+        return
+    run = run_dir.resolve()
+    try:  # the run state may live inside --out: it is not a stranger's file
+        foreign = [entry.name for entry in out.iterdir()
+                   if entry.resolve() not in (run, run / "last", *run.parents)]
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop
+        raise ValueError(f"--out {out}: cannot list it: {_first_line(exc)}") from None
+    if foreign:
+        raise ValueError(f"--out {out} is not empty and is not a capeen checkpoint (one has {CONFIG_FILE} and "
+                         f"{WEIGHTS_FILE}), so training would overwrite or mix with what it holds; give a new or "
+                         f"empty directory, or a checkpoint to replace")
 
 
 def pick_device(name: str) -> torch.device:
@@ -140,10 +260,10 @@ def scene_labels(records: list, name: str) -> SceneLabels:
 
 class Trainer:
     def __init__(self, opts: TrainOptions) -> None:
-        if opts.stage not in STAGES:
-            raise ValueError(f"unknown stage {opts.stage!r} ({', '.join(STAGES)})")
+        check_options(opts)  # bad numbers and unwritable places fail now, not after the training
         if opts.stage == "exits" and opts.init is None:
             raise ValueError("stage exits needs --init, the checkpoint of a trained backbone")
+        check_locations(opts)
         self.opts = opts
         self.device = pick_device(opts.device)
         torch.manual_seed(opts.seed)
@@ -333,30 +453,83 @@ class Trainer:
         tensors["rng.torch"] = torch.get_rng_state()
         tensors["rng.sampler"] = self.generator.get_state()
         tensors["sampler.order"] = self.epoch_order.contiguous()
-        save_file(tensors, str(directory / "state.safetensors.tmp"))
-        (directory / "state.safetensors.tmp").replace(directory / "state.safetensors")
+        # the step in both files: a stop between the two renames below is caught on resume, not trained on
+        save_file(tensors, str(directory / "state.safetensors.tmp"), metadata={"step": str(self.step)})
         info = {"step": self.step, "history": self.history, "param_groups": opt_state["param_groups"],
-                "config": self.config.to_dict(), "vocab": self.tokenizer.words, "meta": self.meta}
-        (directory / "train_state.json").write_text(json.dumps(info))
+                "config": self.config.to_dict(), "vocab": self.tokenizer.words, "meta": self.meta,
+                "out": str(Path(self.opts.out).resolve()), "stage": self.opts.stage}
+        (directory / "train_state.json.tmp").write_text(json.dumps(info))
+        (directory / "state.safetensors.tmp").replace(directory / "state.safetensors")
+        (directory / "train_state.json.tmp").replace(directory / "train_state.json")
+
+    def _read_state_info(self, path: Path) -> dict:
+        try:
+            info = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ValueError(f"{path}: missing; nothing to resume") from None
+        except OSError as exc:
+            raise ValueError(f"{path}: cannot read: {exc.strerror or exc}") from None
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{path}: not valid JSON ({exc}); {_DAMAGED}") from None
+        if not isinstance(info, dict):
+            raise ValueError(f"{path}: expected a JSON object; {_DAMAGED}")
+        kinds = {"step": int, "history": list, "param_groups": list, "config": dict, "vocab": list}
+        for key, kind in kinds.items():
+            if key not in info:
+                raise ValueError(f"{path}: missing \"{key}\"; {_DAMAGED}")
+            if not isinstance(info[key], kind) or isinstance(info[key], bool):
+                raise ValueError(f"{path}: \"{key}\" is not a {kind.__name__}; {_DAMAGED}")
+        if info["step"] < 0:
+            raise ValueError(f"{path}: \"step\" is negative; {_DAMAGED}")
+        return info
+
+    def _check_same_run(self, path: Path, info: dict) -> None:
+        """The state in --run-dir must be this run's: same --out and stage (state before these were saved: any)."""
+        out = str(Path(self.opts.out).resolve())
+        saved_out, saved_stage = info.get("out"), info.get("stage")
+        if saved_stage is not None and saved_stage != self.opts.stage:
+            raise ValueError(f"{path}: this run state is of stage {saved_stage}, not {self.opts.stage}; "
+                             f"give this run a --run-dir of its own")
+        if saved_out is not None and saved_out != out:
+            raise ValueError(f"{path}: this run state belongs to the run that writes --out {saved_out}, not "
+                             f"{out}; resume with that --out, or give this run a --run-dir of its own")
 
     def _load_state(self, directory: Path) -> None:
-        info = json.loads((directory / "train_state.json").read_text())
+        info_path, tensors_path = directory / "train_state.json", directory / "state.safetensors"
+        info = self._read_state_info(info_path)
         if info["config"] != self.config.to_dict() or info["vocab"] != self.tokenizer.words:
             raise ValueError(f"{directory}: run state belongs to another model or vocabulary; use a new --run-dir")
-        tensors = load_file(str(directory / "state.safetensors"))
-        self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=False)
-        self.model.to(self.device)
-        if self.probe is not None:
-            self.probe.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("probe.")})
-        state: dict[int, dict] = {}
-        for key, value in tensors.items():
-            if key.startswith("optim."):
-                _, pid, name = key.split(".", 2)
-                state.setdefault(int(pid), {})[name] = value.to(self.device) if name != "step" else value
-        self.optimizer.load_state_dict({"state": state, "param_groups": info["param_groups"]})
-        torch.set_rng_state(tensors["rng.torch"])
-        self.generator.set_state(tensors["rng.sampler"])
-        self.epoch_order = tensors["sampler.order"]
+        self._check_same_run(info_path, info)
+        if not tensors_path.is_file():
+            raise ValueError(f"{tensors_path}: missing; {_DAMAGED}")
+        try:
+            with safe_open(str(tensors_path), framework="pt") as handle:
+                saved_step = (handle.metadata() or {}).get("step")
+            tensors = load_file(str(tensors_path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise ValueError(f"{tensors_path}: cannot read ({_first_line(exc)}); {_DAMAGED}") from None
+        if saved_step is not None and saved_step != str(info["step"]):
+            raise ValueError(f"{tensors_path}: holds step {saved_step} but {info_path.name} says step "
+                             f"{info['step']} (the run stopped while saving); {_DAMAGED}")
+        try:
+            self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")},
+                                       strict=False)
+            self.model.to(self.device)
+            if self.probe is not None:
+                self.probe.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("probe.")})
+            state: dict[int, dict] = {}
+            for key, value in tensors.items():
+                if key.startswith("optim."):
+                    _, pid, name = key.split(".", 2)
+                    state.setdefault(int(pid), {})[name] = value.to(self.device) if name != "step" else value
+            self.optimizer.load_state_dict({"state": state, "param_groups": info["param_groups"]})
+            torch.set_rng_state(tensors["rng.torch"])
+            self.generator.set_state(tensors["rng.sampler"])
+            self.epoch_order = tensors["sampler.order"]
+        except KeyError as exc:
+            raise ValueError(f"{tensors_path}: no tensor {exc}; {_DAMAGED}") from None
+        except (RuntimeError, ValueError, TypeError) as exc:
+            raise ValueError(f"{tensors_path}: does not fit this run ({_first_line(exc)}); {_DAMAGED}") from None
         self.step = info["step"]
         self.history = info["history"]
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import shutil
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from capeen.cli import main
 from models.checkpoint import load_checkpoint
 from models.model import CapeenConfig, CapeenModel
 from models.synthetic import generate_dataset
+from models import train as train_module
 from models.train import Trainer
 from models.training_data import build_tokenizer
 
@@ -263,21 +265,22 @@ def test_resumed_run_equals_uninterrupted_run(data, tmp_path, monkeypatch, capsy
 
     with monkeypatch.context() as m:
         _refuse_unpickling(m)
-        assert _train(data, tmp_path / "resumed", tmp_path / "run-half", "--steps", n, "--resume", *common) == 0
+        # the same command plus --resume (and, for "extended", more steps): the same --out
+        assert _train(data, tmp_path / "half", tmp_path / "run-half", "--steps", n, "--resume", *common) == 0
 
-    full, resumed = _weights(tmp_path / "full"), _weights(tmp_path / "resumed")
+    full, resumed = _weights(tmp_path / "full"), _weights(tmp_path / "half")
     assert full.keys() == resumed.keys()
     for key in full:
         assert torch.allclose(full[key], resumed[key], rtol=0, atol=1e-6), key
     strip = lambda history: [{k: v for k, v in r.items() if k != "elapsed_s"} for r in history]  # noqa: E731
     h_full = _meta(tmp_path / "full")["training"][stage]["history"]
-    h_resumed = _meta(tmp_path / "resumed")["training"][stage]["history"]
+    h_resumed = _meta(tmp_path / "half")["training"][stage]["history"]
     assert len(h_resumed) == len(h_full) == 2
     for a, b in zip(strip(h_full), strip(h_resumed)):
         assert a.keys() == b.keys() and a["step"] == b["step"]
         for key in a:
             assert a[key] == pytest.approx(b[key], abs=1e-6), key
-    load_checkpoint(tmp_path / "resumed")
+    load_checkpoint(tmp_path / "half")
 
 
 def test_resume_with_nothing_to_resume_is_a_one_line_error(data, tmp_path, capsys):
@@ -293,3 +296,177 @@ def test_resume_refuses_state_of_another_model(data, backbone, tmp_path, capsys)
                 "--model-config", json.dumps(other))
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and "another model" in err[-1] and "Traceback" not in "\n".join(err)
+
+
+
+# ----- bad input: refused in one line before any data is read or any step is taken -------------------------------
+def _no_training(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("bad options must be refused before the data is loaded")
+
+    monkeypatch.setattr(train_module, "load_split", refuse)
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    return err[0]
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--steps", 0, "--steps must be at least 1, got 0"),
+    ("--steps", -5, "--steps must be at least 1, got -5"),
+    ("--batch-size", 0, "--batch-size must be at least 1, got 0"),
+    ("--batch-size", -3, "--batch-size must be at least 1, got -3"),
+    ("--captions-per-image", 0, "--captions-per-image must be at least 1, got 0"),
+    ("--eval-every", 0, "--eval-every must be at least 1, got 0"),
+    ("--warmup", -1, "--warmup must be at least 0, got -1"),
+    ("--lr", -0.001, "--lr must be at least 0, got -0.001"),
+    ("--lr", "nan", "--lr must be a finite number"),
+    ("--alpha", 1.5, "--alpha must be between 0 and 1"),
+    ("--aux-weight", -1, "--aux-weight must be at least 0"),
+    ("--temperature", 0, "--temperature must be greater than 0"),
+    ("--seed", -1, "--seed must be between 0 and"),
+])
+def test_bad_numbers_are_refused_before_training(data, tmp_path, monkeypatch, capsys, option, value, message):
+    _no_training(monkeypatch)
+    rc = _train(data, tmp_path / "ckpt", tmp_path / "run", "--stage", "backbone", "--steps", 2, option, value)
+    assert rc == 2 and message in _one_line_error(capsys)
+    assert list(tmp_path.iterdir()) == []  # no checkpoint, no run state
+
+
+@pytest.mark.parametrize("case", ["out is a file", "out under a file", "out under /proc", "run-dir is a file",
+                                  "out holds other files"])
+def test_unusable_output_places_are_refused_before_training(data, tmp_path, monkeypatch, capsys, case):
+    _no_training(monkeypatch)
+    (tmp_path / "notes.txt").write_text("mine")
+    project = tmp_path / "proj"
+    project.mkdir()
+    (project / "config.json").write_text('{"my": "settings"}')
+    out, run_dir = tmp_path / "ckpt", tmp_path / "run"
+    if case == "out is a file":
+        out = tmp_path / "notes.txt"
+    elif case == "out under a file":
+        out = tmp_path / "notes.txt" / "ckpt"
+    elif case == "out under /proc":
+        if not Path("/proc/self").is_dir():
+            pytest.skip("no /proc here")
+        out = Path("/proc/capeen-test-ckpt")
+    elif case == "run-dir is a file":
+        run_dir = tmp_path / "notes.txt"
+    else:
+        out = project
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert _train(data, out, run_dir, "--stage", "backbone", "--steps", 2) == 2
+    line = _one_line_error(capsys)
+    assert str(run_dir if case == "run-dir is a file" else out) in line
+    if case == "out holds other files":
+        assert "not a capeen checkpoint" in line
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "proj"]
+
+
+def test_retraining_into_an_existing_checkpoint_replaces_it(data, tmp_path):
+    common = ["--stage", "backbone", "--eval-every", 1, "--model-config", json.dumps(TINY)]
+    assert _train(data, tmp_path / "ckpt", tmp_path / "run-1", "--steps", 1, *common) == 0
+    assert _train(data, tmp_path / "ckpt", tmp_path / "run-2", "--steps", 2, *common) == 0
+    assert _meta(tmp_path / "ckpt")["training"]["backbone"]["steps"] == 2
+    load_checkpoint(tmp_path / "ckpt")
+
+
+def test_a_truncated_training_image_is_a_one_line_error_naming_it(tmp_path, capsys):
+    generate_dataset(tmp_path / "data", 6, 2, 0, seed=0, image_size=32, workers=1)
+    image = tmp_path / "data" / "images" / "train_000004.png"
+    image.write_bytes(image.read_bytes()[:150])
+    rc = _train(tmp_path / "data", tmp_path / "ckpt", tmp_path / "run", "--stage", "backbone", "--steps", 2,
+                "--model-config", json.dumps(TINY))
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("capeen")]  # not tqdm's
+    assert rc == 2 and len(err) == 1 and str(image) in err[0] and "truncated" in err[0]
+    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("stage", ["encoder", "backbone"])
+def test_scene_objects_without_their_fields_are_a_one_line_error(tmp_path, capsys, stage):
+    json_path = generate_dataset(tmp_path / "data", 4, 2, 0, seed=0, image_size=32, workers=1)
+    document = json.loads(json_path.read_text())
+    document["images"][1]["objects"] = [{"foo": 1}]
+    json_path.write_text(json.dumps(document))
+    capsys.readouterr()
+    rc = _train(tmp_path / "data", tmp_path / "ckpt", tmp_path / "run", "--stage", stage, "--steps", 2,
+                "--model-config", json.dumps(TINY))
+    line = _one_line_error(capsys)
+    assert rc == 2 and line.endswith(f"{json_path}: images[1].objects[0]: missing \"shape\"")
+
+
+# ----- damaged or foreign run state ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def short_run(data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("short")
+    assert _train(data, root / "ckpt", root / "run", "--stage", "backbone", "--steps", 2, "--eval-every", 1,
+                  "--model-config", json.dumps(TINY)) == 0
+    return root / "ckpt", root / "run"
+
+
+def _damage(last: Path, how: str) -> Path:
+    tensors, info_path = last / "state.safetensors", last / "train_state.json"
+    if how == "state.safetensors missing":
+        tensors.unlink()
+        return tensors
+    if how == "state.safetensors truncated":
+        tensors.write_bytes(tensors.read_bytes()[:1000])
+        return tensors
+    if how == "state.safetensors of another step":
+        info = json.loads(info_path.read_text())
+        info_path.write_text(json.dumps(dict(info, step=1)))  # a stop between the two files' renames
+        return tensors
+    if how == "train_state.json truncated":
+        info_path.write_bytes(info_path.read_bytes()[:100])
+        return info_path
+    info = json.loads(info_path.read_text())
+    del info["step"]
+    info_path.write_text(json.dumps(info))
+    return info_path
+
+
+@pytest.mark.parametrize("how", ["state.safetensors missing", "state.safetensors truncated",
+                                 "state.safetensors of another step", "train_state.json truncated",
+                                 "train_state.json without step"])
+def test_resuming_damaged_run_state_is_a_one_line_error_naming_the_file(data, short_run, tmp_path, capsys, how):
+    ckpt, run = short_run
+    shutil.copytree(run, tmp_path / "run")
+    damaged = _damage(tmp_path / "run" / "last", how)
+    before = ckpt.joinpath("model.safetensors").read_bytes()
+    rc = _train(data, ckpt, tmp_path / "run", "--stage", "backbone", "--steps", 4, "--eval-every", 1, "--resume",
+                "--model-config", json.dumps(TINY))
+    line = _one_line_error(capsys)
+    assert rc == 2 and f"{damaged}: " in line and "damaged" in line, line
+    assert ckpt.joinpath("model.safetensors").read_bytes() == before
+
+
+def test_resume_refuses_the_state_of_a_run_that_writes_another_out(data, tmp_path, monkeypatch, capsys):
+    # both runs' --out are named "proj", so both default to the run directory runs/proj/backbone
+    monkeypatch.chdir(tmp_path)
+    common = ["train", "--data", str(data), "--device", "cpu", "--stage", "backbone", "--batch-size", 8,
+              "--captions-per-image", 2, "--eval-every", 1, "--model-config", json.dumps(TINY)]
+    assert main([*map(str, common), "--out", "a/proj", "--steps", "2"]) == 0
+    capsys.readouterr()
+    assert main([*map(str, common), "--out", "b/proj", "--steps", "4", "--resume"]) == 2
+    line = _one_line_error(capsys)
+    assert str(tmp_path / "a" / "proj") in line and "--run-dir" in line
+    assert not (tmp_path / "b").exists()
+    assert json.loads((tmp_path / "runs/proj/backbone/last/train_state.json").read_text())["step"] == 2
+    # the run it belongs to still resumes
+    assert main([*map(str, common), "--out", "a/proj", "--steps", "3", "--resume"]) == 0
+    assert _meta(tmp_path / "a" / "proj")["training"]["backbone"]["history"][-1]["step"] == 3
+
+
+def test_run_state_saved_before_the_out_was_recorded_still_resumes(data, short_run, tmp_path):
+    ckpt, run = short_run
+    shutil.copytree(run, tmp_path / "run")
+    info_path = tmp_path / "run" / "last" / "train_state.json"
+    info = json.loads(info_path.read_text())
+    assert info["out"] == str(ckpt.resolve()) and info["stage"] == "backbone"
+    info_path.write_text(json.dumps({k: v for k, v in info.items() if k not in ("out", "stage")}))
+    assert _train(data, tmp_path / "elsewhere", tmp_path / "run", "--stage", "backbone", "--steps", 3,
+                  "--eval-every", 1, "--resume", "--model-config", json.dumps(TINY)) == 0
+    assert [r["step"] for r in _meta(tmp_path / "elsewhere")["training"]["backbone"]["history"]] == [1, 2, 3]
