@@ -252,5 +252,8 @@ class Batcher:
             self.metrics.observe_batch(engine, time.perf_counter() - started,
                                        None if output is None else output.timings)
         for job, result in zip(jobs, output.results, strict=True):
-            self.on_decoded(job, result)
+            try:
+                self.on_decoded(job, result)
+            except Exception:  # the captions are good: what failed is counting or learning from one of them
+                log.exception("recording a decoded request failed; its caption is answered all the same")
         return output

@@ -214,6 +214,17 @@ def test_a_client_gone_while_its_image_was_decoded_costs_no_engine_time(tiny_eng
         assert http.get("/v1/bandit").json()["rounds"] == 0  # and the bandit learnt nothing from it
 
 
+def test_a_failure_to_learn_from_a_caption_does_not_cost_the_caption(tiny_engine, monkeypatch) -> None:
+    def broken_record(*args) -> None:
+        raise RuntimeError("a bug in the metrics or the bandit")
+
+    monkeypatch.setattr("service.runtime._record", broken_record)
+    with running_server(Settings(log_level="critical"), tiny_engine) as server, \
+            httpx.Client(base_url=server.url, timeout=30) as http:
+        for mode in ("adaptive", "fixed", "full"):
+            assert http.post("/caption", files=upload(encode(noise_image(1))), data={"mode": mode}).status_code == 200
+
+
 def test_a_lone_request_does_not_wait_for_company(tiny_engine) -> None:
     """A batch waits up to max_wait_ms only for requests already being decoded; with none, it leaves at once."""
     settings = Settings(max_wait_ms=3000, log_level="warning")
