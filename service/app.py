@@ -52,7 +52,7 @@ def create_app(settings: Settings | None = None, engines: Sequence[Engine] = ())
     install_error_handlers(app)
     # The last added middleware is the outermost: the request context times everything, the limit included.
     app.add_middleware(BodyLimit, limit=settings.max_upload_bytes + FORM_OVERHEAD_BYTES,
-                       detail=upload_limit_detail(settings.max_upload_bytes))
+                       detail=upload_limit_detail(settings.max_upload_bytes), timeout_s=settings.request_timeout_s)
     app.add_middleware(RequestContext, metrics=app.state.http_metrics)
     for router in (caption.router, health.router, model.router, bandit.router):
         app.include_router(router)

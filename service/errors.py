@@ -24,6 +24,7 @@ _DESCRIPTIONS = {
     400: "a multipart body that cannot be parsed (bad_request)",
     401: "no admin bearer token (unauthorized)",
     403: "a wrong admin token (forbidden)",
+    408: "the upload did not arrive within CAPEEN_REQUEST_TIMEOUT_S (upload_timeout)",
     413: "an upload over CAPEEN_MAX_UPLOAD_BYTES (upload_too_large) or an image over CAPEEN_MAX_PIXELS (too_large)",
     415: "not an image, or an image kind that cannot be decoded (not_image, unsupported), or a body that is not "
          "multipart/form-data (not_multipart)",

@@ -3,11 +3,14 @@
 * `RequestContext`: gives each request an id and an arrival time (its deadline and `total_ms` start there),
   echoes the id in `X-Request-ID`, and counts and times every response by route template.
 * `BodyLimit`: refuses a body over the limit without reading it: a too large Content-Length fails the first
-  read, and a body without one fails as soon as the bytes received pass the limit.
+  read, and a body without one fails as soon as the bytes received pass the limit. A body that has not
+  arrived by the request's deadline gets 408: a client that stalls mid-upload would otherwise hold its
+  connection, and its memory, for as long as it likes.
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 import uuid
@@ -57,10 +60,11 @@ class RequestContext:
 
 
 class BodyLimit:
-    def __init__(self, app: ASGIApp, limit: int, detail: str) -> None:
+    def __init__(self, app: ASGIApp, limit: int, detail: str, timeout_s: float) -> None:
         self.app = app
         self.limit = limit
         self.detail = detail
+        self.timeout_s = timeout_s  # from the request's arrival, as its deadline
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -69,13 +73,22 @@ class BodyLimit:
         declared = Headers(scope=scope).get("content-length", "")
         too_large = declared.isdigit() and int(declared) > self.limit
         received = 0
+        complete = False
+        arrival = scope.get("state", {}).get("started", time.perf_counter())
 
         async def limited_receive() -> Message:
             # Raised inside the route's body parsing, which FastAPI passes on as an HTTP error: a JSON 413.
-            nonlocal received
+            nonlocal received, complete
             if too_large:
                 raise ServiceError(413, "upload_too_large", self.detail)
-            message = await receive()
+            if complete:  # after the body, receive() waits for the client to leave, for as long as that takes
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), arrival + self.timeout_s - time.perf_counter())
+            except TimeoutError:
+                raise ServiceError(408, "upload_timeout", f"the upload did not arrive within {self.timeout_s:g} s "
+                                                          "(CAPEEN_REQUEST_TIMEOUT_S)") from None
+            complete = message["type"] != "http.request" or not message.get("more_body", False)
             received += len(message.get("body", b""))
             if received > self.limit:
                 raise ServiceError(413, "upload_too_large", self.detail)

@@ -225,6 +225,23 @@ def test_a_failure_to_learn_from_a_caption_does_not_cost_the_caption(tiny_engine
             assert http.post("/caption", files=upload(encode(noise_image(1))), data={"mode": mode}).status_code == 200
 
 
+def test_an_upload_that_stalls_gets_408_at_its_deadline(tiny_engine) -> None:
+    """Half a body, then nothing: the connection is answered at the request's deadline, not held forever."""
+    with running_server(Settings(request_timeout_s=1.0, log_level="warning"), tiny_engine) as server:
+        host, port = server.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=15) as conn:
+            started = time.monotonic()
+            conn.sendall(b"POST /caption HTTP/1.1\r\nHost: test\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                         b"Content-Length: 5000\r\n\r\n--b\r\nContent-Disposition: form-data; name=\"image\"; "
+                         b"filename=\"a.png\"\r\n\r\n" + encode(noise_image(0))[:100])
+            reply = conn.recv(65536)
+            waited = time.monotonic() - started
+        assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+        assert b'"upload_timeout"' in reply and 0.8 < waited < 10
+        with httpx.Client(base_url=server.url, timeout=30) as http:  # and the server goes on
+            assert http.post("/caption", files=upload(encode(noise_image(1)))).status_code == 200
+
+
 def test_a_lone_request_does_not_wait_for_company(tiny_engine) -> None:
     """A batch waits up to max_wait_ms only for requests already being decoded; with none, it leaves at once."""
     settings = Settings(max_wait_ms=3000, log_level="warning")

@@ -73,7 +73,8 @@ def _ms(seconds: float) -> float:
     return round(seconds * 1000.0, 3)
 
 
-@router.post("/caption", response_model=CaptionResponse, responses=error_responses(400, 413, 415, 422, 503, 504),
+@router.post("/caption", response_model=CaptionResponse,
+             responses=error_responses(400, 408, 413, 415, 422, 503, 504),
              dependencies=[Depends(refuse_unread_fields)],
              summary="caption an image (JPEG, PNG, WebP, BMP, GIF: first frame)")
 async def caption(
