@@ -62,7 +62,8 @@ class ServingMetrics:
             self.batch_duration.labels(engine=str(engine))
             for stage in ENGINE_STAGES:
                 self.engine_compute.labels(engine=str(engine), stage=stage)
-        self.queue_depth = Gauge("capeen_queue_depth", "caption requests waiting for a batch whose clients still wait", registry=registry)
+        self.queue_depth = Gauge("capeen_queue_depth", "caption requests waiting for a batch whose clients still wait",
+                                 registry=registry)
         self.tokens = Counter("capeen_tokens_generated", "decoding steps run, end-of-caption token included",
                               registry=registry)
         self.token_exit_layer = Histogram("capeen_token_exit_layer", "1-based decoder layer each generated token "

@@ -33,8 +33,8 @@ class Settings(BaseSettings):
         "approximate) or deferred (exact, computed when a later token runs deeper); unset: the way the "
         "checkpoint's threshold was calibrated for")
     max_batch_size: int = Field(16, ge=1, description="most requests decoded together in one batch")
-    max_wait_ms: float = Field(20.0, ge=0, le=10_000, description="longest a batch waits for requests still being decoded "
-                               "(it never waits when none is, so a lone request goes at once)")
+    max_wait_ms: float = Field(20.0, ge=0, le=10_000, description="longest a batch waits for requests still being "
+                               "decoded (it never waits when none is, so a lone request goes at once)")
     wait_fill: float = Field(0.5, gt=0, le=1, description="a batch waits for requests still being decoded only "
                              "until it holds this share of max_batch_size; 1: until it is full")
     queue_size: int = Field(64, ge=1, description="requests that may wait for the model; more get 503")

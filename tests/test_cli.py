@@ -469,7 +469,8 @@ def test_bench_with_too_few_images_for_a_batch_size_is_one_line(capsys, tiny_che
 
 @pytest.mark.parametrize("argv, fragment", [
     (["caption", "{a}", "--device", "gpu0"], "--device gpu0: not a device"),
-    (["evaluate", "--data", "{data}", "--json", "/no/such/folder/report.json"], "folder /no/such/folder does not exist"),
+    (["evaluate", "--data", "{data}", "--json", "/no/such/folder/report.json"],
+     "folder /no/such/folder does not exist"),
     (["evaluate", "--data", "{data}", "--plot", "{tmp}/sweep.png"], "--plot needs --mode sweep"),
     (["evaluate", "--data", "{data}", "--mode", "sweep", "--plot", "{tmp}"], "is a directory"),
     (["bench", "--data", "{data}", "--json", "/no/such/folder/bench.json"], "folder /no/such/folder does not exist"),
