@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from capeen.errors import UserError
+from capeen.errors import UserError, first_line
 
 
 def _parse_overrides(text: str | None) -> dict:
@@ -63,7 +63,7 @@ def _engine(args):
         raise UserError(str(exc)) from None
     except RuntimeError as exc:  # torch's words for a device string it cannot parse
         raise UserError(f"--device {args.device}: not a device torch knows (auto, cpu, cuda or cuda:N): "
-                        f"{str(exc).splitlines()[0]}") from None
+                        f"{first_line(exc)}") from None
 
 
 def _check_output(option: str, path: str | None) -> None:

@@ -40,6 +40,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
+from capeen.errors import first_line
 from models.checkpoint import (
     CONFIG_FILE,
     WEIGHTS_FILE,
@@ -91,11 +92,6 @@ class TrainOptions:
 
 
 _DAMAGED = "the run state is damaged: start the run again without --resume, or with a new --run-dir"
-
-
-def _first_line(exc: BaseException) -> str:
-    text = getattr(exc, "strerror", None) or str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _flag(name: str) -> str:
@@ -190,7 +186,7 @@ def check_locations(opts: TrainOptions) -> None:
         foreign = [entry.name for entry in out.iterdir()
                    if entry.resolve() not in (run, run / "last", *run.parents)]
     except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop
-        raise ValueError(f"--out {out}: cannot list it: {_first_line(exc)}") from None
+        raise ValueError(f"--out {out}: cannot list it: {first_line(exc)}") from None
     if foreign:
         raise ValueError(f"--out {out} is not empty and is not a capeen checkpoint (one has {CONFIG_FILE} and "
                          f"{WEIGHTS_FILE}), so training would overwrite or mix with what it holds; give a new or "
@@ -507,7 +503,7 @@ class Trainer:
                 saved_step = (handle.metadata() or {}).get("step")
             tensors = load_file(str(tensors_path))
         except (SafetensorError, OSError, ValueError) as exc:
-            raise ValueError(f"{tensors_path}: cannot read ({_first_line(exc)}); {_DAMAGED}") from None
+            raise ValueError(f"{tensors_path}: cannot read ({first_line(exc)}); {_DAMAGED}") from None
         if saved_step is not None and saved_step != str(info["step"]):
             raise ValueError(f"{tensors_path}: holds step {saved_step} but {info_path.name} says step "
                              f"{info['step']} (the run stopped while saving); {_DAMAGED}")
@@ -529,7 +525,7 @@ class Trainer:
         except KeyError as exc:
             raise ValueError(f"{tensors_path}: no tensor {exc}; {_DAMAGED}") from None
         except (RuntimeError, ValueError, TypeError) as exc:
-            raise ValueError(f"{tensors_path}: does not fit this run ({_first_line(exc)}); {_DAMAGED}") from None
+            raise ValueError(f"{tensors_path}: does not fit this run ({first_line(exc)}); {_DAMAGED}") from None
         self.step = info["step"]
         self.history = info["history"]
 

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from capeen.errors import first_line
 from models.dataset import DatasetError, load_karpathy, records_for_split
 from models.preprocess import image_to_uint8
 from models.tokenizer import WordTokenizer
@@ -52,12 +53,6 @@ def resolve_dataset_json(path: Path) -> Path:
     return path / "dataset.json" if path.is_dir() else path
 
 
-def _reason(exc: BaseException) -> str:
-    """The first line of what went wrong, for a one-line message."""
-    text = getattr(exc, "strerror", None) or str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _read_cache(cache: Path, shape: tuple[int, ...]) -> np.ndarray | None:
     """The cached pixels, or None (with a one-line note on stderr) when the file cannot be used: it is rebuilt."""
     try:
@@ -65,7 +60,7 @@ def _read_cache(cache: Path, shape: tuple[int, ...]) -> np.ndarray | None:
         if pixels.dtype != np.uint8 or pixels.shape != shape:
             raise ValueError(f"holds {pixels.dtype} {tuple(pixels.shape)}, expected uint8 {shape}")
     except (OSError, ValueError, EOFError) as exc:
-        print(f"capeen: pixel cache {cache} cannot be read ({_reason(exc)}); rebuilding it",
+        print(f"capeen: pixel cache {cache} cannot be read ({first_line(exc)}); rebuilding it",
               file=sys.stderr)
         return None
     return pixels
@@ -79,7 +74,7 @@ def _decode(record, size: int) -> np.ndarray:
     except FileNotFoundError:
         raise DatasetError(f"{record.image_path}: image file not found") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise DatasetError(f"{record.image_path}: cannot read image ({_reason(exc)})") from None
+        raise DatasetError(f"{record.image_path}: cannot read image ({first_line(exc)})") from None
 
 
 def pixel_cache(json_path: Path, split: str, size: int, records: list) -> np.ndarray:
