@@ -77,19 +77,27 @@ def _decode(record, size: int) -> np.ndarray:
         raise DatasetError(f"{record.image_path}: cannot read image ({first_line(exc)})") from None
 
 
-def pixel_cache(json_path: Path, split: str, size: int, records: list) -> np.ndarray:
+def _cache_path(json_path: Path, split: str, size: int) -> Path:
     fingerprint = hashlib.sha1(json_path.read_bytes()).hexdigest()[:12]
-    cache = json_path.parent / "cache" / f"{split}-{size}px-{fingerprint}.npy"
-    shape = (len(records), 3, size, size)
+    return json_path.parent / "cache" / f"{split}-{size}px-{fingerprint}.npy"
+
+
+def _decode_all(records: list, size: int, split: str) -> np.ndarray:
+    pixels = np.empty((len(records), 3, size, size), dtype=np.uint8)
+    for i, record in enumerate(tqdm(records, desc=f"decoding {split} images", unit="img", leave=False)):
+        pixels[i] = _decode(record, size)
+    return pixels
+
+
+def pixel_cache(json_path: Path, split: str, size: int, records: list) -> np.ndarray:
+    cache = _cache_path(json_path, split, size)
     unreadable = False
     if cache.exists():
-        cached = _read_cache(cache, shape)
+        cached = _read_cache(cache, (len(records), 3, size, size))
         if cached is not None:
             return cached
         unreadable = True
-    pixels = np.empty(shape, dtype=np.uint8)
-    for i, record in enumerate(tqdm(records, desc=f"decoding {split} images", unit="img", leave=False)):
-        pixels[i] = _decode(record, size)
+    pixels = _decode_all(records, size, split)
     tmp = cache.with_suffix(".tmp.npy")
     try:
         cache.parent.mkdir(exist_ok=True)
@@ -111,6 +119,10 @@ def split_pixels(dataset: Path | str, split: str, image_size: int, limit: int | 
     records = records_for_split(load_karpathy(json_path), split)
     if not records:
         raise ValueError(f"{json_path}: no images in split {split!r}")
+    if limit is not None and limit < len(records) and not _cache_path(json_path, split, image_size).exists():
+        # a quick look at a few images need not decode the whole split (5000 for COCO's test) to cache it
+        records = records[:limit]
+        return records, torch.from_numpy(_decode_all(records, image_size, split))
     pixels = torch.from_numpy(pixel_cache(json_path, split, image_size, records))
     if limit is not None:
         records, pixels = records[:limit], pixels[:limit]

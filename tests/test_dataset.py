@@ -147,6 +147,22 @@ def test_pixels_are_cached_beside_the_data_set_and_a_read_only_one_still_loads(t
     assert not list((tmp_path / "cache").glob("val-*"))
 
 
+def test_a_limited_look_decodes_only_its_images_until_the_split_is_cached(tmp_path: Path, monkeypatch) -> None:
+    import models.training_data as training_data
+
+    json_path = generate_dataset(tmp_path, 6, 1, 1, seed=0, image_size=32, workers=1)
+    decoded = []
+    decode = training_data._decode
+    monkeypatch.setattr(training_data, "_decode", lambda record, size: decoded.append(record) or decode(record, size))
+    records, few = split_pixels(json_path, "train", 32, limit=2)
+    assert len(records) == 2 and few.shape == (2, 3, 32, 32) and len(decoded) == 2
+    assert not list((tmp_path / "cache").glob("train-*"))  # no cache of two images posing as the split's
+    _, every = split_pixels(json_path, "train", 32)  # the whole split: decoded once and cached
+    assert torch.equal(every[:2], few) and len(decoded) == 2 + 6
+    records, again = split_pixels(json_path, "train", 32, limit=2)  # from the cache now
+    assert torch.equal(again, few) and len(decoded) == 8
+
+
 def test_a_truncated_or_missing_image_is_one_line_naming_it(tmp_path: Path) -> None:
     json_path = generate_dataset(tmp_path, 3, 1, 0, seed=0, image_size=32, workers=1)
     image = tmp_path / "images" / "train_000001.png"
