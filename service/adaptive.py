@@ -37,7 +37,8 @@ class AdaptiveThreshold:
             if loaded.restored:
                 log.info("bandit restored from %s (%d requests learnt)", state_path, self.policy.rounds)
         self._changes_counted = len(self.policy.changes)  # those before a restart are not counted again
-        self._show_best()
+        # read at each scrape: set after each update, concurrent updates could leave an older best showing
+        metrics.bandit_threshold.set_function(lambda: self.policy.best().threshold)
 
     def save(self) -> None:
         if self.state_path is not None:
@@ -48,7 +49,6 @@ class AdaptiveThreshold:
         with self._changes_lock:
             self.policy = self._factory()
             self._changes_counted = 0
-        self._show_best()
 
     def select(self) -> Arm:
         return self.policy.select()
@@ -60,7 +60,6 @@ class AdaptiveThreshold:
         self._count_changes(policy)
         self._metrics.arm_pulls.labels(arm=arm_label(arm)).inc()
         self._metrics.bandit_reward.observe(reward)
-        self._show_best()
 
     def _count_changes(self, policy: Policy) -> None:
         """Add the policy's newly detected changes to the counter, each once although updates run concurrently."""
@@ -74,6 +73,3 @@ class AdaptiveThreshold:
                 log.info("bandit: the rewards moved (change %d detected at request %d); learning afresh", found,
                          changes[-1])
                 self._changes_counted = found
-
-    def _show_best(self) -> None:
-        self._metrics.bandit_threshold.set(self.policy.best().threshold)

@@ -416,6 +416,7 @@ def test_health_model_and_bandit_routes(client: httpx.Client) -> None:
     assert thresholds == [0.4, 0.5, 0.6, 0.9]  # CAPEEN_BANDIT_THRESHOLDS plus the calibrated threshold
     assert [arm["arm"] for arm in bandit["arms"]] == list(range(len(thresholds)))
     assert bandit["best"] in bandit["arms"]
+    assert metric_value(client.get("/metrics").text, "capeen_bandit_threshold") == bandit["best"]["threshold"]
 
 
 def test_metrics_exposition(client: httpx.Client) -> None:
