@@ -1,9 +1,26 @@
 """The one exception type that every `capeen` subcommand uses for a problem the user can fix, and how a
 library's exception becomes part of its one line."""
 
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
 
 class UserError(Exception):
     """A problem the user can fix: printed as one line on stderr, exit status 2."""
+
+
+def output_file_problem(path: Path) -> str | None:
+    """Why a file could not be written at `path` (a folder there, a missing or read-only folder), else None."""
+    if path.is_dir():
+        return "is a directory, not a file"
+    folder = path.parent
+    if not folder.is_dir():
+        return f"folder {folder} does not exist"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"folder {folder} is not writable"
+    return None
 
 
 def first_line(exc: BaseException) -> str:

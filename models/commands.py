@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
-from capeen.errors import UserError, first_line
+from capeen.errors import UserError, first_line, output_file_problem
 
 
 def _parse_overrides(text: str | None) -> dict:
@@ -68,16 +67,9 @@ def _engine(args):
 
 def _check_output(option: str, path: str | None) -> None:
     """Refuse an output file that could not be written, before the work whose result it would hold."""
-    if path is None:
-        return
-    target = Path(path)
-    if target.is_dir():
-        raise UserError(f"{option} {path}: is a directory; give a file name")
-    folder = target.parent
-    if not folder.is_dir():
-        raise UserError(f"{option} {path}: folder {folder} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise UserError(f"{option} {path}: folder {folder} is not writable")
+    problem = None if path is None else output_file_problem(Path(path))
+    if problem:
+        raise UserError(f"{option} {path}: {problem}")
 
 
 def caption_main(args) -> int:

@@ -7,7 +7,6 @@ The field descriptions are the settings table of the README.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Literal
 
@@ -15,6 +14,7 @@ from pydantic import Field, SecretStr, ValidationError, ValidatorFunctionWrapHan
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from bandit import DEFAULT_MU, POLICIES, parse_grid
+from capeen.errors import output_file_problem
 
 MiB = 1024 * 1024
 
@@ -87,15 +87,9 @@ class Settings(BaseSettings):
     @classmethod
     def _writable_state_path(cls, value: Path | None) -> Path | None:
         # checked at start: found out at shutdown, it would cost everything learnt since
-        if value is None:
-            return value
-        if value.is_dir():
-            raise ValueError(f"{value} is a directory; give the path of the snapshot file in it")
-        folder = value.parent
-        if not folder.is_dir():
-            raise ValueError(f"folder {folder} does not exist; create it or choose another path")
-        if not os.access(folder, os.W_OK | os.X_OK):
-            raise ValueError(f"folder {folder} is not writable, so the snapshot could not be written at shutdown")
+        problem = None if value is None else output_file_problem(value)
+        if problem:
+            raise ValueError(f"{value}: {problem}, so the snapshot could not be written at shutdown")
         return value
 
     @field_validator("admin_token")
