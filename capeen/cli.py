@@ -14,7 +14,7 @@ import sys
 
 # Defined in its own module so that `python -m capeen.cli` (which loads this file twice) still catches it.
 from capeen.errors import UserError
-from capeen.options import add_kv_fill
+from capeen.options import add_half, add_kv_fill
 
 
 def _handler(target: str):
@@ -82,6 +82,7 @@ def _add_caption(sub) -> None:
     p.add_argument("--max-tokens", type=int, help="longest caption in tokens (default: the model's limit)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    add_half(p)
     p.add_argument("--json", action="store_true", help="print JSON: caption, tokens, exit_layers, confidences")
     add_kv_fill(p)
     p.set_defaults(func=_handler("models.commands:caption_main"))
@@ -109,6 +110,7 @@ def _add_model_source(p, default_split: str) -> None:
     p.add_argument("--limit", type=int, help="use only the first N images of the split")
     p.add_argument("--batch-size", type=int, default=1, help="images decoded together (1: per-caption latency)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    add_half(p)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is fastest for this decoder)")
     add_kv_fill(p)
 

@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from capeen.errors import UserError
-from capeen.options import add_kv_fill
+from capeen.options import add_half, add_kv_fill
 
 # numpy, torch, matplotlib and the model code are imported inside the functions that need them, so that
 # building the `capeen` parser (add_arguments) stays as light as the rest of the CLI.
@@ -586,6 +586,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", help="write the full report to this JSON file")
     p.add_argument("--plot", help="write a PNG of the threshold chosen over the stream")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    add_half(p)
     add_kv_fill(p)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is fastest for this decoder)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -665,7 +666,8 @@ def bench_drift_main(args) -> int:
 
     torch.set_num_threads(args.threads)
     try:
-        engine = CaptionEngine.from_checkpoint(args.checkpoint, device=args.device, kv_fill=args.kv_fill)
+        engine = CaptionEngine.from_checkpoint(args.checkpoint, device=args.device, half=args.half,
+                                               kv_fill=args.kv_fill)
     except (CheckpointError, ValueError, RuntimeError, OSError) as exc:  # RuntimeError: torch's bad --device
         raise UserError(str(exc)) from None
     fixed_threshold = args.threshold if args.threshold is not None else engine.calibrated_threshold

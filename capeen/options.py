@@ -15,3 +15,9 @@ def add_kv_fill(parser: argparse.ArgumentParser, env_var: str | None = None) -> 
                         help="how skipped layers' keys/values are filled: propagate (CALM, approximate, on the "
                              "spot) or deferred (exact, computed when a later token runs deeper); "
                              f"{where}default: the way the checkpoint was calibrated")
+
+
+def add_half(parser: argparse.ArgumentParser) -> None:
+    """`--half`: decode in bf16 (fp16 where the GPU lacks bf16) on CUDA; a CPU keeps fp32, which is faster there."""
+    parser.add_argument("--half", action="store_true",
+                        help="half precision on CUDA (bf16, else fp16); ignored on a CPU")

@@ -56,7 +56,7 @@ def _engine(args):
     from models.engine import CaptionEngine
 
     try:
-        return CaptionEngine.from_checkpoint(args.checkpoint, device=args.device,
+        return CaptionEngine.from_checkpoint(args.checkpoint, device=args.device, half=getattr(args, "half", False),
                                              kv_fill=getattr(args, "kv_fill", None))
     except (CheckpointError, ValueError) as exc:
         raise UserError(str(exc)) from None
@@ -238,7 +238,8 @@ def evaluate_main(args) -> int:
     _check_output("--json", args.json)
     _check_output("--plot", args.plot)
     sweep_grid = _thresholds(args.thresholds) if args.mode == "sweep" else []
-    engines = [_engine(args)] + [_engine(argparse.Namespace(checkpoint=c, device=args.device, kv_fill=args.kv_fill))
+    engines = [_engine(args)] + [_engine(argparse.Namespace(checkpoint=c, device=args.device, half=args.half,
+                                                                  kv_fill=args.kv_fill))
                                  for c in args.compare]
     reports = []
     for engine in engines:

@@ -43,7 +43,8 @@ def to_hf_vision_encoder_decoder(model: CapeenModel) -> VisionEncoderDecoderMode
     hf.generation_config.decoder_start_token_id = cfg.bos_token_id
     hf.generation_config.eos_token_id = cfg.eos_token_id
     hf.generation_config.pad_token_id = cfg.pad_token_id
-    return hf.to(next(model.parameters()).device).eval()
+    weights = next(model.parameters())  # same device and dtype as ours (bf16 when the engine runs in half)
+    return hf.to(weights.device, weights.dtype).eval()
 
 
 def hf_pixel_values(model: CapeenModel, pixel_values: torch.Tensor) -> torch.Tensor:
