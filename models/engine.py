@@ -6,12 +6,14 @@ scripts and the service all caption through it.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from PIL import Image
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from models import kernels
 from models.checkpoint import Checkpoint, load_checkpoint
@@ -85,6 +87,18 @@ def resolve_device(name: str) -> torch.device:
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def attention_backends(device: torch.device):
+    """Attention kernels for decoding on `device`: on CUDA, any but cuDNN's.
+
+    cuDNN's attention builds a graph for every new shape it meets, a few milliseconds each; early exit changes
+    the number of rows running at each layer, token after token, so nearly every call is a new shape. On an
+    H200 that made bf16 batches of 8 take 3 s the first time they were seen, against 0.1 s once warm
+    (BENCHMARKS.md, "On a GPU"). Flash, memory-efficient and plain attention have no such cost."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 class CaptionEngine:
@@ -162,12 +176,13 @@ class CaptionEngine:
                        exit_offsets: tuple[float, ...] | None = None) -> BatchOutput:
         """Caption a batch of preprocessed images, each with its own threshold (`FULL_DEPTH`: every layer)."""
         start = time.perf_counter()
-        states = self.encode(pixel_values)
-        _synchronize(self.device)
-        encoded = time.perf_counter()
-        traces = self.decoder.decode(states, thresholds, max_tokens=max_tokens, observe_exits=observe_exits,
-                                     exits=exits, simulate_exits=simulate_exits, exit_offsets=exit_offsets)
-        _synchronize(self.device)
+        with attention_backends(self.device):
+            states = self.encode(pixel_values)
+            _synchronize(self.device)
+            encoded = time.perf_counter()
+            traces = self.decoder.decode(states, thresholds, max_tokens=max_tokens, observe_exits=observe_exits,
+                                         exits=exits, simulate_exits=simulate_exits, exit_offsets=exit_offsets)
+            _synchronize(self.device)
         done = time.perf_counter()
         results = []
         for trace in traces:
