@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
@@ -29,6 +29,13 @@ DESCRIPTION = """Image captioning with early-exit decoding (CAPEEN) and a per-re
 Every error is JSON `{"error": kind, "detail": message}`."""
 
 
+def _version() -> str:
+    try:
+        return version("capeen")
+    except PackageNotFoundError:  # run from a source tree on PYTHONPATH, not installed
+        return "0+source"
+
+
 def create_app(settings: Settings | None = None, engines: Sequence[Engine] = ()) -> FastAPI:
     """The app; `engines` are already loaded ones (the CLI loads them first to report a bad checkpoint in one
     line); none: the lifespan loads them."""
@@ -44,7 +51,7 @@ def create_app(settings: Settings | None = None, engines: Sequence[Engine] = ())
         finally:
             await runtime.close()
 
-    app = FastAPI(title="CAPEEN captioning service", version=version("capeen"), description=DESCRIPTION,
+    app = FastAPI(title="CAPEEN captioning service", version=_version(), description=DESCRIPTION,
                   lifespan=lifespan)
     app.state.settings = settings
     app.state.registry = registry

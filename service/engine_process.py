@@ -88,7 +88,10 @@ def _child_main(conn: Connection, options_json: str) -> None:
     except (CheckpointError, ValueError, OSError) as exc:
         conn.send_bytes(json.dumps({"error": str(exc)}).encode())
         return
-    conn.send_bytes(json.dumps({"ready": _describe(engine)}).encode())
+    try:
+        conn.send_bytes(json.dumps({"ready": _describe(engine)}).encode())
+    except OSError:
+        return  # the service went away while the model loaded (it failed to start, or was stopped)
     received = bytearray(1 << 20)  # pixels land here, batch after batch: no fresh half-megabyte per batch
     while True:
         try:
