@@ -14,8 +14,7 @@ from models.decoding import FULL_DEPTH, EarlyExitDecoder
 from models.engine import CaptionEngine, attention_backends
 from models.synthetic import draw_example
 from service.settings import Settings
-from tests.test_decoding import reference_decode
-from tests.test_model import small_config
+from tests.test_decoding import reference_decode, sharp_small_model
 from tests.test_service import encode, running_server, upload
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -25,15 +24,7 @@ SCENES = 64
 
 @pytest.fixture(scope="module")
 def sharp_model():
-    """test_decoding's small random model, on the GPU."""
-    from models.model import CapeenModel
-
-    torch.manual_seed(3)
-    model = CapeenModel(small_config(n_layer=6, exit_layers=[1, 2, 3, 4, 5], vocab_size=12)).eval()
-    with torch.no_grad():
-        for head in model.exits.values():
-            head.proj.weight.mul_(5)
-    return model.cuda()
+    return sharp_small_model().cuda()
 
 
 @pytest.fixture(scope="module")

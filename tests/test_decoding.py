@@ -63,8 +63,8 @@ def reference_decode(model: CapeenModel, encoder_states: torch.Tensor, threshold
     return tokens, exits
 
 
-@pytest.fixture(scope="module")
-def model():
+def sharp_small_model() -> CapeenModel:
+    """A random 6-layer model whose exits really fire at mid thresholds (tests/test_cuda.py uses it too)."""
     torch.manual_seed(3)
     m = CapeenModel(small_config(n_layer=6, exit_layers=[1, 2, 3, 4, 5], vocab_size=12)).eval()
     # sharpen the heads so that confidences spread over [0, 1] and exits actually happen at mid thresholds
@@ -72,6 +72,11 @@ def model():
         for head in m.exits.values():
             head.proj.weight.mul_(5)
     return m
+
+
+@pytest.fixture(scope="module")
+def model():
+    return sharp_small_model()
 
 
 @pytest.mark.parametrize("threshold", [FULL_DEPTH, 0.0, 0.5, 0.8, 0.9])
