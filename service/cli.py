@@ -63,6 +63,7 @@ def serve_main(args: argparse.Namespace) -> int:
 
     from models.checkpoint import CheckpointError
     from service.app import create_app
+    from service.connections import http_protocol
     from service.engine_process import EngineStartError
     from service.runtime import load_engines
 
@@ -73,5 +74,6 @@ def serve_main(args: argparse.Namespace) -> int:
     except (CheckpointError, ValueError, EngineStartError) as exc:
         raise UserError(str(exc)) from None
     uvicorn.run(create_app(settings, engines), host=settings.host, port=settings.port, log_level=settings.log_level,
+                http=http_protocol(settings.header_timeout_s),
                 timeout_graceful_shutdown=int(settings.request_timeout_s + _SHUTDOWN_GRACE_S))
     return 0

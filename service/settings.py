@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     queue_size: int = Field(64, ge=1, description="requests that may wait for the model; more get 503")
     request_timeout_s: float = Field(30.0, gt=0, le=3600, description="deadline of a request from its arrival; past "
                                      "it: 504")
+    header_timeout_s: float = Field(10.0, gt=0, le=3600, description="longest a connection may take to send a "
+                                    "request's headers, from its start or from the previous response; past it, "
+                                    "it is closed (a slowloris client holding sockets)")
     max_upload_bytes: int = Field(10 * MiB, ge=1, description="largest image file accepted, in bytes; more: 413")
     max_pixels: int = Field(40_000_000, ge=1,
                             description="largest image accepted, in pixels, read from its header; more: 413")

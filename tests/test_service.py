@@ -27,6 +27,7 @@ from PIL import Image
 from models.engine import CaptionEngine
 from models.images import load_image
 from service.app import create_app
+from service.connections import http_protocol
 from service.settings import Settings
 
 ADMIN_TOKEN = "s3cret-token"
@@ -56,7 +57,8 @@ def running_server(settings: Settings, *engines: CaptionEngine) -> Iterator[Serv
     app = create_app(settings, engines)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=30)
+    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=30,
+                            http=http_protocol(settings.header_timeout_s))
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -286,6 +288,36 @@ def test_upload_over_limit_refused_from_content_length(server: Server) -> None:
             reply += chunk
     assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
     assert b'"upload_too_large"' in reply
+
+
+def _closed_by_server_after(sock: socket.socket, limit_s: float = 10.0) -> float:
+    """Seconds until the server closes `sock` (it sends nothing first); fails if it stays open `limit_s`."""
+    start = time.monotonic()
+    sock.settimeout(limit_s)
+    assert sock.recv(1024) == b"", "the server answered instead of closing"
+    return time.monotonic() - start
+
+
+def test_connections_that_never_finish_their_headers_are_closed(tiny_engine: CaptionEngine) -> None:
+    """Slowloris: a silent connection, and one that stops mid-headers, are closed at the header deadline, while
+    a request whose decode outlasts that deadline is still answered and its connection kept alive."""
+    settings = Settings(header_timeout_s=0.5, log_level="warning")
+    with running_server(settings, SlowEngine(tiny_engine, 1.0)) as server:
+        address = ("127.0.0.1", int(server.url.rsplit(":", 1)[1]))
+        with socket.create_connection(address) as silent, socket.create_connection(address) as partial:
+            partial.sendall(b"GET /healthz HTTP/1.1\r\nHost: test\r\n")
+            for sock in (silent, partial):
+                assert _closed_by_server_after(sock) < 5
+        with httpx.Client(base_url=server.url, timeout=30) as http:
+            answer = http.post("/caption", files=upload(encode(noise_image(0))))  # takes over a second
+            assert answer.status_code == 200, answer.text
+            assert http.get("/healthz").status_code == 200
+        with socket.create_connection(address) as reused:  # after a response, the next headers get it too
+            reused.sendall(b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n")
+            reused.settimeout(5)
+            assert reused.recv(1024).startswith(b"HTTP/1.1 200")
+            reused.sendall(b"GET /healthz HTTP/1.1\r\n")
+            assert _closed_by_server_after(reused) < 2  # well before uvicorn's own keep-alive timeout (5 s)
 
 
 def test_client_leaving_mid_upload_is_counted_as_gone_not_as_a_bad_request(server: Server,
