@@ -53,6 +53,8 @@ def _read_json(path: Path) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise DatasetError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    except RecursionError:
+        raise DatasetError(f"{path}: JSON nested too deeply to be a caption file") from None
 
 
 def _sentence(sentence: Any, where: str) -> tuple[list[str], str]:

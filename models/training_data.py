@@ -1,24 +1,29 @@
 """In-memory training tensors: every image of a split decoded once, every caption encoded once.
 
 Decoding thousands of PNGs per epoch would cost more than the model itself on a 2-core CPU, so a split's
-pixels are cached as one uint8 `.npy` file (loaded with allow_pickle=False) next to the dataset JSON.
+pixels are cached as one uint8 `.npy` file (loaded with allow_pickle=False) in `cache/` next to the dataset
+JSON. The cache's name holds a hash of the JSON and of every image's path, size and modification time, so
+an edited, replaced or deleted image, or another caption file, is never served stale pixels. Images are
+decoded exactly as `capeen caption` and the service decode them (models.images.load_image), so that a model
+is trained and evaluated on the pixels it will be served.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 from capeen.errors import first_line
 from models.dataset import DatasetError, load_karpathy, records_for_split
+from models.images import ImageError, load_image
 from models.preprocess import image_to_uint8
 from models.tokenizer import WordTokenizer
 
@@ -69,17 +74,34 @@ def _read_cache(cache: Path, shape: tuple[int, ...]) -> np.ndarray | None:
 def _decode(record, size: int) -> np.ndarray:
     """One image as uint8 (3, size, size); a missing, truncated or corrupt file is a DatasetError naming it."""
     try:
-        with Image.open(record.image_path) as image:
-            return image_to_uint8(image.convert("RGB"), size)
-    except FileNotFoundError:
-        raise DatasetError(f"{record.image_path}: image file not found") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise DatasetError(f"{record.image_path}: cannot read image ({first_line(exc)})") from None
+        return image_to_uint8(load_image(record.image_path), size)
+    except ImageError as exc:
+        raise DatasetError(str(exc)) from None
 
 
-def _cache_path(json_path: Path, split: str, size: int) -> Path:
-    fingerprint = hashlib.sha1(json_path.read_bytes()).hexdigest()[:12]
-    return json_path.parent / "cache" / f"{split}-{size}px-{fingerprint}.npy"
+# bumped whenever decoding changes, so that caches of other pixels are not reused (2: models.images.load_image)
+_CACHE_FORMAT = 2
+
+
+def _cache_path(json_path: Path, split: str, size: int, records: list) -> Path:
+    """Where this split's pixels are cached, named by what they depend on. Raises a DatasetError that lists
+    the images that are missing, all of them at once, before anything is decoded."""
+    digest = hashlib.sha1(f"{_CACHE_FORMAT}\n".encode() + json_path.read_bytes())
+    missing = []
+    for record in records:
+        try:
+            stat = os.stat(record.image_path)
+        except FileNotFoundError:
+            missing.append(record.image_path)
+            continue
+        except OSError as exc:
+            raise DatasetError(f"{record.image_path}: cannot read: {exc.strerror or exc}") from None
+        name = os.path.relpath(record.image_path, json_path.parent)  # the data set may move, cache and all
+        digest.update(f"{name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    if missing:
+        shown = ", ".join(str(path) for path in missing[:3]) + (", ..." if len(missing) > 3 else "")
+        raise DatasetError(f"{len(missing)} of the {len(records)} images of split {split!r} not found: {shown}")
+    return json_path.parent / "cache" / f"{split}-{size}px-{digest.hexdigest()[:12]}.npy"
 
 
 def _decode_all(records: list, size: int, split: str) -> np.ndarray:
@@ -89,8 +111,7 @@ def _decode_all(records: list, size: int, split: str) -> np.ndarray:
     return pixels
 
 
-def pixel_cache(json_path: Path, split: str, size: int, records: list) -> np.ndarray:
-    cache = _cache_path(json_path, split, size)
+def pixel_cache(json_path: Path, split: str, size: int, records: list, cache: Path) -> np.ndarray:
     unreadable = False
     if cache.exists():
         cached = _read_cache(cache, (len(records), 3, size, size))
@@ -103,6 +124,9 @@ def pixel_cache(json_path: Path, split: str, size: int, records: list) -> np.nda
         cache.parent.mkdir(exist_ok=True)
         np.save(tmp, pixels)
         tmp.replace(cache)
+        for stale in cache.parent.glob(f"{split}-{size}px-*.npy"):  # earlier versions of the split's pixels
+            if stale != cache and not stale.name.endswith(".tmp.npy"):
+                stale.unlink(missing_ok=True)
     except OSError:
         # a read-only data set (a shared COCO mount): go on without the cache, decoding the images each run
         with contextlib.suppress(OSError):
@@ -119,11 +143,17 @@ def split_pixels(dataset: Path | str, split: str, image_size: int, limit: int | 
     records = records_for_split(load_karpathy(json_path), split)
     if not records:
         raise ValueError(f"{json_path}: no images in split {split!r}")
-    if limit is not None and limit < len(records) and not _cache_path(json_path, split, image_size).exists():
-        # a quick look at a few images need not decode the whole split (5000 for COCO's test) to cache it
-        records = records[:limit]
-        return records, torch.from_numpy(_decode_all(records, image_size, split))
-    pixels = torch.from_numpy(pixel_cache(json_path, split, image_size, records))
+    if limit is not None and limit < len(records):
+        try:
+            cache = _cache_path(json_path, split, image_size, records)
+        except DatasetError:
+            cache = None  # an image missing further on need not stop a look at the first few
+        if cache is None or not cache.exists():
+            # a quick look at a few images need not decode the whole split (5000 for COCO's test) to cache it
+            records = records[:limit]
+            return records, torch.from_numpy(_decode_all(records, image_size, split))
+    cache = _cache_path(json_path, split, image_size, records)
+    pixels = torch.from_numpy(pixel_cache(json_path, split, image_size, records, cache))
     if limit is not None:
         records, pixels = records[:limit], pixels[:limit]
     return records, pixels

@@ -11,6 +11,8 @@ import torch
 from PIL import Image
 
 from models.dataset import DatasetError, load_karpathy, records_for_split, tokenize
+from models.images import load_image
+from models.preprocess import image_to_uint8
 from models.synthetic import generate_dataset
 from models.training_data import split_pixels
 
@@ -173,8 +175,48 @@ def test_a_truncated_or_missing_image_is_one_line_naming_it(tmp_path: Path) -> N
     assert "\n" not in str(info.value)
     assert not list((tmp_path / "cache").glob("train-*"))  # nothing cached from a split that could not be read
     image.unlink()
-    with pytest.raises(DatasetError, match=f"{image}: image file not found"):
+    with pytest.raises(DatasetError, match=f"1 of the 3 images of split 'train' not found: {image}$"):
         split_pixels(json_path, "train", 32)
+
+
+def test_the_pixel_cache_follows_the_images_on_disk(tmp_path: Path) -> None:
+    """An image edited or replaced after the split was cached gives its new pixels, not the cached ones; missing
+    images are all named at once, before anything is decoded; the replaced cache does not pile up."""
+    json_path = generate_dataset(tmp_path, 3, 1, 0, seed=0, image_size=32, workers=1)
+    _, before = split_pixels(json_path, "train", 32)
+    image = tmp_path / "images" / "train_000001.png"
+    Image.new("RGB", (32, 32), (0, 0, 0)).save(image)
+    _, after = split_pixels(json_path, "train", 32)
+    assert torch.equal(after[0], before[0]) and torch.equal(after[2], before[2])
+    assert int(after[1].max()) == 0 and not torch.equal(after[1], before[1])
+    assert len(list((tmp_path / "cache").glob("train-32px-*.npy"))) == 1
+    for name in ("train_000001.png", "train_000002.png"):
+        (tmp_path / "images" / name).unlink()
+    with pytest.raises(DatasetError, match=r"^2 of the 3 images of split 'train' not found: .*train_000001\.png, "
+                       r".*train_000002\.png$"):
+        split_pixels(json_path, "train", 32)
+    records, few = split_pixels(json_path, "train", 32, limit=1)  # a quick look before the missing ones
+    assert len(records) == 1
+
+
+def test_training_pixels_are_decoded_as_the_service_decodes_uploads(tmp_path: Path) -> None:
+    """Transparency over white, EXIF orientation, 16-bit greyscale scaled: the pixels a model is trained and
+    evaluated on are the ones `capeen caption` and the service give it."""
+    json_path = generate_dataset(tmp_path, 3, 1, 0, seed=0, image_size=32, workers=1)
+    files = sorted((tmp_path / "images").glob("train_*.png"))
+    Image.new("RGBA", (32, 32), (255, 0, 0, 0)).save(files[0])  # fully transparent
+    Image.fromarray(np.full((32, 32), 32768, dtype=np.uint16)).save(files[1])  # mid-grey in 16 bits
+    rotated = Image.new("RGB", (32, 16), (0, 0, 255))
+    rotated.paste((0, 255, 0), (0, 0, 16, 16))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    rotated.save(files[2], exif=exif)
+    _, pixels = split_pixels(json_path, "train", 32)
+    for file, row in zip(files, pixels):
+        expected = image_to_uint8(load_image(file), 32)
+        assert np.array_equal(row.numpy(), expected), file.name
+    assert int(pixels[0].min()) == 255  # transparent is white, not black
+    assert 120 <= int(pixels[1].float().mean()) <= 135  # not saturated to white
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "other shape"])
@@ -196,3 +238,10 @@ def test_an_unreadable_pixel_cache_is_named_and_rebuilt(tmp_path: Path, capsys, 
     assert np.array_equal(np.load(cache, allow_pickle=False), first.numpy())  # rebuilt on disk
     _, again = split_pixels(json_path, "train", 32)
     assert torch.equal(again, first) and "pixel cache" not in capsys.readouterr().err
+
+
+def test_json_nested_too_deeply_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "deep.json"
+    path.write_text("[" * 200_000 + "]" * 200_000)
+    with pytest.raises(DatasetError, match="nested too deeply"):
+        load_karpathy(path)
