@@ -14,7 +14,7 @@ import sys
 
 # Defined in its own module so that `python -m capeen.cli` (which loads this file twice) still catches it.
 from capeen.errors import UserError
-from capeen.options import add_half, add_kv_fill
+from capeen.options import add_half, add_image_dir, add_kv_fill
 
 
 def _handler(target: str):
@@ -44,6 +44,7 @@ def _add_train(sub) -> None:
                    help="encoder: pre-train the image encoder on ground-truth scene objects (synthetic data); "
                         "backbone: encoder + decoder on captions; exits: the exit heads on a frozen backbone")
     p.add_argument("--data", required=True, help="data set directory (with dataset.json) or a Karpathy JSON file")
+    add_image_dir(p)
     p.add_argument("--out", required=True, help="checkpoint directory to write")
     p.add_argument("--init", help="checkpoint to start from (required for --stage exits)")
     p.add_argument("--run-dir", help="where resumable state goes (default runs/<out name>/<stage>)")
@@ -106,6 +107,7 @@ def _add_serve(sub) -> None:
 def _add_model_source(p, default_split: str) -> None:
     p.add_argument("--checkpoint", help="checkpoint directory (default: the shipped one)")
     p.add_argument("--data", required=True, help="data set directory (with dataset.json) or a Karpathy JSON file")
+    add_image_dir(p)
     p.add_argument("--split", default=default_split)
     p.add_argument("--limit", type=int, help="use only the first N images of the split")
     p.add_argument("--batch-size", type=int, default=1, help="images decoded together (1: per-caption latency)")

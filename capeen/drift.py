@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from capeen.errors import UserError
-from capeen.options import add_half, add_kv_fill
+from capeen.options import add_half, add_image_dir, add_kv_fill
 
 # numpy, torch, matplotlib and the model code are imported inside the functions that need them, so that
 # building the `capeen` parser (add_arguments) stays as light as the rest of the CLI.
@@ -549,6 +549,7 @@ def plot_thresholds(report: dict[str, Any], path: Path) -> None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", help="checkpoint directory (default: the shipped one)")
     p.add_argument("--data", required=True, help="data set directory (with dataset.json) or a Karpathy JSON file")
+    add_image_dir(p)
     p.add_argument("--split", default="test", help="split the stream's images come from (default test)")
     p.add_argument("--phase-length", type=int, default=DEFAULT_PHASE_LENGTH, help=f"requests per phase (default {DEFAULT_PHASE_LENGTH})")
     p.add_argument("--phases", default=DEFAULT_PHASES,
@@ -674,7 +675,7 @@ def bench_drift_main(args) -> int:
     if fixed_threshold is None:
         raise UserError("this checkpoint has no calibrated threshold: run `capeen calibrate` or pass --threshold")
     try:
-        data = load_eval_set(args.data, args.split, engine.config.image_size)
+        data = load_eval_set(args.data, args.split, engine.config.image_size, image_root=args.image_dir)
     except (DatasetError, ValueError, OSError) as exc:
         raise UserError(str(exc)) from None
     report = run_drift(engine, data, phase_length=args.phase_length, seed=args.seed,

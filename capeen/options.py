@@ -21,3 +21,11 @@ def add_half(parser: argparse.ArgumentParser) -> None:
     """`--half`: decode in bf16 (fp16 where the GPU lacks bf16) on CUDA; a CPU keeps fp32, which is faster there."""
     parser.add_argument("--half", action="store_true",
                         help="half precision on CUDA (bf16, else fp16); ignored on a CPU")
+
+
+def add_image_dir(parser: argparse.ArgumentParser) -> None:
+    """`--image-dir`: where a caption file's image paths start, when the images are not beside it."""
+    parser.add_argument("--image-dir", metavar="DIR",
+                        help="folder the caption file's image paths are relative to (default: the caption file's "
+                             "folder); e.g. flickr30k-images/ for dataset_flickr30k.json, or the folder holding "
+                             "train2014/ and val2014/ for dataset_coco.json")

@@ -38,6 +38,7 @@ def train_main(args) -> int:
         seed=args.seed, device=args.device, alpha=args.alpha, temperature=args.temperature, ce_only=args.ce_only,
         keep_exits=args.keep_exits, exit_aware=args.exit_aware, aux_weight=args.aux_weight, resume=args.resume,
         model_overrides=_parse_overrides(args.model_config), name=args.name or Path(args.out).name,
+        image_dir=Path(args.image_dir) if args.image_dir else None,
     )
     if not opts.data.exists():
         raise UserError(f"{opts.data}: data set not found (make one with `capeen data --out DIR`)")
@@ -130,7 +131,7 @@ def _eval_set(args, engine, split: str):
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
     try:
-        return load_eval_set(args.data, split, engine.config.image_size, limit=args.limit)
+        return load_eval_set(args.data, split, engine.config.image_size, limit=args.limit, image_root=args.image_dir)
     except (DatasetError, ValueError, OSError) as exc:
         raise UserError(str(exc)) from None
 

@@ -149,6 +149,8 @@ def load_karpathy(
     if not isinstance(images, list):
         raise DatasetError(f"{path}: missing \"images\" list")
     root = Path(image_root) if image_root is not None else path.parent
+    if not root.is_dir():
+        raise DatasetError(f"{root}: image folder not found")
     return [_record(entry, f"{path}: images[{i}]", root, keep_restval) for i, entry in enumerate(images)]
 
 

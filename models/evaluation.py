@@ -231,11 +231,13 @@ def exit_agreement(engine: CaptionEngine, data: EvalSet, batch_size: int = 32) -
     return {layer: count / max(1, total) for layer, count in sorted(agree.items())}
 
 
-def load_eval_set(dataset: str, split: str, image_size: int, limit: int | None = None) -> EvalSet:
-    """A split of a Karpathy-format data set as uint8 pixels plus references (and scene objects when known)."""
+def load_eval_set(dataset: str, split: str, image_size: int, limit: int | None = None,
+                  image_root: str | None = None) -> EvalSet:
+    """A split of a Karpathy-format data set as uint8 pixels plus references (and scene objects when known);
+    `image_root` as in models.training_data.split_pixels."""
     from models.training_data import split_pixels
 
-    records, pixels = split_pixels(dataset, split, image_size, limit)
+    records, pixels = split_pixels(dataset, split, image_size, limit, image_root)
     references = [[" ".join(words) for words in record.captions] for record in records]
     objects = [record.objects for record in records] if all(r.objects is not None for r in records) else None
     return EvalSet(pixels=pixels, references=references, objects=objects)

@@ -89,6 +89,7 @@ class TrainOptions:
     resume: bool = False
     model_overrides: dict | None = None
     name: str = "capeen"
+    image_dir: Path | None = None  # where the caption file's image paths start (default: the caption file's folder)
 
 
 _DAMAGED = "the run state is damaged: start the run again without --resume, or with a new --run-dir"
@@ -284,9 +285,10 @@ class Trainer:
             dataset = load_karpathy(resolve_dataset_json(opts.data))
             for split in ("train", "val"):
                 scene_labels(records_for_split(dataset, split), split)
-        self.train = load_split(opts.data, "train", self.tokenizer, self.config.image_size, self.config.n_positions)
+        self.train = load_split(opts.data, "train", self.tokenizer, self.config.image_size, self.config.n_positions,
+                                image_root=opts.image_dir)
         self.val = load_split(opts.data, "val", self.tokenizer, self.config.image_size, self.config.n_positions,
-                              limit=opts.val_images)
+                              limit=opts.val_images, image_root=opts.image_dir)
         self.probe: SceneProbe | None = None
         if opts.stage == "encoder":
             self.train_labels = scene_labels(self.train.records, "train")

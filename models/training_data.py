@@ -137,10 +137,12 @@ def pixel_cache(json_path: Path, split: str, size: int, records: list, cache: Pa
     return pixels
 
 
-def split_pixels(dataset: Path | str, split: str, image_size: int, limit: int | None = None) -> tuple[list, torch.Tensor]:
-    """The records of one split (the first `limit`) and their pixels, uint8 (N, 3, S, S), cached on disk."""
+def split_pixels(dataset: Path | str, split: str, image_size: int, limit: int | None = None,
+                 image_root: Path | str | None = None) -> tuple[list, torch.Tensor]:
+    """The records of one split (the first `limit`) and their pixels, uint8 (N, 3, S, S), cached on disk.
+    `image_root`: the folder the caption file's image paths start from (default: the caption file's)."""
     json_path = resolve_dataset_json(dataset)
-    records = records_for_split(load_karpathy(json_path), split)
+    records = records_for_split(load_karpathy(json_path, image_root), split)
     if not records:
         raise ValueError(f"{json_path}: no images in split {split!r}")
     if limit is not None and limit < len(records):
@@ -160,8 +162,8 @@ def split_pixels(dataset: Path | str, split: str, image_size: int, limit: int | 
 
 
 def load_split(json_path: Path, split: str, tokenizer: WordTokenizer, image_size: int, max_len: int,
-               limit: int | None = None) -> SplitTensors:
-    records, pixels = split_pixels(json_path, split, image_size, limit)
+               limit: int | None = None, image_root: Path | None = None) -> SplitTensors:
+    records, pixels = split_pixels(json_path, split, image_size, limit, image_root)
     most = max(len(r.captions) for r in records)
     captions = torch.full((len(records), most, max_len), tokenizer.pad_id, dtype=torch.long)
     counts = torch.zeros(len(records), dtype=torch.long)

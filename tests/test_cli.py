@@ -262,6 +262,24 @@ def test_evaluate_missing_data(capsys, tiny_checkpoint, tmp_path):
     assert_one_line_error(err, "capeen evaluate: error:", str(tmp_path / "nothing"))
 
 
+def test_evaluate_flickr30k_with_its_image_folder_elsewhere(capsys, tiny_checkpoint, tmp_path):
+    """The usual layout: dataset_flickr30k.json beside flickr30k-images/, not inside it."""
+    fixtures = REPO / "tests" / "fixtures"
+    caption_file = tmp_path / "dataset_flickr30k.json"
+    shutil.copy(fixtures / "karpathy_flickr_tiny.json", caption_file)
+    rc, _, err = run(capsys, "evaluate", "--checkpoint", tiny_checkpoint, "--data", caption_file, "--mode", "full")
+    assert rc == 2
+    assert_one_line_error(err, "1 of the 1 images of split 'test' not found", str(tmp_path / "10002456.png"))
+    rc, out, err = run(capsys, "evaluate", "--checkpoint", tiny_checkpoint, "--data", caption_file, "--mode", "full",
+                       "--image-dir", fixtures / "flickr30k_images")
+    assert rc == 0, err
+    assert "images=1" in out and "CIDEr-D" in out
+    rc, _, err = run(capsys, "evaluate", "--checkpoint", tiny_checkpoint, "--data", caption_file,
+                     "--image-dir", tmp_path / "no-such-folder")
+    assert rc == 2
+    assert_one_line_error(err, str(tmp_path / "no-such-folder"), "image folder not found")
+
+
 @pytest.mark.parametrize("quality", ["2", "0", "-0.5"])
 def test_calibrate_bad_quality(capsys, tiny_checkpoint, data, quality):
     rc, out, err = run(capsys, "calibrate", "--checkpoint", tiny_checkpoint, "--data", data, "--quality", quality)
