@@ -207,6 +207,9 @@ def calibrate_main(args) -> int:
         save_thresholds(engine.checkpoint.path, result)
     full = result.details["full_depth"]
     print(f"full depth: CIDEr-D {full['ciderD']:.3f}  BLEU-4 {full['bleu4']:.3f}")
+    if full["ciderD"] <= 0:
+        print(f"capeen calibrate: warning: full depth scores CIDEr-D 0 on split {args.split!r}, so every setting "
+              "keeps all of it and the fastest is chosen; is this model trained for these captions?", file=sys.stderr)
     for entry in result.sweep:
         exits = _exit_plan(entry["exit_layers"], entry["threshold"], entry.get("exit_offsets"))
         bound = entry.get("ciderD_share_lower_bound")

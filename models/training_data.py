@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import os
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -145,6 +146,10 @@ def split_pixels(dataset: Path | str, split: str, image_size: int, limit: int | 
     records = records_for_split(load_karpathy(json_path, image_root), split)
     if not records:
         raise ValueError(f"{json_path}: no images in split {split!r}")
+    repeated = [path for path, count in Counter(r.image_path for r in records).items() if count > 1]
+    if repeated:
+        print(f"capeen: split {split!r} of {json_path} lists {len(repeated)} image(s) more than once "
+              f"(first: {repeated[0]}); each listing counts as an image", file=sys.stderr)
     if limit is not None and limit < len(records):
         try:
             cache = _cache_path(json_path, split, image_size, records)
@@ -172,8 +177,26 @@ def load_split(json_path: Path, split: str, tokenizer: WordTokenizer, image_size
         for j, words in enumerate(record.captions):
             ids = tokenizer.encode(words, max_len=max_len)
             captions[i, j, : len(ids)] = torch.tensor(ids)
+    _note_what_the_model_cannot_learn(records, split, tokenizer, max_len)
     return SplitTensors(pixels=pixels, captions=captions, caption_counts=counts, records=records,
                         pad_id=tokenizer.pad_id)
+
+
+def _note_what_the_model_cannot_learn(records: list, split: str, tokenizer: WordTokenizer, max_len: int) -> None:
+    """One line each on stderr: captions cut to the model's length, and words outside its vocabulary (many of
+    them when `--init` brings a checkpoint trained on other captions)."""
+    captions = [words for record in records for words in record.captions]
+    longest = max_len - 2  # the begin and end tokens take two positions
+    cut = sum(len(words) > longest for words in captions)
+    if cut:
+        print(f"capeen: {cut} of the {len(captions)} {split} captions are longer than the model's {longest} words "
+              f"and are cut to them", file=sys.stderr)
+    words = [word for caption in captions for word in caption]
+    unknown = sum(word not in tokenizer.index for word in words)
+    if unknown:
+        print(f"capeen: {unknown} of the {len(words)} words of the {split} captions "
+              f"({100 * unknown / len(words):.1f}%) are not in the model's vocabulary and become <unk>",
+              file=sys.stderr)
 
 
 def build_tokenizer(json_path: Path) -> WordTokenizer:

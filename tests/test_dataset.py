@@ -245,3 +245,40 @@ def test_json_nested_too_deeply_is_one_line(tmp_path: Path) -> None:
     path.write_text("[" * 200_000 + "]" * 200_000)
     with pytest.raises(DatasetError, match="nested too deeply"):
         load_karpathy(path)
+
+
+def test_cut_captions_and_unknown_words_are_reported(tmp_path: Path, capsys) -> None:
+    from models.tokenizer import SPECIALS, WordTokenizer
+    from models.training_data import load_split
+
+    json_path = generate_dataset(tmp_path, 3, 1, 0, seed=0, image_size=32, workers=1)
+    captions = [c for r in records_for_split(load_karpathy(json_path), "train") for c in r.captions]
+    words = sorted({w for c in captions for w in c})
+    longest = max(len(c) for c in captions)
+    capsys.readouterr()
+    load_split(json_path, "train", WordTokenizer([*SPECIALS, *words]), 32, max_len=longest + 2)
+    assert capsys.readouterr().err.count("capeen:") == 0  # every caption fits and every word is known
+    split = load_split(json_path, "train", WordTokenizer([*SPECIALS, *words[1:]]), 32, max_len=longest + 1)
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("capeen:")]
+    cut = sum(len(c) == longest for c in captions)
+    unknown = sum(c.count(words[0]) for c in captions)
+    assert notes == [
+        f"capeen: {cut} of the {len(captions)} train captions are longer than the model's {longest - 1} words and "
+        "are cut to them",
+        f"capeen: {unknown} of the {sum(map(len, captions))} words of the train captions "
+        f"({100 * unknown / sum(map(len, captions)):.1f}%) are not in the model's vocabulary and become <unk>",
+    ]
+    assert split.captions.shape[-1] == longest + 1
+
+
+def test_an_image_listed_twice_is_reported(tmp_path: Path, capsys) -> None:
+    json_path = generate_dataset(tmp_path, 3, 1, 0, seed=0, image_size=32, workers=1)
+    data = json.loads(json_path.read_text())
+    data["images"].append(data["images"][0])
+    json_path.write_text(json.dumps(data))
+    capsys.readouterr()
+    records, pixels = split_pixels(json_path, "train", 32)
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("capeen:")]
+    assert len(records) == len(pixels) == 4
+    assert notes == [f"capeen: split 'train' of {json_path} lists 1 image(s) more than once "
+                     f"(first: {records[0].image_path}); each listing counts as an image"]
