@@ -143,7 +143,7 @@ def split_pixels(dataset: Path | str, split: str, image_size: int, limit: int | 
     """The records of one split (the first `limit`) and their pixels, uint8 (N, 3, S, S), cached on disk.
     `image_root`: the folder the caption file's image paths start from (default: the caption file's)."""
     json_path = resolve_dataset_json(dataset)
-    records = records_for_split(load_karpathy(json_path, image_root), split)
+    records = records_for_split(load_karpathy(json_path, image_root, keep_restval=split == "restval"), split)
     if not records:
         raise ValueError(f"{json_path}: no images in split {split!r}")
     repeated = [path for path, count in Counter(r.image_path for r in records).items() if count > 1]

@@ -282,3 +282,13 @@ def test_an_image_listed_twice_is_reported(tmp_path: Path, capsys) -> None:
     assert len(records) == len(pixels) == 4
     assert notes == [f"capeen: split 'train' of {json_path} lists 1 image(s) more than once "
                      f"(first: {records[0].image_path}); each listing counts as an image"]
+
+
+def test_coco_restval_can_be_asked_for_by_name(tmp_path: Path) -> None:
+    """restval counts as train, but `--split restval` means those images alone."""
+    json_path = tmp_path / "dataset_coco.json"
+    json_path.write_bytes((FIXTURES / "karpathy_coco_tiny.json").read_bytes())
+    records, pixels = split_pixels(json_path, "restval", 32, image_root=FIXTURES)
+    assert [r.image_id for r in records] == [73] and pixels.shape == (1, 3, 32, 32)
+    train, _ = split_pixels(json_path, "train", 32, image_root=FIXTURES)
+    assert [r.image_id for r in train] == [73]
