@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from capeen.errors import UserError
+from capeen.errors import UserError, check_output
 from capeen.options import add_half, add_image_dir, add_kv_fill
 
 # numpy, torch, matplotlib and the model code are imported inside the functions that need them, so that
@@ -540,7 +540,6 @@ def plot_thresholds(report: dict[str, Any], path: Path) -> None:
     fig.suptitle(f"bench-drift ({report['checkpoint']}): threshold chosen per request, phases split by red lines",
                  fontsize=9)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -658,6 +657,8 @@ def _parse_args(args) -> dict[str, Any]:
 def bench_drift_main(args) -> int:
     """Run the drift benchmark; prints the Markdown table, writes --json and --plot. Exit 0 (1: no output)."""
     options = _parse_args(args)
+    check_output("--json", args.json)
+    check_output("--plot", args.plot, plot=True)
     import torch
 
     from models.checkpoint import CheckpointError
@@ -683,9 +684,7 @@ def bench_drift_main(args) -> int:
                        progress=not args.quiet, **options)
     print(format_table(report))
     if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
         print(f"wrote {args.json}")
     if args.plot:
         plot_thresholds(report, Path(args.plot))

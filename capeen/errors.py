@@ -23,6 +23,20 @@ def output_file_problem(path: Path) -> str | None:
     return None
 
 
+PLOT_SUFFIXES = (".png", ".pdf", ".svg")
+
+
+def check_output(option: str, path: str | None, plot: bool = False) -> None:
+    """Refuse an output file that could not be written, before the work whose result it would hold."""
+    if path is None:
+        return
+    problem = output_file_problem(Path(path))
+    if problem is None and plot and Path(path).suffix.lower() not in PLOT_SUFFIXES:
+        problem = f"name the plot file with one of {', '.join(PLOT_SUFFIXES)}"
+    if problem:
+        raise UserError(f"{option} {path}: {problem}")
+
+
 def first_line(exc: BaseException) -> str:
     """What went wrong, in one line: an OS error's own words, else the first line of the message, else its type."""
     text = getattr(exc, "strerror", None) or str(exc).strip()

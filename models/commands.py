@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from capeen.errors import UserError, first_line, output_file_problem
+from capeen.errors import UserError, check_output, first_line
 
 
 def _parse_overrides(text: str | None) -> dict:
@@ -64,13 +64,6 @@ def _engine(args):
     except RuntimeError as exc:  # torch's words for a device string it cannot parse
         raise UserError(f"--device {args.device}: not a device torch knows (auto, cpu, cuda or cuda:N): "
                         f"{first_line(exc)}") from None
-
-
-def _check_output(option: str, path: str | None) -> None:
-    """Refuse an output file that could not be written, before the work whose result it would hold."""
-    problem = None if path is None else output_file_problem(Path(path))
-    if problem:
-        raise UserError(f"{option} {path}: {problem}")
 
 
 def caption_main(args) -> int:
@@ -239,8 +232,8 @@ def evaluate_main(args) -> int:
         raise UserError(str(exc)) from None
     if args.plot and args.mode != "sweep":
         raise UserError("--plot needs --mode sweep")
-    _check_output("--json", args.json)
-    _check_output("--plot", args.plot)
+    check_output("--json", args.json)
+    check_output("--plot", args.plot, plot=True)
     sweep_grid = _thresholds(args.thresholds) if args.mode == "sweep" else []
     engines = [_engine(args)] + [_engine(argparse.Namespace(checkpoint=c, device=args.device, half=args.half,
                                                                   kv_fill=args.kv_fill))
@@ -332,7 +325,7 @@ def bench_main(args) -> int:
     _set_threads(args)
     if args.images < 1:
         raise UserError(f"--images must be at least 1, got {args.images}")
-    _check_output("--json", args.json)
+    check_output("--json", args.json)
     engine = _engine(args)
     try:
         threshold = engine.threshold_for("fixed", args.threshold)

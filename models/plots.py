@@ -37,6 +37,5 @@ def plot_sweeps(reports: list[dict], path: Path, metric: str = "ciderD") -> None
     ax.legend(fontsize=8)
     ax.set_title("Early exit: caption quality against wall-clock speedup")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)

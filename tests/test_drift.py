@@ -189,6 +189,23 @@ def test_bad_options_are_user_errors(tiny_data, checkpoint, flag, value):
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize("flag, value, problem", [
+    ("--json", "{tmp}", "is a directory"), ("--json", "{tmp}/missing/drift.json", "does not exist"),
+    ("--plot", "{tmp}/drift.xyz", "name the plot file with one of .png"), ("--plot", "{tmp}/drift", ".png"),
+    ("--plot", "{tmp}", "is a directory"),
+])
+def test_output_files_are_checked_before_the_run(tmp_path, tiny_data, checkpoint, monkeypatch, flag, value,
+                                                 problem):
+    """A bad --json or --plot path is refused at once, not after a benchmark that may take hours."""
+    import capeen.drift
+
+    monkeypatch.setattr(capeen.drift, "run_drift", lambda *a, **k: pytest.fail("the run started"))
+    args = _args("--checkpoint", str(checkpoint), "--data", str(tiny_data), flag, value.format(tmp=tmp_path))
+    with pytest.raises(UserError, match=problem):
+        bench_drift_main(args)
+    assert not (tmp_path / "missing").exists()
+
+
 def _short_run(tmp_path, tiny_data, checkpoint, *options: str) -> dict:
     """Two phases of 3 requests, without decoding the best fixed arm; the JSON report."""
     args = _args("--checkpoint", str(checkpoint), "--data", str(tiny_data), "--phase-length", "3",
