@@ -416,6 +416,9 @@ class Policy(ABC):
         observations = _int_array(state, "observations", len(self.arms))
         if pulls.sum() != rounds:
             raise SnapshotError(f"snapshot pulls add up to {pulls.sum()}, not to its {rounds} rounds")
+        # every request observes its own arm's reward, and each arm's at most once
+        if np.any(observations < pulls) or np.any(observations > rounds):
+            raise SnapshotError("snapshot observations must lie between each arm's pulls and the rounds")
         # Everything is parsed before anything is assigned, so a bad state leaves this policy untouched.
         parsed = self._parse_state(state, rounds, observations)
         with self._lock:
@@ -427,6 +430,14 @@ class Policy(ABC):
         write_json_atomic(path, self.snapshot())
 
     # --- internals ---------------------------------------------------------------------------------
+
+    @property
+    def _reward_bound(self) -> float:
+        """Rewards lie in [-(1 + mu), 1]: C_i - C_1 is in [-1, 1] and mu * cost_i in [0, mu]."""
+        return 1.0 + self.mu
+
+    def _is_reward(self, value: Any) -> bool:
+        return _is_finite_number(value) and -self._reward_bound - 1e-9 <= value <= 1.0 + 1e-9
 
     def _check_arm(self, arm: Arm) -> None:
         if not (isinstance(arm, Arm) and 0 <= arm.index < len(self.arms) and self.arms[arm.index] == arm):
@@ -468,11 +479,19 @@ def _means(counts: np.ndarray, sums: np.ndarray) -> np.ndarray:
     return sums / np.where(counts > 0, counts, 1.0)
 
 
-def _squares(state: Mapping[str, Any], sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """The snapshot's sums of squared rewards, checked against its sums and counts."""
+def _squares(state: Mapping[str, Any], sums: np.ndarray, counts: np.ndarray, bound: float) -> np.ndarray:
+    """The snapshot's sums of squared rewards, checked with its sums against its counts. A reward lies in
+    [-bound, 1] (bound = 1 + mu), so n rewards sum to at most n * bound in size and their squares to n * bound^2:
+    an impossible sum (a tampered file, a bug) would pin the policy on one arm for good."""
+    slack = counts * 1e-9 + 1e-9
+    if np.any(np.abs(sums) > counts * bound + slack):
+        raise SnapshotError(f"snapshot sums exceed what its counts of rewards in [-{bound:g}, 1] can add up to")
     squares = _float_array(state, "squares", len(sums))
-    # Cauchy-Schwarz, sum^2 <= n * sum of squares: the variance may not be negative (beyond round-off).
-    if np.any(squares < 0) or np.any(sums**2 > counts * squares * (1 + 1e-9) + 1e-12):
+    if np.any(squares < 0) or np.any(squares > counts * bound**2 + slack * bound):
+        raise SnapshotError(f"snapshot squares exceed what its counts of rewards in [-{bound:g}, 1] can add up to")
+    # Cauchy-Schwarz, sum^2 <= n * sum of squares: the variance may not be negative beyond round-off, which
+    # grows with the count (n equal rewards added one by one drift by about n machine epsilons).
+    if np.any(sums**2 > counts * squares * (1 + 1e-9 + 4e-16 * counts) + 1e-12):
         raise SnapshotError("snapshot squares do not fit its sums and counts (a negative variance)")
     return squares
 
@@ -507,7 +526,7 @@ class UCB1(Policy):
 
     def _parse_state(self, state: Mapping[str, Any], rounds: int, observations: np.ndarray) -> dict[str, Any]:
         sums = _float_array(state, "sums", len(self.arms))
-        return {"_sums": sums, "_squares": _squares(state, sums, observations.astype(float))}
+        return {"_sums": sums, "_squares": _squares(state, sums, observations.astype(float), self._reward_bound)}
 
 
 class DiscountedUCB(Policy):
@@ -555,7 +574,7 @@ class DiscountedUCB(Policy):
         if np.any(counts < 0) or np.any(counts > horizon + 1e-9):
             raise SnapshotError("snapshot counts must lie between 0 and the horizon")
         sums = _float_array(state, "sums", len(self.arms))
-        return {"_sums": sums, "_squares": _squares(state, sums, counts), "_counts": counts,
+        return {"_sums": sums, "_squares": _squares(state, sums, counts, self._reward_bound), "_counts": counts,
                 "_horizon": float(horizon)}
 
 
@@ -610,8 +629,8 @@ class SlidingWindowUCB(Policy):
         for row in rows:
             if not isinstance(row, list) or len(row) != len(self.arms):
                 raise SnapshotError(f"snapshot history rows must list {len(self.arms)} rewards")
-            if not all(v is None or _is_finite_number(v) for v in row):
-                raise SnapshotError("snapshot history holds a reward that is neither null nor a finite number")
+            if not all(v is None or self._is_reward(v) for v in row):
+                raise SnapshotError(f"snapshot history holds a value that is not a reward in [-{self._reward_bound:g}, 1]")
             history.append(np.array([np.nan if v is None else v for v in row], dtype=float))
         matrix = np.array(history).reshape(len(history), len(self.arms))
         seen = ~np.isnan(matrix)
@@ -741,15 +760,16 @@ class ChangeDetectingUCB(Policy):
             known = [v is not None for v in row]
             if any(a and not b for a, b in pairwise(known)) or sum(known) > counts[arm]:
                 raise SnapshotError("snapshot recent rows must end with at most their arm's count of rewards")
-            if not all(v is None or _is_finite_number(v) for v in row):
-                raise SnapshotError("snapshot recent holds a reward that is neither null nor a finite number")
+            if not all(v is None or self._is_reward(v) for v in row):
+                raise SnapshotError(f"snapshot recent holds a value that is not a reward in [-{self._reward_bound:g}, 1]")
             recent[arm] = [np.nan if v is None else v for v in row]
         changes = state.get("changes")
         if not isinstance(changes, list) or not all(
                 isinstance(c, int) and not isinstance(c, bool) and 0 < c <= rounds for c in changes) \
                 or any(b <= a for a, b in pairwise(changes)):
             raise SnapshotError("snapshot changes must be increasing request numbers up to its rounds")
-        return {"_sums": sums, "_squares": _squares(state, sums, counts.astype(float)), "_counts": counts,
+        return {"_sums": sums, "_squares": _squares(state, sums, counts.astype(float), self._reward_bound),
+                "_counts": counts,
                 "_horizon": horizon, "_recent": recent, "_changes": list(changes)}
 
 

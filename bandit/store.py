@@ -30,11 +30,20 @@ class SnapshotError(ValueError):
 
 
 def write_json_atomic(path: str | os.PathLike[str], payload: Any) -> None:
-    """Write `payload` as JSON to `path` so that readers only ever see a complete file."""
-    target = Path(path)
+    """Write `payload` as JSON to `path` so that readers only ever see a complete file.
+
+    A symbolic link at `path` (into a persistent volume, say) is followed: the file it points to is replaced,
+    and the link stays. The file keeps its permissions; a new one is readable by all (0644), so that a backup
+    or monitoring job running as another user can read it."""
+    target = Path(os.path.realpath(path))
     text = json.dumps(payload, allow_nan=False, separators=(",", ":"))
+    try:
+        mode = target.stat().st_mode & 0o777
+    except OSError:
+        mode = 0o644
     fd, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
             handle.flush()

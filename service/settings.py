@@ -7,6 +7,7 @@ The field descriptions are the settings table of the README.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -86,11 +87,20 @@ class Settings(BaseSettings):
                              "service's process would take turns on one Python lock")
         return self
 
+    @field_validator("bandit_state", mode="before")
+    @classmethod
+    def _state_path_given(cls, value: object) -> object:
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("empty: give the snapshot's file path, or unset CAPEEN_BANDIT_STATE so that learning "
+                             "starts afresh at each start")
+        return value
+
     @field_validator("bandit_state")
     @classmethod
     def _writable_state_path(cls, value: Path | None) -> Path | None:
-        # checked at start: found out at shutdown, it would cost everything learnt since
-        problem = None if value is None else output_file_problem(value)
+        # checked at start: found out at shutdown, it would cost everything learnt since; a link is followed,
+        # as the snapshot's writer follows it
+        problem = None if value is None else output_file_problem(Path(os.path.realpath(value)))
         if problem:
             raise ValueError(f"{value}: {problem}, so the snapshot could not be written at shutdown")
         return value

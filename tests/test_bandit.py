@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import stat
 import subprocess
 import sys
 import threading
@@ -423,6 +424,14 @@ def test_bad_snapshots_are_set_aside_not_fatal(content, problem, tmp_path, caplo
     ("cd-ucb", "recent", lambda state: state["recent"][0].__setitem__(-1, 10**400)),
     ("sw-ucb", "history", lambda state: state["history"][-1].__setitem__(0, -10**400)),
     ("d-ucb", "horizon", lambda state: state.update(horizon=10**400)),
+    # impossible for rewards in [-(1 + mu), 1]: any of these would pin the policy on one arm for good
+    ("ucb1", "sums", lambda state: state["sums"].__setitem__(0, 50.0 * state["observations"][0] + 1)),
+    ("ucb1", "sums", lambda state: state.update(sums=[1e308] * 5, squares=[1e308] * 5)),
+    ("d-ucb", "squares", lambda state: state["squares"].__setitem__(0, 1e300)),
+    ("sw-ucb", "history", lambda state: state["history"][-1].__setitem__(0, 5.0)),
+    ("cd-ucb", "recent", lambda state: state["recent"][0].__setitem__(-1, -50.0)),
+    ("ucb1", "observations", lambda state: state["observations"].__setitem__(0, state["rounds"] + 1)),
+    ("ucb1", "observations", lambda state: state.update(observations=[0] * 5)),  # fewer than the pulls
 ])
 def test_restore_failure_leaves_the_policy_untouched(name, key, edit):
     p = _trained(name)
@@ -432,6 +441,36 @@ def test_restore_failure_leaves_the_policy_untouched(name, key, edit):
     with pytest.raises(SnapshotError, match=key):
         p.restore(broken)
     assert p.snapshot() == before
+
+
+def test_a_long_lived_constant_arm_still_restores_despite_float_round_off():
+    """n equal rewards added one by one drift by about n machine epsilons: after 5e7 of them the variance
+    check must not take the service's own snapshot for a negative variance."""
+    p = policy("ucb1")
+    n, reward = 50_000_000, -0.1 / 12
+    snapshot = p.snapshot()
+    arms = len(p.arms)
+    snapshot["state"].update(rounds=n, pulls=[n] + [0] * (arms - 1), observations=[n] + [0] * (arms - 1),
+                             sums=[n * reward * (1 + 5e-9)] + [0.0] * (arms - 1),
+                             squares=[n * reward**2] + [0.0] * (arms - 1))
+    p.restore(snapshot)
+    assert p.rounds == n
+
+
+def test_a_snapshot_path_that_is_a_link_updates_the_file_it_points_to(tmp_path):
+    """CAPEEN_BANDIT_STATE may link into a persistent volume: the link must survive the save, and the volume's
+    file must get the new state. Permissions are kept, and a new file is readable by others."""
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    real, link = volume / "bandit.json", tmp_path / "bandit.json"
+    write_json_atomic(real, {"v": 1})
+    assert stat.S_IMODE(real.stat().st_mode) == 0o644
+    real.chmod(0o640)
+    link.symlink_to(real)
+    write_json_atomic(link, {"v": 2})
+    assert link.is_symlink() and json.loads(real.read_text()) == {"v": 2}
+    assert stat.S_IMODE(real.stat().st_mode) == 0o640
+    assert sorted(p.name for p in volume.iterdir()) == ["bandit.json"]
 
 
 def test_atomic_write_leaves_old_file_and_no_temporary_on_failure(tmp_path, monkeypatch):

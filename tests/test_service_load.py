@@ -447,11 +447,12 @@ def _serve(*args: str, **env: str) -> subprocess.CompletedProcess:
         ((), {"CAPEEN_BANDIT_MU": "nan"}, "CAPEEN_BANDIT_MU"),
         ((), {"CAPEEN_BANDIT_STATE": "/no/such/folder/bandit.json"}, "folder /no/such/folder does not exist"),
         ((), {"CAPEEN_BANDIT_STATE": "/tmp"}, "is a directory"),
+        ((), {"CAPEEN_BANDIT_STATE": ""}, "CAPEEN_BANDIT_STATE: empty: give the snapshot's file path"),
         ((), {"CAPEEN_ADMIN_TOKEN": " "}, "CAPEEN_ADMIN_TOKEN: is set but empty"),
     ],
     ids=["bad-checkpoint", "bad-port", "bad-policy", "bad-grid", "bad-kv-fill", "no-engine", "engines-in-process",
          "bad-onednn", "infinite-timeout", "nan-price", "state-in-missing-folder", "state-is-a-folder",
-         "blank-admin-token"],
+         "empty-state-path", "blank-admin-token"],
 )
 def test_serve_reports_bad_configuration_in_one_line(args, env, says) -> None:
     done = _serve(*args, **env)
