@@ -28,6 +28,7 @@ class AdaptiveThreshold:
         self._factory = factory
         self._metrics = metrics
         self._changes_lock = threading.Lock()
+        self._save_lock = threading.Lock()
         self.state_path = state_path
         if state_path is None:
             self.policy = factory()
@@ -37,13 +38,23 @@ class AdaptiveThreshold:
             if loaded.restored:
                 log.info("bandit restored from %s (%d requests learnt)", state_path, self.policy.rounds)
         self._changes_counted = len(self.policy.changes)  # those before a restart are not counted again
+        self._saved = (self.policy, self.policy.rounds)  # what the snapshot on disk holds
         # read at each scrape: set after each update, concurrent updates could leave an older best showing
         metrics.bandit_threshold.set_function(lambda: self.policy.best().threshold)
 
-    def save(self) -> None:
+    def save(self, level: int = logging.INFO) -> None:
+        """Write the snapshot (nothing without a state path); raises OSError if it cannot be written."""
         if self.state_path is not None:
-            self.policy.save(self.state_path)
-            log.info("bandit snapshot written to %s (%d requests learnt)", self.state_path, self.policy.rounds)
+            with self._save_lock:  # one at a time, each taking the state when its turn comes: the last write is
+                policy = self.policy  # the newest state (a periodic save cannot overwrite a reset's)
+                rounds = policy.rounds
+                policy.save(self.state_path)
+                self._saved = (policy, rounds)
+            log.log(level, "bandit snapshot written to %s (%d requests learnt)", self.state_path, rounds)
+
+    def unsaved(self) -> bool:
+        """Whether the bandit learnt something, or was reset, since the snapshot on disk was written."""
+        return self.state_path is not None and self._saved != (self.policy, self.policy.rounds)
 
     def reset(self) -> None:
         with self._changes_lock:

@@ -74,6 +74,7 @@ class Runtime:
     batcher: Batcher
     max_tokens: int  # longest caption a request may ask for, and the default
     decode_slots: asyncio.Semaphore  # uploads being turned into pixels at once (each may take hundreds of MB)
+    saver: asyncio.Task | None = None  # writes the bandit snapshot every bandit_save_interval_s
 
     @property
     def engine(self) -> Engine:
@@ -108,6 +109,8 @@ class Runtime:
         most the batches being decoded. An engine that does not finish them within `DRAIN_TIMEOUT_S` is taken
         for hung: the snapshot is written all the same and the engine processes are killed, so that a stuck
         engine neither keeps the service from stopping nor costs what the bandit learnt."""
+        if self.saver is not None:
+            self.saver.cancel()
         try:
             await asyncio.wait_for(self.batcher.close(), DRAIN_TIMEOUT_S)
         except TimeoutError:
@@ -124,6 +127,18 @@ class Runtime:
             for engine in self.engines:
                 if isinstance(engine, EngineProcess):
                     engine.close()
+
+
+async def _save_periodically(bandit: AdaptiveThreshold, interval_s: float) -> None:
+    """Write the snapshot every `interval_s` while something new was learnt: a crash, an out-of-memory kill or
+    a SIGKILL then loses at most that much learning, not everything since the start."""
+    while True:
+        await asyncio.sleep(interval_s)
+        if bandit.unsaved():
+            try:
+                await asyncio.to_thread(bandit.save, logging.DEBUG)
+            except OSError as exc:  # a full disk, say: keep serving, and keep trying
+                log.error("could not write the bandit snapshot %s: %s", bandit.state_path, exc)
 
 
 def _record(metrics: ServingMetrics, bandit: AdaptiveThreshold, job: Job, result: CaptionResult) -> None:
@@ -164,6 +179,9 @@ def start_runtime(settings: Settings, registry: CollectorRegistry, engines: Sequ
                       decode_slots=asyncio.Semaphore(settings.decode_concurrency))
     metrics.describe_model(runtime.describe_model())
     batcher.start()
+    if settings.bandit_state is not None:
+        runtime.saver = asyncio.get_running_loop().create_task(
+            _save_periodically(bandit, settings.bandit_save_interval_s), name="capeen-bandit-saver")
     log.info("ready: %s on %s (%s), %d engine(s), policy %s", engine.name, engine.device,
              runtime.describe_model()["dtype"], len(engines), settings.policy)
     return runtime

@@ -55,7 +55,11 @@ class Settings(BaseSettings):
     policy: str = Field("cd-ucb", description="bandit policy of mode=adaptive: ucb1, sw-ucb, d-ucb or cd-ucb "
                         "(UCB1 that starts learning afresh when it detects that the rewards moved)")
     bandit_state: Path | None = Field(None, description="JSON snapshot of the bandit, restored at start and "
-                                      "written at shutdown; unset: learning starts afresh at each start")
+                                      "written while the service runs (bandit_save_interval_s), after a reset "
+                                      "and at shutdown; unset: learning starts afresh at each start")
+    bandit_save_interval_s: float = Field(60.0, gt=0, le=86_400, description="while the service runs, the bandit "
+                                          "snapshot is written this often when something was learnt (and at "
+                                          "shutdown, and after a reset): what a crash or a kill can lose")
     bandit_mu: float = Field(DEFAULT_MU, ge=0, le=100, description="the bandit's price of running the whole decoder, "
                              "in units of confidence")
     bandit_thresholds: str | None = Field(None, description="the bandit's arms, comma-separated thresholds in "
@@ -98,11 +102,11 @@ class Settings(BaseSettings):
     @field_validator("bandit_state")
     @classmethod
     def _writable_state_path(cls, value: Path | None) -> Path | None:
-        # checked at start: found out at shutdown, it would cost everything learnt since; a link is followed,
+        # checked at start: found out at the first save, it would cost what was learnt; a link is followed,
         # as the snapshot's writer follows it
         problem = None if value is None else output_file_problem(Path(os.path.realpath(value)))
         if problem:
-            raise ValueError(f"{value}: {problem}, so the snapshot could not be written at shutdown")
+            raise ValueError(f"{value}: {problem}, so the snapshot could not be written")
         return value
 
     @field_validator("admin_token")

@@ -278,6 +278,33 @@ def test_a_failing_batch_is_a_500_and_the_worker_goes_on(tiny_engine) -> None:
         assert http.post("/caption", files=upload(encode(noise_image(1)))).status_code == 200
 
 
+def _rounds_on_disk(path, timeout_s: float = 10.0, at_least: int = 0) -> int:
+    """The rounds in the snapshot at `path`, once it exists and holds at least `at_least`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if path.exists():
+            rounds = json.loads(path.read_text())["state"]["rounds"]
+            if rounds >= at_least:
+                return rounds
+        assert time.monotonic() < deadline, f"no snapshot with {at_least} rounds at {path}"
+        time.sleep(0.05)
+
+
+def test_the_bandit_is_saved_while_running_and_right_after_a_reset(tiny_engine, tmp_path) -> None:
+    """A crash or a SIGKILL must not lose everything learnt since the start, nor bring back a reset state."""
+    state = tmp_path / "bandit.json"
+    settings = Settings(bandit_state=state, bandit_save_interval_s=0.2, log_level="warning")
+    with running_server(settings, tiny_engine) as server, httpx.Client(base_url=server.url, timeout=30) as http:
+        for seed in range(3):
+            assert http.post("/caption", files=upload(encode(noise_image(seed)))).status_code == 200
+        assert _rounds_on_disk(state, at_least=3) == 3  # written by the running service, not at its stop
+        assert http.post("/v1/bandit/reset").status_code == 200
+        assert json.loads(state.read_text())["state"]["rounds"] == 0  # at once, before the next periodic save
+        written = state.stat().st_mtime_ns
+        time.sleep(0.6)
+        assert state.stat().st_mtime_ns == written  # nothing new learnt: not rewritten
+
+
 def test_graceful_shutdown_drains_and_keeps_the_bandit(tiny_engine, tmp_path) -> None:
     state = tmp_path / "bandit.json"
     settings = Settings(bandit_state=state, max_batch_size=1, log_level="warning")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+
 from fastapi import APIRouter, Depends
 
 from service.adaptive import AdaptiveThreshold
@@ -10,6 +13,7 @@ from service.errors import error_responses
 from service.schemas import ArmStats, BanditState
 
 router = APIRouter(prefix="/v1/bandit", tags=["bandit"])
+log = logging.getLogger(__name__)
 
 
 def _state(bandit: AdaptiveThreshold) -> BanditState:
@@ -29,4 +33,8 @@ async def bandit(runtime: RuntimeDep) -> BanditState:
              summary="forget everything learnt (needs Authorization: Bearer <CAPEEN_ADMIN_TOKEN> when it is set)")
 async def reset(runtime: RuntimeDep) -> BanditState:
     runtime.bandit.reset()
+    try:  # at once: after a crash, the state an operator threw away must not come back from the old snapshot
+        await asyncio.to_thread(runtime.bandit.save)
+    except OSError as exc:
+        log.error("could not write the bandit snapshot %s after the reset: %s", runtime.bandit.state_path, exc)
     return _state(runtime.bandit)
