@@ -207,7 +207,10 @@ class Policy(ABC):
         min_std: float = DEFAULT_MIN_STD,
         mu: float = DEFAULT_MU,
         side_observations: bool = True,
+        context: Mapping[str, Any] | None = None,
     ) -> None:
+        """`context`: JSON values naming what else the rewards depend on (the service gives the model's name,
+        its dtype and how it fills skipped layers); a snapshot restores only under an equal context."""
         if exploration is None:
             exploration = default_exploration(bonus)  # also rejects an unknown bonus
         elif bonus not in BONUSES:
@@ -219,6 +222,7 @@ class Policy(ABC):
         if not (math.isfinite(mu) and mu >= 0):
             raise ValueError(f"mu must be a finite number >= 0, got {mu}")
         self.layout = ExitLayout(tuple(exit_positions), num_layers, tuple(float(o) for o in exit_offsets))
+        self.context = dict(context or {})
         self.thresholds = _grid(thresholds, calibrated)
         self.arms = tuple(Arm(i, t) for i, t in enumerate(self.thresholds))
         self.calibrated = None if calibrated is None else float(calibrated)
@@ -277,6 +281,8 @@ class Policy(ABC):
             "min_std": self.min_std,
             "mu": self.mu,
             "side_observations": self.side_observations,
+            # only when set, so that snapshots of policies without one (simulations, bench-drift) still restore
+            **({"context": self.context} if self.context else {}),
             **self._extra_config(),
         }
 
@@ -404,8 +410,13 @@ class Policy(ABC):
             "thresholds": list(self.thresholds),
         }
         for key, value in expected.items():
-            if snapshot.get(key) != value:
-                raise SnapshotError(f"snapshot {key} is {snapshot.get(key)!r}, this policy has {value!r}")
+            found = snapshot.get(key)
+            if found != value and key == "config" and isinstance(found, Mapping):
+                differ = sorted(k for k in {*found, *value} if found.get(k) != value.get(k))
+                raise SnapshotError("snapshot config differs: " + ", ".join(
+                    f"{k} {found.get(k)!r} in the snapshot, {value.get(k)!r} now" for k in differ))
+            if found != value:
+                raise SnapshotError(f"snapshot {key} is {found!r}, this policy has {value!r}")
         state = snapshot.get("state")
         if not isinstance(state, Mapping):
             raise SnapshotError("snapshot state is missing")
@@ -792,7 +803,7 @@ def make_policy(
     """Build policy `name` ("ucb1", "sw-ucb", "d-ucb" or "cd-ucb") over `thresholds` (default: `default_grid`).
 
     `options` are `Policy`'s keywords: exit_positions and num_layers (required), exit_offsets, calibrated, exploration,
-    bonus, min_std, mu, side_observations. `window` is used by sw-ucb only, `gamma` by d-ucb only, and
+    bonus, min_std, mu, side_observations, context. `window` is used by sw-ucb only, `gamma` by d-ucb only, and
     `change_window`, `change_threshold` and `explore_every` by cd-ucb only.
 
     The default bonus is "variance" with c = DEFAULT_EXPLORATION = 1 (the module docstring and the constants

@@ -167,7 +167,9 @@ def start_runtime(settings: Settings, registry: CollectorRegistry, engines: Sequ
     grid = None if settings.bandit_thresholds is None else parse_grid(settings.bandit_thresholds)
     factory = partial(make_policy, settings.policy, grid, exit_positions=exit_positions(engine),
                       exit_offsets=exit_offsets(engine), num_layers=config.n_layer,
-                      calibrated=engine.calibrated_threshold, mu=settings.bandit_mu)
+                      calibrated=engine.calibrated_threshold, mu=settings.bandit_mu,
+                      context={"model": engine.name, "kv_fill": engine.kv_fill,
+                               "dtype": str(engine.dtype).removeprefix("torch.")})
     bandit = AdaptiveThreshold(factory, metrics, settings.bandit_state)
     batcher = Batcher(engines, metrics, partial(_record, metrics, bandit), max_batch_size=settings.max_batch_size,
                       max_wait_s=settings.max_wait_ms / 1000, wait_fill=settings.wait_fill,

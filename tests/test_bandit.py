@@ -706,3 +706,19 @@ assert not [m for m in sys.modules if m.split(".")[0] in BANNED]
     src = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=60)
+
+
+def test_a_snapshot_learnt_on_another_model_is_refused_naming_what_differs():
+    """The service passes the model's name, dtype and kv fill: rewards learnt on another model, or under
+    another way of filling skipped layers, describe other arms."""
+    context = {"model": "capeen-shapes-stem", "kv_fill": "deferred", "dtype": "float32"}
+    learnt = policy("ucb1", context=context)
+    arm = learnt.select()
+    learnt.observe(arm, {arm.index: 0.5})
+    snapshot = learnt.snapshot()
+    policy("ucb1", context=context).restore(snapshot)
+    with pytest.raises(SnapshotError, match=r"^snapshot config differs: context \{.*'deferred'.*\} in the snapshot, "
+                       r"\{.*'propagate'.*\} now$"):
+        policy("ucb1", context={**context, "kv_fill": "propagate"}).restore(snapshot)
+    with pytest.raises(SnapshotError, match=r"config differs: mu 0\.1 in the snapshot, 0\.3 now"):
+        policy("ucb1", context=context, mu=0.3).restore(snapshot)
