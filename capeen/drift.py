@@ -445,7 +445,8 @@ def format_table(report: dict[str, Any]) -> str:
         (f"**{report['checkpoint']}**: {report['requests']} requests, phases {', '.join(report['phases'])} "
          f"({report['phase_length']} each), mu={report['mu']:g}, window={report['window']}, "
          f"gamma={report['gamma']:g}, change window {report['change_window']}, z={report['change_threshold']:g}, "
-         f"forced exploration 1 in {report['explore_every']}, {index}, "
+         + (f"forced exploration 1 in {report['explore_every']}, " if report["explore_every"] else
+            "no forced exploration, ") + f"{index}, "
          f"fixed threshold {report['fixed_threshold']:g}, seed {report['seed']}"),
         "",
         ("Reward R summed over the phase; B: best fixed arm in hindsight, F: full depth, both read off the "
@@ -603,12 +604,15 @@ def _parse_args(args) -> dict[str, Any]:
         raise UserError(f"--threads must be at least 1, got {args.threads}")
     if args.seed < 0:
         raise UserError(f"--seed must be >= 0, got {args.seed}")
-    try:
-        phases = [Distortion.parse(text.strip()) for text in args.phases.split(",")]
-    except ValueError as exc:
-        raise UserError(f"--phases: {exc}") from None
     if not args.phases.strip():
         raise UserError("--phases is empty")
+    items = [text.strip() for text in args.phases.split(",")]
+    if "" in items:  # "none,,blur:2" is a typo, not a clean phase
+        raise UserError(f"--phases has an empty item: {args.phases!r}")
+    try:
+        phases = [Distortion.parse(text) for text in items]
+    except ValueError as exc:
+        raise UserError(f"--phases: {exc}") from None
     policies = [name.strip() for name in args.policies.split(",") if name.strip()]
     unknown = [name for name in policies if name not in POLICY_NAMES]
     if unknown or not policies:

@@ -10,6 +10,7 @@ CAPEEN_ENGINE_PROCESS=false), or in several (CAPEEN_ENGINES), each with its own 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import socket
 from typing import TYPE_CHECKING
@@ -56,6 +57,14 @@ def _check_listen_address(host: str, port: int) -> None:
             raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
+def _loopback(host: str) -> bool:
+    try:
+        return all(ipaddress.ip_address(info[4][0]).is_loopback
+                   for info in socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP))
+    except (OSError, ValueError):
+        return False
+
+
 def serve_main(args: argparse.Namespace) -> int:
     settings = load_settings(args)  # before importing torch: a bad setting is reported at once
 
@@ -69,6 +78,10 @@ def serve_main(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _check_listen_address(settings.host, settings.port)  # before the model loads: that takes a while
+    if settings.admin_token is None and not _loopback(settings.host):
+        logging.getLogger("service").warning(
+            "listening on %s without CAPEEN_ADMIN_TOKEN: anyone who reaches the port can reset what the bandit "
+            "learnt (POST /v1/bandit/reset)", settings.host)
     try:
         engines = load_engines(settings)
     except (CheckpointError, ValueError, EngineStartError) as exc:

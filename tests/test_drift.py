@@ -180,7 +180,7 @@ def test_same_stream_is_reproducible():
     ("--window", "0"), ("--gamma", "1.5"), ("--threads", "0"), ("--threshold", "1.5"), ("--seed", "-2"),
     ("--policies", "ucb1,ucb1"), ("--min-std", "-0.1"), ("--exploration", "nan"), ("--grid", "0.3,abc"),
     ("--grid", "0.3,1.5"), ("--change-window", "5"), ("--change-window", "2"), ("--change-threshold", "0"),
-    ("--change-threshold", "inf"), ("--explore-every", "-1"),
+    ("--change-threshold", "inf"), ("--explore-every", "-1"), ("--phases", "none,,blur:2"),
 ])
 def test_bad_options_are_user_errors(tiny_data, checkpoint, flag, value):
     args = _args("--checkpoint", str(checkpoint), "--data", str(tiny_data), flag, value)
@@ -243,6 +243,8 @@ def test_markdown_table(report):
         for name in POLICY_NAMES:
             assert f"| {phase}: {distortion} | {name} |" in table
     assert "Verdict: " in table and "| per-phase best fixed |" in table
+    assert "no forced exploration" in table and "1 in 0" not in table  # the default explore_every is 0
+    assert "forced exploration 1 in 50," in format_table({**data, "explore_every": 50})
 
 
 def test_uncalibrated_checkpoint_needs_a_threshold(tmp_path, tiny_data):

@@ -623,3 +623,12 @@ def test_a_half_full_batch_does_not_wait_for_requests_on_their_way(wait_fill, ex
         return len(batch)
 
     assert asyncio.run(scenario()) == expected
+
+
+@pytest.mark.parametrize("host, loopback", [("127.0.0.1", True), ("localhost", True), ("::1", True),
+                                            ("0.0.0.0", False), ("::", False), ("no-such-host.invalid", False)])
+def test_serve_knows_when_its_address_reaches_beyond_this_machine(host, loopback) -> None:
+    """Beyond loopback without CAPEEN_ADMIN_TOKEN, `capeen serve` warns that anyone can reset the bandit."""
+    from service.cli import _loopback
+
+    assert _loopback(host) is loopback
