@@ -13,6 +13,11 @@ A token that leaves the decoder at exit i earns
 
 and a request earns the mean of r over its T tokens, R = (1/T) * sum_t r_t.
 
+Not charged: with kv_fill="deferred" (models.decoding), the layers a token skipped are computed later, when a
+following token runs deeper ("catch-up", DecodeTrace.catch_up_layers). p_i / L leaves them out, so under that
+fill early exits cost more than the reward says. Charging them for every arm would need each arm's catch-up,
+which follows from its exit layers (a position is caught up to the deepest later token); that is not done yet.
+
 Why this reward: C_i - C_1 is the confidence the extra layers bought over exiting at once, and it needs no
 reference caption, so it is known the moment the decode ends. The cost term converts compute into the
 same unit: with mu = 0.1 running all L layers pays only if it lifts a token's confidence by more than 0.1
