@@ -6,7 +6,9 @@ confidence threshold; a token that leaves the decoder at exit i earns
     r = C_i - C_1 - mu * p_i / L
 
 where C_i is the confidence (max softmax probability) at the exit the token left at, C_1 the confidence
-at the first exit, p_i the 1-based layer of that exit, L the number of decoder layers and mu the price
+at the first exit, p_i the decoder layers computed for the token (the 1-based layer of its exit; with deferred
+kv fill, the deepest exit of it and the tokens after it, which catch its skipped layers up), L the number of
+decoder layers and mu the price
 of running the whole decoder in units of confidence (default 0.1). A request earns the mean of r over
 its tokens. reward.py explains the choice; policies.py the UCB1, sliding-window, discounted and
 change-detecting policies and their index, whose exploration bonus scales with each arm's estimated reward variance;
@@ -38,7 +40,7 @@ from bandit.policies import (
     parse_grid,
     make_policy,
 )
-from bandit.reward import DEFAULT_MU, ExitLayout, TraceLike, arm_rewards, request_reward
+from bandit.reward import DEFAULT_MU, ExitLayout, TraceLike, arm_rewards, layers_computed, request_reward
 from bandit.store import LoadResult, SnapshotError, load_or_new, write_json_atomic
 
 __all__ = [
@@ -66,6 +68,7 @@ __all__ = [
     "TraceLike",
     "arm_rewards",
     "default_exploration",
+    "layers_computed",
     "default_grid",
     "parse_grid",
     "load_or_new",

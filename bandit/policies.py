@@ -207,6 +207,7 @@ class Policy(ABC):
         min_std: float = DEFAULT_MIN_STD,
         mu: float = DEFAULT_MU,
         side_observations: bool = True,
+        deferred_fill: bool = False,
         context: Mapping[str, Any] | None = None,
     ) -> None:
         """`context`: JSON values naming what else the rewards depend on (the service gives the model's name,
@@ -221,7 +222,8 @@ class Policy(ABC):
             raise ValueError(f"min_std must be a finite number >= 0, got {min_std}")
         if not (math.isfinite(mu) and mu >= 0):
             raise ValueError(f"mu must be a finite number >= 0, got {mu}")
-        self.layout = ExitLayout(tuple(exit_positions), num_layers, tuple(float(o) for o in exit_offsets))
+        self.layout = ExitLayout(tuple(exit_positions), num_layers, tuple(float(o) for o in exit_offsets),
+                                 bool(deferred_fill))
         self.context = dict(context or {})
         self.thresholds = _grid(thresholds, calibrated)
         self.arms = tuple(Arm(i, t) for i, t in enumerate(self.thresholds))
@@ -281,6 +283,7 @@ class Policy(ABC):
             "min_std": self.min_std,
             "mu": self.mu,
             "side_observations": self.side_observations,
+            **({"deferred_fill": True} if self.layout.deferred_fill else {}),
             # only when set, so that snapshots of policies without one (simulations, bench-drift) still restore
             **({"context": self.context} if self.context else {}),
             **self._extra_config(),
@@ -803,7 +806,7 @@ def make_policy(
     """Build policy `name` ("ucb1", "sw-ucb", "d-ucb" or "cd-ucb") over `thresholds` (default: `default_grid`).
 
     `options` are `Policy`'s keywords: exit_positions and num_layers (required), exit_offsets, calibrated, exploration,
-    bonus, min_std, mu, side_observations, context. `window` is used by sw-ucb only, `gamma` by d-ucb only, and
+    bonus, min_std, mu, side_observations, deferred_fill, context. `window` is used by sw-ucb only, `gamma` by d-ucb only, and
     `change_window`, `change_threshold` and `explore_every` by cd-ucb only.
 
     The default bonus is "variance" with c = DEFAULT_EXPLORATION = 1 (the module docstring and the constants

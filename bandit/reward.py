@@ -6,17 +6,18 @@ A token that leaves the decoder at exit i earns
 
     C_i   confidence (max softmax probability) at the exit the token left at
     C_1   confidence at the first exit: the cheapest answer the model could have given
-    p_i   the 1-based decoder layer of that exit, so p_i / L is the fraction of the decoder computed
-          (the final layer, p = L, costs 1)
+    p_i   the decoder layers computed for the token, so p_i / L is the fraction of the decoder computed
+          (the final layer, p = L, costs 1): the 1-based layer of its exit, and, when the skipped layers'
+          keys and values are filled later (kv_fill="deferred", `ExitLayout.deferred_fill`), the layers it
+          skipped that a later, deeper token made the decoder compute: p_i = max(its exit, the deepest exit
+          of the tokens after it)
     L     num_layers, the decoder's depth
     mu    the price of running the whole decoder, in units of confidence
 
 and a request earns the mean of r over its T tokens, R = (1/T) * sum_t r_t.
 
-Not charged: with kv_fill="deferred" (models.decoding), the layers a token skipped are computed later, when a
-following token runs deeper ("catch-up", DecodeTrace.catch_up_layers). p_i / L leaves them out, so under that
-fill early exits cost more than the reward says. Charging them for every arm would need each arm's catch-up,
-which follows from its exit layers (a position is caught up to the deepest later token); that is not done yet.
+Deferred fill's catch-up follows from the exit layers alone, so every arm's is known from its own exits, and a
+side observation charges it as the decoder would have (`layers_computed`).
 
 Why this reward: C_i - C_1 is the confidence the extra layers bought over exiting at once, and it needs no
 reference caption, so it is known the moment the decode ends. The cost term converts compute into the
@@ -76,6 +77,7 @@ class ExitLayout:
     exit_positions: tuple[int, ...]
     num_layers: int
     offsets: tuple[float, ...] = ()
+    deferred_fill: bool = False  # the decoder computes skipped layers later (kv_fill="deferred"): charge them
 
     def __post_init__(self) -> None:
         positions = self.exit_positions
@@ -101,6 +103,19 @@ class ExitLayout:
         if self.offsets:
             offsets[:-1] = self.offsets[:-1]
         return offsets
+
+
+def layers_computed(exit_layers: np.ndarray, deferred_fill: bool) -> np.ndarray:
+    """Decoder layers computed for each token (axis 0: tokens in order; further axes: arms).
+
+    With deferred fill, a token that left at layer e is caught up, when a later token runs deeper, to that
+    token's depth, since the deeper token attends to its keys and values there: the token's layers are the
+    deepest exit of itself and every token after it. Without it (propagate), skipped layers are copied, not
+    computed."""
+    exit_layers = np.asarray(exit_layers)
+    if not deferred_fill:
+        return exit_layers
+    return np.maximum.accumulate(exit_layers[::-1], axis=0)[::-1]  # the deepest exit from each token on
 
 
 def _confidence_matrix(trace: TraceLike | Mapping[str, Any], layout: ExitLayout) -> tuple[np.ndarray, np.ndarray]:
@@ -146,7 +161,7 @@ def request_reward(trace: TraceLike | Mapping[str, Any], layout: ExitLayout, mu:
     matrix, lengths = _confidence_matrix(trace, layout)
     rows = np.arange(len(lengths))
     left_at = lengths - 1
-    cost = np.asarray(layout.exit_positions)[left_at] / layout.num_layers
+    cost = layers_computed(np.asarray(layout.exit_positions)[left_at], layout.deferred_fill) / layout.num_layers
     return float(np.mean(matrix[rows, left_at] - matrix[:, 0] - mu * cost))
 
 
@@ -173,6 +188,6 @@ def arm_rewards(
     known = (first < lengths[:, None]) | (lengths[:, None] == num_exits)
     exit_index = np.minimum(first, num_exits - 1)
     rows = np.arange(len(lengths))[:, None]
-    cost = np.asarray(layout.exit_positions)[exit_index] / layout.num_layers
+    cost = layers_computed(np.asarray(layout.exit_positions)[exit_index], layout.deferred_fill) / layout.num_layers
     per_token = matrix[rows, exit_index] - matrix[:, :1] - mu * cost
     return np.where(known.all(axis=0), per_token.mean(axis=0), np.nan)

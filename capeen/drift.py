@@ -112,7 +112,7 @@ def _make_policies(names, *, grid, layout, calibrated, fixed_threshold, mu, wind
         else:
             policies[name] = make_policy(
                 name, grid, exit_positions=layout.exit_positions, exit_offsets=layout.offsets,
-                num_layers=layout.num_layers,
+                num_layers=layout.num_layers, deferred_fill=layout.deferred_fill,
                 calibrated=calibrated, mu=mu, window=window, gamma=gamma, change_window=change_window,
                 change_threshold=change_threshold, explore_every=explore_every, exploration=exploration,
                 bonus=bonus, min_std=min_std,
@@ -157,7 +157,8 @@ def run_drift(
     # decode below uses that default, so the policies' traces and the full-depth traces fit one layout.
     consulted = getattr(engine, "exit_layers", None) or config.exit_layers
     offsets = getattr(engine, "exit_offsets", None) or (0.0,) * len(consulted)
-    layout = ExitLayout(tuple(sorted({*consulted, config.n_layer})), config.n_layer, (*offsets, 0.0))
+    layout = ExitLayout(tuple(sorted({*consulted, config.n_layer})), config.n_layer, (*offsets, 0.0),
+                        deferred_fill=getattr(engine, "kv_fill", "propagate") == "deferred")
     calibrated = engine.calibrated_threshold
     # The bandits' grid (default: the service's, which holds the calibrated threshold) plus the calibrated and
     # the fixed policy's threshold, so that the best fixed arm in hindsight is chosen among every threshold the

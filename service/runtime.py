@@ -168,6 +168,7 @@ def start_runtime(settings: Settings, registry: CollectorRegistry, engines: Sequ
     factory = partial(make_policy, settings.policy, grid, exit_positions=exit_positions(engine),
                       exit_offsets=exit_offsets(engine), num_layers=config.n_layer,
                       calibrated=engine.calibrated_threshold, mu=settings.bandit_mu,
+                      deferred_fill=engine.kv_fill == "deferred",
                       context={"model": engine.name, "kv_fill": engine.kv_fill,
                                "dtype": str(engine.dtype).removeprefix("torch.")})
     bandit = AdaptiveThreshold(factory, metrics, settings.bandit_state)

@@ -24,6 +24,7 @@ from bandit import (
     ExitLayout,
     SnapshotError,
     arm_rewards,
+    layers_computed,
     default_grid,
     parse_grid,
     load_or_new,
@@ -89,6 +90,22 @@ def test_arm_rewards_replay_each_threshold_on_the_trace():
     ]
     np.testing.assert_allclose(rewards[:4], expected)
     assert math.isnan(rewards[4])  # 0.99: token A would have gone past layer 6, which was never computed
+
+
+def test_deferred_fill_charges_the_layers_a_later_deeper_token_catches_up():
+    """Under deferred fill A (layer 6) and B (layer 3) are caught up to C's 12 when C runs to the end: every
+    token then costs the whole decoder. Each arm is charged its own catch-up."""
+    layout = ExitLayout(**LAYOUT, deferred_fill=True)
+    assert request_reward(TRACE, layout, mu=0.1) == pytest.approx((0.6 - 0.1 + 0.0 - 0.1 + 0.5 - 0.1) / 3)
+    np.testing.assert_array_equal(layers_computed(np.array([6, 3, 12, 3]), True), [12, 12, 12, 3])
+    rewards = arm_rewards(TRACE, layout, np.array([0.25, 0.5, 0.8]), mu=0.1)
+    np.testing.assert_allclose(rewards, [
+        (-0.05 - 0.05 + (0.5 - 0.2 - 0.05)) / 3,  # 0.25: exits 3, 3, 6 -> computed 6, 6, 6
+        (0.6 - 0.05 + 0.0 - 0.05 + 0.3 - 0.05) / 3,  # 0.5: exits 6, 3, 6 -> computed 6, 6, 6
+        request_reward(TRACE, layout, mu=0.1),  # the pulled threshold reproduces the decode
+    ])
+    assert policy(deferred_fill=True).config["deferred_fill"] is True
+    assert "deferred_fill" not in policy().config  # snapshots of propagate-fill policies keep their config
 
 
 def test_arm_rewards_follow_per_exit_offsets():

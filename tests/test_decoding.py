@@ -1,6 +1,7 @@
 """The early-exit engine must compute exactly what the model defines, and skip what it says it skips."""
 
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -213,3 +214,21 @@ def test_kv_fill_is_chosen_per_decoder_or_per_call(model):
         EarlyExitDecoder(model, kv_fill="exact")
     with pytest.raises(ValueError, match="unknown kv_fill"):
         EarlyExitDecoder(model).decode(states, 0.8, kv_fill="")
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.5, 0.8, 0.9])
+def test_the_bandit_counts_deferred_catch_up_as_the_decoder_does(model, threshold):
+    """The reward charges, under deferred fill, the layers a later, deeper token makes the decoder compute for
+    earlier ones (bandit.layers_computed); it must be exactly the decoder's own count, for any arm."""
+    from bandit import layers_computed
+
+    torch.manual_seed(4)
+    states = torch.randn(6, 5, model.config.n_embd)
+    caught_up = 0
+    for trace in EarlyExitDecoder(model, kv_fill="deferred").decode(states, threshold, max_tokens=10):
+        exits = np.asarray(trace.exit_layers)
+        assert int((layers_computed(exits, True) - exits).sum()) == trace.catch_up_layers
+        assert np.array_equal(layers_computed(exits, False), exits)
+        caught_up += trace.catch_up_layers
+    if threshold in (0.5, 0.8):  # exits in mixed depths: the comparison above was not all zeros
+        assert caught_up > 0
