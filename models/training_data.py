@@ -150,16 +150,15 @@ def split_pixels(dataset: Path | str, split: str, image_size: int, limit: int | 
     if repeated:
         print(f"capeen: split {split!r} of {json_path} lists {len(repeated)} image(s) more than once "
               f"(first: {repeated[0]}); each listing counts as an image", file=sys.stderr)
+    cache = None
     if limit is not None and limit < len(records):
-        try:
+        with contextlib.suppress(DatasetError):  # an image missing further on need not stop a look at the first few
             cache = _cache_path(json_path, split, image_size, records)
-        except DatasetError:
-            cache = None  # an image missing further on need not stop a look at the first few
         if cache is None or not cache.exists():
             # a quick look at a few images need not decode the whole split (5000 for COCO's test) to cache it
             records = records[:limit]
             return records, torch.from_numpy(_decode_all(records, image_size, split))
-    cache = _cache_path(json_path, split, image_size, records)
+    cache = cache or _cache_path(json_path, split, image_size, records)
     pixels = torch.from_numpy(pixel_cache(json_path, split, image_size, records, cache))
     if limit is not None:
         records, pixels = records[:limit], pixels[:limit]
