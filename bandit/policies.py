@@ -402,7 +402,7 @@ class Policy(ABC):
         if not isinstance(snapshot, Mapping):
             raise SnapshotError("the snapshot is not a JSON object")
         version = snapshot.get("version")
-        if snapshot.get("format") == SNAPSHOT_FORMAT and isinstance(version, int) and version in _OLD_VERSIONS:
+        if snapshot.get("format") == SNAPSHOT_FORMAT and type(version) is int and version in _OLD_VERSIONS:
             raise SnapshotError(f"snapshot version is {version!r}, this policy has {SNAPSHOT_VERSION!r} "
                                 f"({_OLD_VERSIONS[version]})")
         expected = {

@@ -85,8 +85,13 @@ def load_or_new(path: str | os.PathLike[str], factory: Callable[[], Policy]) -> 
     """A policy from `factory()`, restored from the snapshot at `path` if there is a usable one."""
     target = Path(path)
     policy = factory()
+    _remove_leftover_temporaries(target)
     if not target.exists():
         return LoadResult(policy, restored=False)
+    if not target.is_file():  # a folder is not moved aside with its contents, and a FIFO would block the read
+        problem = "not a regular file"
+        log.warning("bandit snapshot %s not restored (%s); starting a fresh %s policy", target, problem, policy.name)
+        return LoadResult(policy, restored=False, problem=problem)
     try:
         policy.restore(json.loads(target.read_text(encoding="utf-8"), parse_constant=_reject_constant))
         return LoadResult(policy, restored=True)
@@ -103,6 +108,19 @@ def load_or_new(path: str | os.PathLike[str], factory: Callable[[], Policy]) -> 
         policy.name,
     )
     return LoadResult(policy, restored=False, problem=problem, set_aside=set_aside)
+
+
+def _remove_leftover_temporaries(target: Path) -> None:
+    """Delete the temporary files of writes that a kill interrupted (`write_json_atomic` names them
+    `.<name>.*.tmp` beside the file it replaces); called at start, when no write is under way."""
+    real = Path(os.path.realpath(target))
+    for leftover in real.parent.glob(f".{real.name}.*.tmp"):
+        try:
+            leftover.unlink()
+        except OSError as exc:
+            log.warning("could not remove %s, left by an interrupted snapshot write: %s", leftover, exc)
+        else:
+            log.info("removed %s, left by an interrupted snapshot write", leftover)
 
 
 def _set_aside(target: Path) -> Path | None:

@@ -19,7 +19,9 @@ log = logging.getLogger(__name__)
 
 
 def arm_label(arm: Arm) -> str:
-    return f"{arm.threshold:g}"
+    """The arm's metric label: its threshold as written ("0.55"), and distinct for distinct thresholds (a
+    6-digit format gave 0.5 and 0.5000001 one label)."""
+    return repr(arm.threshold)
 
 
 class AdaptiveThreshold:

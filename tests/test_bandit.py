@@ -739,3 +739,26 @@ def test_a_snapshot_learnt_on_another_model_is_refused_naming_what_differs():
         policy("ucb1", context={**context, "kv_fill": "propagate"}).restore(snapshot)
     with pytest.raises(SnapshotError, match=r"config differs: mu 0\.1 in the snapshot, 0\.3 now"):
         policy("ucb1", context=context, mu=0.3).restore(snapshot)
+
+
+def test_start_up_removes_what_an_interrupted_write_left_and_never_moves_a_folder(tmp_path):
+    path = tmp_path / "bandit.json"
+    policy().save(path)
+    leftover = tmp_path / ".bandit.json.abc123.tmp"  # as write_json_atomic names its temporary file
+    leftover.write_text('{"half": ')
+    other = tmp_path / ".other.json.abc123.tmp"
+    other.write_text("{}")
+    assert load_or_new(path, policy).restored
+    assert not leftover.exists() and other.exists()  # only the snapshot's own temporaries
+    folder = tmp_path / "state.json"
+    (folder / "keep").mkdir(parents=True)
+    result = load_or_new(folder, policy)
+    assert not result.restored and result.problem == "not a regular file" and result.set_aside is None
+    assert (folder / "keep").is_dir()
+
+
+def test_a_boolean_version_is_not_taken_for_version_1():
+    snapshot = _trained("ucb1").snapshot()
+    snapshot["version"] = True
+    with pytest.raises(SnapshotError, match="version is True, this policy has 2"):
+        policy("ucb1", window=7, gamma=0.9).restore(snapshot)

@@ -524,3 +524,11 @@ def test_bandit_restarts_are_counted_once_each(tmp_path) -> None:
                                  tmp_path / "bandit.json")
     assert len(restored.policy.changes) == 1  # the snapshot keeps the history, the new process does not recount it
     assert restored_registry.get_sample_value("capeen_bandit_changes_detected_total") == 0.0
+
+
+def test_arm_labels_are_the_thresholds_as_written_and_distinct() -> None:
+    from bandit import Arm
+    from service.adaptive import arm_label
+
+    assert [arm_label(Arm(i, t)) for i, t in enumerate((0.5, 0.55, 0.7, 0.99))] == ["0.5", "0.55", "0.7", "0.99"]
+    assert arm_label(Arm(0, 0.5)) != arm_label(Arm(1, 0.5000001))  # one label for both before
