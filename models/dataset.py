@@ -42,7 +42,7 @@ def tokenize(text: str) -> list[str]:
 
 def _read_json(path: Path) -> Any:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark, as some editors write, is not an error
     except FileNotFoundError:
         raise DatasetError(f"{path}: no such file") from None
     except UnicodeDecodeError as exc:

@@ -55,21 +55,32 @@ class SplitTensors:
 
 
 def resolve_dataset_json(path: Path) -> Path:
+    """The caption file: `path`, or `path/dataset.json` for a folder made by `capeen data`."""
     path = Path(path)
-    return path / "dataset.json" if path.is_dir() else path
+    if not path.is_dir():
+        return path
+    if not (path / "dataset.json").exists():
+        others = sorted(p.name for p in path.glob("*.json"))
+        if others:  # a COCO or Flickr30k folder: dataset_coco.json, dataset_flickr30k.json
+            raise DatasetError(f"{path}: no dataset.json; give the caption file itself, e.g. --data "
+                               f"{path / others[0]}")
+    return path / "dataset.json"
 
 
-def _read_cache(cache: Path, shape: tuple[int, ...]) -> np.ndarray | None:
-    """The cached pixels, or None (with a one-line note on stderr) when the file cannot be used: it is rebuilt."""
+def _read_cache(cache: Path, shape: tuple[int, ...], first: int | None = None) -> np.ndarray | None:
+    """The cached pixels, or None when the file cannot be used. With `first`, only the first images, read
+    through a memory map (a quick look at COCO's train split need not load 3 GB), and None says nothing;
+    otherwise None comes with a one-line note on stderr, and the caller rebuilds the file."""
     try:
-        pixels = np.load(cache, allow_pickle=False)
+        pixels = np.load(cache, allow_pickle=False, mmap_mode=None if first is None else "r")
         if pixels.dtype != np.uint8 or pixels.shape != shape:
             raise ValueError(f"holds {pixels.dtype} {tuple(pixels.shape)}, expected uint8 {shape}")
+        return pixels if first is None else np.array(pixels[:first])
     except (OSError, ValueError, EOFError) as exc:
-        print(f"capeen: pixel cache {cache} cannot be read ({first_line(exc)}); rebuilding it",
-              file=sys.stderr)
+        if first is None:
+            print(f"capeen: pixel cache {cache} cannot be read ({first_line(exc)}); rebuilding it",
+                  file=sys.stderr)
         return None
-    return pixels
 
 
 def _decode(record, size: int) -> np.ndarray:
@@ -154,7 +165,11 @@ def split_pixels(dataset: Path | str, split: str, image_size: int, limit: int | 
     if limit is not None and limit < len(records):
         with contextlib.suppress(DatasetError):  # an image missing further on need not stop a look at the first few
             cache = _cache_path(json_path, split, image_size, records)
-        if cache is None or not cache.exists():
+        if cache is not None and cache.exists():
+            few = _read_cache(cache, (len(records), 3, image_size, image_size), first=limit)
+            if few is not None:
+                return records[:limit], torch.from_numpy(few)
+        else:
             # a quick look at a few images need not decode the whole split (5000 for COCO's test) to cache it
             records = records[:limit]
             return records, torch.from_numpy(_decode_all(records, image_size, split))

@@ -292,3 +292,28 @@ def test_coco_restval_can_be_asked_for_by_name(tmp_path: Path) -> None:
     assert [r.image_id for r in records] == [73] and pixels.shape == (1, 3, 32, 32)
     train, _ = split_pixels(json_path, "train", 32, image_root=FIXTURES)
     assert [r.image_id for r in train] == [73]
+
+
+def test_a_folder_of_other_caption_files_names_them(tmp_path: Path) -> None:
+    """`--data coco/` where coco/ holds dataset_coco.json: say which file to give, not "dataset.json: no such file"."""
+    (tmp_path / "dataset_coco.json").write_bytes((FIXTURES / "karpathy_coco_tiny.json").read_bytes())
+    with pytest.raises(DatasetError, match=f"no dataset.json; give the caption file itself, e.g. --data "
+                                           f"{tmp_path / 'dataset_coco.json'}"):
+        split_pixels(tmp_path, "test", 32)
+
+
+def test_a_caption_file_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "dataset_flickr30k.json"
+    path.write_bytes(b"\xef\xbb\xbf" + (FIXTURES / "karpathy_flickr_tiny.json").read_bytes())
+    assert len(load_karpathy(path, image_root=FIXTURES / "flickr30k_images")) == 2
+
+
+def test_a_quick_look_reads_only_its_images_from_the_cache(tmp_path: Path, monkeypatch) -> None:
+    json_path = generate_dataset(tmp_path, 5, 1, 0, seed=0, image_size=32, workers=1)
+    _, every = split_pixels(json_path, "train", 32)
+    loads = []
+    original = np.load
+    monkeypatch.setattr(np, "load", lambda *a, **k: loads.append(k.get("mmap_mode")) or original(*a, **k))
+    records, few = split_pixels(json_path, "train", 32, limit=2)
+    assert len(records) == 2 and torch.equal(few, every[:2]) and few.numpy().flags.writeable
+    assert loads == ["r"]  # through a memory map, not the whole file into memory
