@@ -4,11 +4,10 @@ and a restart restores it, and `capeen serve` reports bad configuration in one l
 
 from __future__ import annotations
 
-import re
-
 import asyncio
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -632,3 +631,9 @@ def test_serve_knows_when_its_address_reaches_beyond_this_machine(host, loopback
     from service.cli import _loopback
 
     assert _loopback(host) is loopback
+
+
+def test_every_setting_is_in_the_readmes_settings_table() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    rows = {line.split("|")[1].strip(" `") for line in readme.splitlines() if line.startswith("| `CAPEEN_")}
+    assert {f"CAPEEN_{name.upper()}" for name in Settings.model_fields} <= rows
