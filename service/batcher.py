@@ -27,9 +27,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import queue
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import groupby
@@ -42,6 +44,38 @@ from service.engine_process import Engine
 from service.metrics import ServingMetrics
 
 log = logging.getLogger(__name__)
+
+
+class EngineThread(Executor):
+    """Runs one engine's batches, in order, on a daemon thread of its own.
+
+    ThreadPoolExecutor's threads are joined when Python exits, so an in-process engine stuck in a batch (a
+    hung GPU) kept the service from ever exiting, even after the bounded drain at shutdown had given up on
+    it. A daemon thread is simply dropped at exit. (An engine process is killed instead: service.runtime.)"""
+
+    def __init__(self, name: str) -> None:
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:
+        future: Future = Future()
+        self._jobs.put((future, fn, args, kwargs))
+        return future
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self._jobs.put(None)
+        if wait:
+            self._thread.join()
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            future, fn, args, kwargs = job
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args, **kwargs))
+                except BaseException as exc:  # handed to the awaiting worker, as an executor does
+                    future.set_exception(exc)
 
 
 class QueueFull(Exception):
@@ -104,8 +138,7 @@ class Batcher:
         # in the queue until a worker comes to them, hold no room that a live request could have.
         self._queue: asyncio.Queue[Job | object] = asyncio.Queue()
         self._waiting = 0
-        self._executors = [ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"capeen-engine-{index}")
-                           for index in range(len(self.engines))]
+        self._executors = [EngineThread(f"capeen-engine-{index}") for index in range(len(self.engines))]
         self._workers: list[asyncio.Task[None]] = []
         self._closing = False
         self._incoming = 0

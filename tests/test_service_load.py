@@ -370,6 +370,19 @@ def test_a_hung_engine_neither_blocks_shutdown_nor_loses_the_bandit(tiny_engine,
         engine.release.set()
 
 
+def test_an_engine_stuck_in_its_thread_does_not_keep_python_from_exiting() -> None:
+    """After the drain gives up on an in-process engine, the process must still exit (a ThreadPoolExecutor's
+    thread is joined at exit, forever)."""
+    script = ("import threading\n"
+              "from service.batcher import EngineThread\n"
+              "engine = EngineThread('capeen-engine-0')\n"
+              "assert engine.submit(sum, [1, 2]).result() == 3\n"
+              "engine.submit(threading.Event().wait)  # a batch that never ends\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
+
+
 class TimedEngine(SlowEngine):
     """A slow engine that notes when each of its calls started and ended."""
 
