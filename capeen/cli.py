@@ -75,7 +75,9 @@ def _add_caption(sub) -> None:
     p = sub.add_parser("caption", help="caption image files with a trained checkpoint (default: the shipped one)",
                        description="Print one caption per image. --mode fixed leaves each token at the first exit "
                        "whose confidence reaches the threshold and skips the remaining decoder layers for it.")
-    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("images", nargs="+", metavar="IMAGE",
+                   help="an image file, or a folder: every .jpg, .jpeg, .png, .webp, .bmp, .gif, .tif and .tiff "
+                        "file under it, in name order")
     p.add_argument("--checkpoint", help="checkpoint directory (default: the shipped models/checkpoints/default)")
     p.add_argument("--mode", choices=["full", "fixed"], default="fixed",
                    help="full: every decoder layer; fixed: early exit at --threshold (default)")
@@ -84,7 +86,11 @@ def _add_caption(sub) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     add_half(p)
-    p.add_argument("--json", action="store_true", help="print JSON: caption, tokens, exit_layers, confidences")
+    form = p.add_mutually_exclusive_group()
+    form.add_argument("--json", action="store_true", help="print JSON: caption, tokens, exit_layers, confidences")
+    form.add_argument("--jsonl", action="store_true",
+                      help="print JSON Lines, one object per image as its batch is done (the fields of --json); an "
+                           "image that could not be read gets {\"image\", \"error\"}")
     add_kv_fill(p)
     p.set_defaults(func=_handler("models.commands:caption_main"))
 

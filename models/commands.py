@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import textwrap
 import sys
 from pathlib import Path
 
@@ -67,7 +68,7 @@ def _engine(args):
 
 
 def caption_main(args) -> int:
-    from models.images import ImageError, load_image
+    from models.images import ImageError, find_images, load_image
 
     if args.max_tokens is not None and args.max_tokens < 1:
         raise UserError(f"--max-tokens must be at least 1, got {args.max_tokens}")
@@ -78,33 +79,79 @@ def caption_main(args) -> int:
         threshold = engine.threshold_for(args.mode, args.threshold)
     except ValueError as exc:
         raise UserError(str(exc)) from None
+    one_file = len(args.images) == 1 and not Path(args.images[0]).is_dir()
+    output = _CaptionOutput("jsonl" if args.jsonl else "json" if args.json else "text", with_paths=not one_file)
     failures = 0
-    outputs: list[dict] = []
-    # a batch at a time, read, captioned and printed: thousands of images never sit in memory together, and
-    # the first captions appear while the rest are being read
-    for start in range(0, len(args.images), args.batch_size):
-        chunk = []
-        for path in args.images[start:start + args.batch_size]:
-            try:
-                chunk.append((path, load_image(Path(path))))
-            except (ImageError, OSError) as exc:
-                message = str(exc) if str(path) in str(exc) else f"{path}: {exc}"
-                print(f"capeen caption: {message}", file=sys.stderr)
-                failures += 1
-        if not chunk:
-            continue
-        batch = engine.caption([image for _, image in chunk], threshold, max_tokens=args.max_tokens)
-        for (path, _), result in zip(chunk, batch.results):
-            if args.json:
-                outputs.append({"image": str(path), "caption": result.caption, "tokens": result.tokens,
-                                "exit_layers": result.exit_layers,
-                                "confidences": [round(c, 4) for c in result.confidences],
-                                "threshold": result.threshold})
+    chunk: list[tuple[Path, object, str | None]] = []  # (path, image, None) or (path, None, why it failed)
+    waiting = 0  # images in the chunk
+
+    def caption_chunk() -> None:
+        batch = engine.caption([image for _, image, problem in chunk if problem is None], threshold,
+                               max_tokens=args.max_tokens)
+        results = iter(batch.results)
+        for path, _, problem in chunk:  # in the order given, failures in their places
+            if problem is None:
+                output.caption(path, next(results))
             else:
-                print(f"{path}\t{result.caption}" if len(args.images) > 1 else result.caption, flush=True)
-    if args.json:
-        print(json.dumps(outputs, indent=2))
+                output.failure_record(path, problem)
+        chunk.clear()
+
+    # a batch at a time, read, captioned and printed: thousands of images never sit in memory together, and
+    # the first captions appear while the rest are being read (folders too are walked as they are captioned)
+    for path in find_images(args.images):
+        try:
+            if isinstance(path, ImageError):  # a folder that could not be searched
+                raise path
+            chunk.append((path, load_image(path), None))
+            waiting += 1
+        except (ImageError, OSError) as exc:
+            path = getattr(exc, "path", None) or path
+            problem = str(exc) if str(path) in str(exc) else f"{path}: {exc}"
+            print(f"capeen caption: {problem}", file=sys.stderr, flush=True)
+            failures += 1
+            if waiting:
+                chunk.append((path, None, problem))
+            else:  # nothing before it waits: out at once (a folder of broken files must not pile up)
+                output.failure_record(path, problem)
+        if waiting == args.batch_size:
+            caption_chunk()
+            waiting = 0
+    if waiting:
+        caption_chunk()
+    output.close()
     return 1 if failures else 0
+
+
+class _CaptionOutput:
+    """How `capeen caption` prints: `text` (a caption a line, after its path when there are several images),
+    `json` (one array, streamed item by item so that it never sits in memory whole) or `jsonl` (an object a
+    line, flushed per batch; an image that failed gets a line with its error in its place, so a pipeline sees
+    every input in order). Failures also go to stderr, one line each, as soon as they happen."""
+
+    def __init__(self, form: str, with_paths: bool) -> None:
+        self.form, self.with_paths, self.items = form, with_paths, 0
+
+    def caption(self, path: Path, result) -> None:
+        if self.form == "text":
+            print(f"{path}\t{result.caption}" if self.with_paths else result.caption, flush=True)
+            return
+        item = {"image": str(path), "caption": result.caption, "tokens": result.tokens,
+                "exit_layers": result.exit_layers, "confidences": [round(c, 4) for c in result.confidences],
+                "threshold": result.threshold}
+        if self.form == "jsonl":
+            print(json.dumps(item), flush=True)
+        else:
+            print(("[\n" if self.items == 0 else ",\n") + textwrap.indent(json.dumps(item, indent=2), "  "),
+                  end="", flush=True)
+        self.items += 1
+
+    def failure_record(self, path: Path, message: str) -> None:
+        if self.form == "jsonl":
+            print(json.dumps({"image": str(path), "error": message}), flush=True)
+
+    def close(self) -> None:
+        if self.form == "json":
+            print("\n]" if self.items else "[]", flush=True)
 
 
 def _set_threads(args) -> None:

@@ -8,7 +8,9 @@ from the header before any pixel is decoded, so a tiny file claiming gigapixels 
 from __future__ import annotations
 
 import io
+import os
 import warnings
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -18,18 +20,22 @@ DEFAULT_MAX_PIXELS = 50_000_000
 MAX_FILE_BYTES = 512 * 2**20  # an image file read from a path (uploads have the service's own, lower limit)
 KINDS = ("empty", "not_image", "truncated", "too_large", "unsupported", "unreadable")
 _WHITE = (255, 255, 255)
+# what a folder given to `capeen caption` is searched for (a named file is tried whatever its name)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 # Signatures of the common formats: a file that starts like one but that Pillow cannot identify is broken (cut
 # before its first pixel chunk, say), not some other kind of file.
 _SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
 
 
 class ImageError(ValueError):
-    """An image that cannot be used. `kind` is one of KINDS; the message is one line."""
+    """An image that cannot be used. `kind` is one of KINDS; the message is one line; `path`, where known, is
+    the file or folder it is about."""
 
-    def __init__(self, kind: str, message: str) -> None:
+    def __init__(self, kind: str, message: str, path: Path | None = None) -> None:
         assert kind in KINDS, kind
         super().__init__(" ".join(message.split()))
         self.kind = kind
+        self.path = path
 
 
 def _read_source(source: bytes | bytearray | memoryview | str | Path) -> tuple[bytes, str]:
@@ -176,3 +182,38 @@ def load_image(
     rgb = _to_rgb(_upright(image), name)
     rgb.load()
     return rgb
+
+
+def find_images(paths: Iterable[str | Path]) -> Iterator[Path | ImageError]:
+    """The image files that `paths` name, in order: a file as it is, a folder as the image files under it
+    (`IMAGE_SUFFIXES`, any case), walked depth first in name order so that a rerun lists them alike.
+
+    Walked lazily: a folder of millions of photos starts captioning at once. A folder that holds no image
+    file, or that cannot be read, yields an ImageError in its place instead of stopping the walk. Hidden
+    files and folders (a leading dot: `.thumbnails/`, macOS's `._photo.jpg`) are not searched."""
+    for given in paths:
+        path = Path(given)
+        if not path.is_dir():
+            yield path
+            continue
+        found = unreadable = False
+        problems: list[OSError] = []
+        walk = os.walk(path, onerror=problems.append)
+        while True:
+            step = next(walk, None)
+            while problems:  # os.walk reports a folder it cannot list through onerror, and goes on
+                error = problems.pop(0)
+                unreadable = True
+                yield ImageError("unreadable", f"{error.filename}: cannot list this folder: {error.strerror or error}",
+                                 Path(error.filename))
+            if step is None:
+                break
+            folder, subfolders, files = step
+            subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
+            for name in sorted(files):
+                if not name.startswith(".") and name.lower().endswith(IMAGE_SUFFIXES):
+                    found = True
+                    yield Path(folder) / name
+        if not (found or unreadable):
+            yield ImageError("unreadable", f"{path}: a folder with no image files ({', '.join(IMAGE_SUFFIXES)})",
+                             path)

@@ -127,7 +127,8 @@ def test_caption_plain_output(capsys, tiny_checkpoint, images):
     assert lines[0].startswith(f"{images['a.png']}\t") and lines[1].startswith(f"{images['b.png']}\t")
 
 
-def test_caption_reads_captions_and_prints_a_batch_at_a_time(capsys, tiny_checkpoint, images, monkeypatch):
+@pytest.mark.parametrize("form", [[], ["--jsonl"]], ids=["text", "jsonl"])
+def test_caption_reads_captions_and_prints_a_batch_at_a_time(capsys, tiny_checkpoint, images, monkeypatch, form):
     # a user captioning a folder of thousands of photos: never all of them decoded in memory at once, and
     # each batch's captions printed before the next batch is read
     import models.images
@@ -149,14 +150,16 @@ def test_caption_reads_captions_and_prints_a_batch_at_a_time(capsys, tiny_checkp
 
     monkeypatch.setattr(CaptionEngine, "caption", caption)
     monkeypatch.setattr("builtins.print", recording_print)
-    paths = [images["a.png"], images["b.png"], images["empty.png"], images["c.jpg"], images["a.png"]]
+    paths = [images["a.png"], images["b.png"], images["empty.png"], images["c.jpg"], images["a.png"],
+             images["b.png"]]
     rc, out, err = run(capsys, "caption", *paths, "--checkpoint", tiny_checkpoint, "--device", "cpu",
-                       "--batch-size", "2")
+                       "--batch-size", "2", *form)
     assert rc == 1 and "empty" in err  # the empty file is reported and skipped; the others are captioned
-    assert len(out.splitlines()) == 4
+    assert len(out.splitlines()) == (6 if form else 5)  # --jsonl: a line for the failed image too
+    record = ["print"] if form else []  # --jsonl: the failed image's own line too
     assert events == [
         "read", "read", "caption 2", "print", "print",
-        "read", "print", "read", "caption 1", "print",  # the error line, then c.jpg alone
+        "read", "print", *record, "read", "read", "caption 2", "print", "print",  # no gap in the batch
         "read", "caption 1", "print"]
 
 
@@ -167,6 +170,62 @@ def test_caption_is_the_same_in_any_batch(capsys, tiny_checkpoint, images):
     _, alone, _ = run(capsys, *args, "--batch-size", "1")
     strip = lambda items: [(i["tokens"], i["exit_layers"]) for i in json.loads(items)]  # noqa: E731
     assert strip(together) == strip(alone)
+
+
+def test_caption_a_folder_captions_every_image_under_it_in_name_order(capsys, tiny_checkpoint, images, tmp_path):
+    # a user captioning a photo library: `capeen caption photos/`, subfolders included, other files left alone
+    shutil.copy(images["b.png"], tmp_path / "b.png")
+    (tmp_path / "2024" / "june").mkdir(parents=True)
+    shutil.copy(images["a.png"], tmp_path / "2024" / "june" / "A.PNG")
+    shutil.copy(images["c.jpg"], tmp_path / "2024" / "c.jpeg")
+    (tmp_path / "2024" / "notes.txt").write_text("not an image\n")
+    (tmp_path / ".thumbnails").mkdir()
+    shutil.copy(images["a.png"], tmp_path / ".thumbnails" / "a.png")
+    (tmp_path / "._b.png").write_bytes(b"\x00\x05\x16\x07")  # macOS metadata beside b.png: no image
+    rc, out, err = run(capsys, "caption", tmp_path, "--checkpoint", tiny_checkpoint, "--device", "cpu", "--json")
+    assert rc == 0 and err == ""
+    found = [tmp_path / "b.png", tmp_path / "2024" / "c.jpeg", tmp_path / "2024" / "june" / "A.PNG"]
+    items = json.loads(out)
+    assert [item["image"] for item in items] == [str(path) for path in found]
+    _, one_by_one, _ = run(capsys, "caption", *found, "--checkpoint", tiny_checkpoint, "--device", "cpu", "--json")
+    assert [item["tokens"] for item in items] == [item["tokens"] for item in json.loads(one_by_one)]
+    rc, out, _ = run(capsys, "caption", tmp_path / "2024" / "june", "--checkpoint", tiny_checkpoint, "--device", "cpu")
+    assert rc == 0 and out.startswith(f"{tmp_path / '2024' / 'june' / 'A.PNG'}\t")  # a folder's lines name the file
+
+
+def test_caption_jsonl_gives_every_input_a_line_in_order(capsys, tiny_checkpoint, images, tmp_path):
+    # a pipeline reading JSON Lines: one object per image, the failed ones with their error, nothing dropped
+    paths = [images["a.png"], images["notes.txt"], images["b.png"], images["truncated.png"], images["c.jpg"]]
+    rc, out, err = run(capsys, "caption", *paths, tmp_path, "--checkpoint", tiny_checkpoint, "--device", "cpu",
+                       "--jsonl", "--batch-size", "2")
+    assert rc == 1
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert [line["image"] for line in lines] == [str(path) for path in [*paths, tmp_path]]
+    _, as_array, _ = run(capsys, "caption", *paths, "--checkpoint", tiny_checkpoint, "--device", "cpu", "--json")
+    assert [line for line in lines if "caption" in line] == json.loads(as_array)
+    failed = [line for line in lines if "error" in line]
+    assert [set(line) for line in failed] == [{"image", "error"}] * 3
+    assert "no image files" in failed[-1]["error"]  # the empty folder
+    assert [line for line in screen(err)] == [f"capeen caption: {line['error']}" for line in failed]
+
+
+def test_caption_folder_that_cannot_be_listed_is_a_line_and_the_walk_goes_on(capsys, tiny_checkpoint, images,
+                                                                             tmp_path, monkeypatch):
+    (tmp_path / "locked").mkdir()
+    (tmp_path / "open").mkdir()
+    shutil.copy(images["a.png"], tmp_path / "open" / "a.png")
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if Path(path).name == "locked":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    rc, out, err = run(capsys, "caption", tmp_path, "--checkpoint", tiny_checkpoint, "--device", "cpu")
+    assert rc == 1
+    assert_one_line_error(err, f"{tmp_path / 'locked'}: cannot list this folder", "Permission denied")
+    assert out.startswith(f"{tmp_path / 'open' / 'a.png'}\t")
 
 
 # ----- caption: failures ----------------------------------------------------------------------------------------
