@@ -102,7 +102,7 @@ def caption_main(args) -> int:
         try:
             if isinstance(path, ImageError):  # a folder that could not be searched
                 raise path
-            chunk.append((path, load_image(path), None))
+            chunk.append((path, load_image(path, min_size=engine.config.image_size), None))
             waiting += 1
         except (ImageError, OSError) as exc:
             path = getattr(exc, "path", None) or path

@@ -167,17 +167,25 @@ def _upright(image: Image.Image) -> Image.Image:
 
 
 def load_image(
-    source: bytes | bytearray | memoryview | str | Path, max_pixels: int = DEFAULT_MAX_PIXELS
+    source: bytes | bytearray | memoryview | str | Path, max_pixels: int = DEFAULT_MAX_PIXELS,
+    min_size: int | None = None,
 ) -> Image.Image:
     """Load an image from bytes or a path as an upright RGB image, or raise ImageError.
 
     `max_pixels` is checked from the header before decoding. Animated images give their first frame; alpha is
     composited over white; 16-bit and float greyscale are scaled to 8 bits.
+
+    `min_size`: the image is only wanted at this side or smaller (the model's input). A JPEG is then decoded
+    at 1/2, 1/4 or 1/8 of its size, the smallest that keeps both sides at least `min_size` (libjpeg scales
+    while it decodes, in the DCT). A phone photo then costs a fraction of its full decode and memory, for a
+    model input within a grey level or two of the full decode's.
     """
     data, name = _read_source(source)
     if not data:
         raise ImageError("empty", f"{name}: empty (0 bytes)")
     image = _open(data, name, max_pixels)
+    if min_size is not None and image.format == "JPEG":
+        image.draft(image.mode, (min_size, min_size))
     _decode(image, name)
     rgb = _to_rgb(_upright(image), name)
     rgb.load()

@@ -86,13 +86,14 @@ def _read_cache(cache: Path, shape: tuple[int, ...], first: int | None = None) -
 def _decode(record, size: int) -> np.ndarray:
     """One image as uint8 (3, size, size); a missing, truncated or corrupt file is a DatasetError naming it."""
     try:
-        return image_to_uint8(load_image(record.image_path), size)
+        return image_to_uint8(load_image(record.image_path, min_size=size), size)  # as served: JPEGs scaled
     except ImageError as exc:
         raise DatasetError(str(exc)) from None
 
 
-# bumped whenever decoding changes, so that caches of other pixels are not reused (2: models.images.load_image)
-_CACHE_FORMAT = 2
+# bumped whenever decoding changes, so that caches of other pixels are not reused (2: models.images.load_image;
+# 3: JPEGs decoded at a reduced scale)
+_CACHE_FORMAT = 3
 
 
 def _cache_path(json_path: Path, split: str, size: int, records: list) -> Path:

@@ -39,10 +39,12 @@ async def read_upload(upload: UploadFile, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def image_pixels(engine: Engine, data: bytes, max_pixels: int) -> torch.Tensor:
-    """Decode and preprocess one image (CPU work: the routes run it in a worker thread)."""
+def image_pixels(engine: Engine, data: bytes, max_pixels: int, scaled_decode: bool = True) -> torch.Tensor:
+    """Decode and preprocess one image (CPU work: the routes run it in a worker thread). `scaled_decode`: a
+    JPEG is decoded at the smallest of 1/2, 1/4 or 1/8 scale that still covers the model's input."""
     try:
-        image = load_image(data, max_pixels=max_pixels)
+        image = load_image(data, max_pixels=max_pixels,
+                           min_size=engine.config.image_size if scaled_decode else None)
     except ImageError as exc:
         raise ServiceError(IMAGE_ERROR_STATUS[exc.kind], exc.kind, str(exc)) from None
     return engine.pixels([image])

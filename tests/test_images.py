@@ -102,6 +102,38 @@ def test_exif_orientation_is_applied() -> None:
     assert _near(out.getpixel((10, 36)), (0, 0, 255), 40)
 
 
+def _photo(width: int, height: int) -> Image.Image:
+    """Smooth colour gradients with some grain, like a photo rather than flat synthetic colour."""
+    y, x = np.mgrid[0:height, 0:width]
+    rgb = np.stack([255 * x / width, 255 * y / height, 128 + 60 * np.sin((x + y) / 37)], -1)
+    grain = np.random.default_rng(0).normal(0, 6, rgb.shape)
+    return Image.fromarray((rgb + grain).clip(0, 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize(("size", "scaled"), [((1600, 1200), (200, 150)), ((1000, 700), (250, 175)),
+                                              ((150, 400), (150, 400))])
+def test_a_large_jpeg_is_decoded_at_the_smallest_scale_that_covers_the_model_input(size, scaled) -> None:
+    # a phone photo served to a 96 px model: 1/8, 1/4 or 1/2 of its pixels decoded, never fewer than 96 a side
+    from models.preprocess import image_to_uint8
+
+    data = _encode(_photo(*size), "JPEG", quality=90)
+    reduced, full = load_image(data, min_size=96), load_image(data)
+    assert reduced.size == scaled and full.size == size
+    difference = np.abs(image_to_uint8(reduced, 96).astype(int) - image_to_uint8(full, 96).astype(int))
+    assert difference.mean() < 1.5 and difference.max() <= 16  # the same model input, to a grey level or two
+
+
+def test_scaled_decode_keeps_the_orientation_and_leaves_other_formats_whole() -> None:
+    image = _photo(1600, 800)
+    image.paste((255, 0, 0), (0, 0, 400, 800))  # the left quarter red
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    out = load_image(_encode(image, "JPEG", exif=exif.tobytes(), quality=95), min_size=96)
+    assert out.size == (100, 200)  # 1/8, then turned upright
+    assert _near(out.getpixel((50, 10)), (255, 0, 0), 40)  # the left edge is now at the top
+    assert load_image(_encode(image, "PNG"), min_size=96).size == (1600, 800)
+
+
 def test_path_and_str_sources(tmp_path: Path) -> None:
     path = tmp_path / "x.png"
     Image.new("RGB", (3, 2), (1, 2, 3)).save(path)

@@ -190,6 +190,28 @@ def test_exif_orientation_is_honoured(client: httpx.Client, tiny_engine: Caption
     assert (stored.tokens, stored.exit_layers) != (want.tokens, want.exit_layers), "pick an image that tells"
 
 
+def test_a_large_jpeg_upload_is_decoded_at_a_reduced_scale_unless_turned_off(client, tiny_engine, monkeypatch):
+    # a 12-megapixel phone photo must not cost the service a full decode for a model that looks at 32 px
+    import service.uploads
+
+    decoded: list[tuple[int, int]] = []
+
+    def recording_load_image(*args, **kwargs):
+        image = load_image(*args, **kwargs)
+        decoded.append(image.size)
+        return image
+
+    monkeypatch.setattr(service.uploads, "load_image", recording_load_image)
+    photo = upload(encode(noise_image(3).resize((1200, 900)), "JPEG"))  # smooth: under the upload limit
+    assert client.post("/caption", files=photo).status_code == 200
+    side = tiny_engine.config.image_size
+    assert decoded == [(150, 113)] and min(decoded[0]) >= side  # 1/8 of each side, still above the input
+    settings = Settings(checkpoint=None, log_level="warning", jpeg_scaled_decode=False)
+    with running_server(settings, tiny_engine) as whole, httpx.Client(base_url=whole.url, timeout=30) as other:
+        assert other.post("/caption", files=photo).status_code == 200
+    assert decoded[1:] == [(1200, 900)]
+
+
 def test_modes_and_max_tokens(client: httpx.Client) -> None:
     image = upload(encode(noise_image(2)))
     full = client.post("/caption", files=image, data={"mode": "full"}).json()

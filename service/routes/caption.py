@@ -92,7 +92,8 @@ async def caption(
     with runtime.batcher.incoming():
         data = await read_upload(form.image, settings.max_upload_bytes)
         async with runtime.decode_slots:
-            pixels = await run_in_threadpool(image_pixels, runtime.engine, data, settings.max_pixels)
+            pixels = await run_in_threadpool(image_pixels, runtime.engine, data, settings.max_pixels,
+                                             settings.jpeg_scaled_decode)
     arm = runtime.bandit.select() if fixed is None else None  # as late as possible: the freshest statistics
     chosen = fixed if arm is None else arm.threshold
 
