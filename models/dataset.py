@@ -33,6 +33,7 @@ class CaptionRecord:
     raw: list[str]
     objects: list[dict] | None  # ground-truth scene of synthetic images, None for real data sets
     image_id: int | str
+    empty_sentences: int = 0  # sentences of the entry with no word, left out of `captions` and `raw`
 
 
 def tokenize(text: str) -> list[str]:
@@ -130,6 +131,7 @@ def _record(entry: Any, where: str, image_root: Path, keep_restval: bool) -> Cap
         raw=[raw for _, raw in pairs],
         objects=objects,
         image_id=image_id,
+        empty_sentences=len(sentences) - len(pairs),
     )
 
 

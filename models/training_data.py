@@ -132,7 +132,7 @@ def pixel_cache(json_path: Path, split: str, size: int, records: list, cache: Pa
             return cached
         unreadable = True
     pixels = _decode_all(records, size, split)
-    tmp = cache.with_suffix(".tmp.npy")
+    tmp = cache.with_name(f"{cache.stem}.{os.getpid()}.tmp.npy")  # one per process: concurrent runs never share it
     try:
         cache.parent.mkdir(exist_ok=True)
         np.save(tmp, pixels)
@@ -147,6 +147,10 @@ def pixel_cache(json_path: Path, split: str, size: int, records: list, cache: Pa
         if unreadable:
             print(f"capeen: could not rebuild pixel cache {cache}; delete it, or every run decodes the images again",
                   file=sys.stderr)
+    except BaseException:  # Ctrl-C while the cache is written: no half-written temporary left behind
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
     return pixels
 
 
@@ -158,6 +162,10 @@ def split_pixels(dataset: Path | str, split: str, image_size: int, limit: int | 
     records = records_for_split(load_karpathy(json_path, image_root, keep_restval=split == "restval"), split)
     if not records:
         raise ValueError(f"{json_path}: no images in split {split!r}")
+    empty = sum(r.empty_sentences for r in records)
+    if empty:
+        print(f"capeen: split {split!r} of {json_path} has {empty} empty sentence(s) (no word), left out of the "
+              f"captions and references", file=sys.stderr)
     repeated = [path for path, count in Counter(r.image_path for r in records).items() if count > 1]
     if repeated:
         print(f"capeen: split {split!r} of {json_path} lists {len(repeated)} image(s) more than once "

@@ -86,6 +86,7 @@ def test_raw_only_sentences_are_tokenized_and_tokens_lowercased(tmp_path: Path) 
     [record] = load_karpathy(_write(tmp_path, {"images": [_entry(sentences=sentences)]}))
     assert record.captions == [["two", "dogs", "running"], ["a", "cat"]]  # the empty one is dropped
     assert record.raw == ["Two Dogs, running!", "a cat"]
+    assert record.empty_sentences == 1
 
 
 @pytest.mark.parametrize(
@@ -147,6 +148,23 @@ def test_pixels_are_cached_beside_the_data_set_and_a_read_only_one_still_loads(t
     _, pixels = split_pixels(json_path, "val", 32)  # not cached yet, and the cache cannot be written
     assert pixels.shape == (1, 3, 32, 32)
     assert not list((tmp_path / "cache").glob("val-*"))
+
+
+def test_an_interrupted_cache_write_leaves_nothing_behind_and_the_next_run_caches(tmp_path: Path, monkeypatch):
+    json_path = generate_dataset(tmp_path, 3, 1, 0, seed=0, image_size=32, workers=1)
+    real_save = np.save
+
+    def interrupted(path, array):
+        Path(path).write_bytes(b"\x93NUMPY half")  # a part of the file is on disk when Ctrl-C comes
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(np, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        split_pixels(json_path, "train", 32)
+    assert not list((tmp_path / "cache").iterdir())
+    monkeypatch.setattr(np, "save", real_save)
+    split_pixels(json_path, "train", 32)
+    assert [path.suffix for path in (tmp_path / "cache").iterdir()] == [".npy"]
 
 
 def test_a_limited_look_decodes_only_its_images_until_the_split_is_cached(tmp_path: Path, monkeypatch) -> None:
@@ -282,6 +300,21 @@ def test_an_image_listed_twice_is_reported(tmp_path: Path, capsys) -> None:
     assert len(records) == len(pixels) == 4
     assert notes == [f"capeen: split 'train' of {json_path} lists 1 image(s) more than once "
                      f"(first: {records[0].image_path}); each listing counts as an image"]
+
+
+def test_empty_sentences_among_good_ones_are_reported(tmp_path: Path, capsys) -> None:
+    # 3 sentences that give 1 caption must not pass without a word: the references shrink too
+    json_path = generate_dataset(tmp_path, 3, 1, 0, seed=0, image_size=32, workers=1)
+    data = json.loads(json_path.read_text())
+    data["images"][0]["sentences"] += [{"raw": "", "tokens": []}, {"raw": "!!!"}]
+    json_path.write_text(json.dumps(data))
+    capsys.readouterr()
+    split_pixels(json_path, "train", 32)
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("capeen:")]
+    assert notes == [f"capeen: split 'train' of {json_path} has 2 empty sentence(s) (no word), left out of the "
+                     "captions and references"]
+    split_pixels(json_path, "val", 32)
+    assert "empty sentence" not in capsys.readouterr().err  # the val split has none
 
 
 def test_coco_restval_can_be_asked_for_by_name(tmp_path: Path) -> None:
