@@ -84,6 +84,11 @@ def _add_caption(sub) -> None:
     p.add_argument("--threshold", type=float, help="confidence threshold for --mode fixed (default: the calibrated one)")
     p.add_argument("--max-tokens", type=int, help="longest caption in tokens (default: the model's limit)")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="threads reading and decoding images ahead of the model (default: the cores, at most 4); "
+                        "0: each image is read when its turn comes")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is fastest for this decoder, "
+                                                         "and leaves the other cores to the readers)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     add_half(p)
     form = p.add_mutually_exclusive_group()

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import textwrap
 import sys
+import textwrap
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from capeen.errors import UserError, check_output, first_line
@@ -68,12 +70,15 @@ def _engine(args):
 
 
 def caption_main(args) -> int:
-    from models.images import ImageError, find_images, load_image
+    from models.images import find_images
 
     if args.max_tokens is not None and args.max_tokens < 1:
         raise UserError(f"--max-tokens must be at least 1, got {args.max_tokens}")
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.workers < 0:
+        raise UserError(f"--workers must be 0 or more, got {args.workers}")
+    _set_threads(args)
     engine = _engine(args)
     try:
         threshold = engine.threshold_for(args.mode, args.threshold)
@@ -98,13 +103,12 @@ def caption_main(args) -> int:
 
     # a batch at a time, read, captioned and printed: thousands of images never sit in memory together, and
     # the first captions appear while the rest are being read (folders too are walked as they are captioned)
-    for path in find_images(args.images):
-        try:
-            if isinstance(path, ImageError):  # a folder that could not be searched
-                raise path
-            chunk.append((path, load_image(path, min_size=engine.config.image_size), None))
+    for path, image, exc in _read_ahead(find_images(args.images), engine.config.image_size, args.workers,
+                                        args.batch_size):
+        if exc is None:
+            chunk.append((path, image, None))
             waiting += 1
-        except (ImageError, OSError) as exc:
+        else:
             path = getattr(exc, "path", None) or path
             problem = str(exc) if str(path) in str(exc) else f"{path}: {exc}"
             print(f"capeen caption: {problem}", file=sys.stderr, flush=True)
@@ -120,6 +124,42 @@ def caption_main(args) -> int:
         caption_chunk()
     output.close()
     return 1 if failures else 0
+
+
+def _read_ahead(found, size: int, workers: int, batch_size: int):
+    """(path, image, None) or (path, None, error) for each of `found`, in its order, each image already at the
+    model's input size (a batch waiting for the model holds no photo at full size). With `workers`, threads
+    read, decode and resize the images ahead of the model (Pillow lets go of the GIL meanwhile): a batch of
+    photos is ready when the one before leaves the model. They run at most a batch and a worker's share ahead,
+    so memory stays bounded whatever the folder's size."""
+    from models.images import ImageError, load_image
+    from models.preprocess import model_sized
+
+    def read(path):
+        try:
+            return path, model_sized(load_image(path, min_size=size), size), None
+        except (ImageError, OSError) as exc:
+            return path, None, exc
+
+    if workers == 0:
+        for path in found:
+            yield (path, None, path) if isinstance(path, ImageError) else read(path)
+        return
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="capeen-read")
+    ahead: deque = deque()
+    try:
+        for path in found:
+            ahead.append((path, None, path) if isinstance(path, ImageError) else pool.submit(read, path))
+            if len(ahead) > batch_size + workers:
+                yield _resolved(ahead.popleft())
+        while ahead:
+            yield _resolved(ahead.popleft())
+    finally:  # Ctrl-C or a broken pipe: the reads not started yet are dropped, not waited for
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _resolved(entry):
+    return entry.result() if isinstance(entry, Future) else entry
 
 
 class _CaptionOutput:

@@ -7,13 +7,18 @@ import torch
 from PIL import Image
 
 
-def image_to_uint8(image: Image.Image, size: int) -> np.ndarray:
-    """An RGB PIL image -> (3, size, size) uint8, resized with bilinear filtering when needed."""
+def model_sized(image: Image.Image, size: int) -> Image.Image:
+    """An RGB PIL image at the model's input size, resized with bilinear filtering when needed."""
     if image.mode != "RGB":
         image = image.convert("RGB")
     if image.size != (size, size):
         image = image.resize((size, size), Image.Resampling.BILINEAR)
-    return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1).copy()
+    return image
+
+
+def image_to_uint8(image: Image.Image, size: int) -> np.ndarray:
+    """An RGB PIL image -> (3, size, size) uint8 (`model_sized`)."""
+    return np.asarray(model_sized(image, size), dtype=np.uint8).transpose(2, 0, 1).copy()
 
 
 def normalize(pixels_uint8: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -153,7 +153,7 @@ def test_caption_reads_captions_and_prints_a_batch_at_a_time(capsys, tiny_checkp
     paths = [images["a.png"], images["b.png"], images["empty.png"], images["c.jpg"], images["a.png"],
              images["b.png"]]
     rc, out, err = run(capsys, "caption", *paths, "--checkpoint", tiny_checkpoint, "--device", "cpu",
-                       "--batch-size", "2", *form)
+                       "--batch-size", "2", "--workers", "0", *form)
     assert rc == 1 and "empty" in err  # the empty file is reported and skipped; the others are captioned
     assert len(out.splitlines()) == (6 if form else 5)  # --jsonl: a line for the failed image too
     record = ["print"] if form else []  # --jsonl: the failed image's own line too
@@ -161,6 +161,37 @@ def test_caption_reads_captions_and_prints_a_batch_at_a_time(capsys, tiny_checkp
         "read", "read", "caption 2", "print", "print",
         "read", "print", *record, "read", "read", "caption 2", "print", "print",  # no gap in the batch
         "read", "caption 1", "print"]
+
+
+def test_caption_workers_read_ahead_in_order_and_within_bounds(capsys, tiny_checkpoint, images, monkeypatch):
+    # threads decode the next photos while the model captions: same output, in order, and a folder of
+    # thousands never read far ahead of what is printed
+    import models.images
+    from models.engine import CaptionEngine
+
+    names = ["a.png", "b.png", "notes.txt", "c.jpg", "a.png", "empty.png", "b.png", "c.jpg", "a.png", "b.png"]
+    paths = [images[name] for name in names * 2]
+    args = ["caption", *paths, "--checkpoint", tiny_checkpoint, "--device", "cpu", "--batch-size", "2", "--jsonl"]
+    rc_alone, alone, _ = run(capsys, *args, "--workers", "0")
+    reads, printed, worst = [0], [0], [0]
+    real_load, real_caption = models.images.load_image, CaptionEngine.caption
+
+    def load(path, **kwargs):
+        reads[0] += 1
+        return real_load(path, **kwargs)
+
+    def caption(self, batch, *args, **kwargs):
+        worst[0] = max(worst[0], reads[0] - printed[0])
+        result = real_caption(self, batch, *args, **kwargs)
+        printed[0] += len(batch)
+        return result
+
+    monkeypatch.setattr(models.images, "load_image", load)
+    monkeypatch.setattr(CaptionEngine, "caption", caption)
+    rc, ahead, _ = run(capsys, *args, "--workers", "3")
+    assert (rc, ahead) == (rc_alone, alone) == (1, alone)
+    assert reads[0] == len(paths)
+    assert worst[0] <= 2 * 2 + 3 + 1 + 4  # a batch waiting, a batch and the workers' share ahead; failed reads
 
 
 def test_caption_is_the_same_in_any_batch(capsys, tiny_checkpoint, images):
@@ -252,6 +283,7 @@ def test_only_unusable_images_exit_1_with_a_line_each(capsys, tiny_checkpoint, i
 @pytest.mark.parametrize("option, fragment", [
     (["--threshold", "1.5"], "threshold"), (["--threshold", "0"], "threshold"), (["--threshold", "-0.2"], "threshold"),
     (["--max-tokens", "0"], "--max-tokens"), (["--batch-size", "0"], "--batch-size"),
+    (["--workers", "-1"], "--workers"),
 ])
 def test_bad_caption_options_exit_2_with_one_line(capsys, tiny_checkpoint, images, option, fragment):
     rc, out, err = run(capsys, "caption", images["a.png"], "--checkpoint", tiny_checkpoint, *option)
