@@ -142,14 +142,14 @@ def _read_ahead(found, size: int, workers: int, batch_size: int):
             return path, None, exc
 
     if workers == 0:
-        for path in found:
-            yield (path, None, path) if isinstance(path, ImageError) else read(path)
+        for item in found:  # a path, or the error of a folder that could not be searched
+            yield (item, None, item) if isinstance(item, ImageError) else read(item)
         return
     pool = ThreadPoolExecutor(workers, thread_name_prefix="capeen-read")
     ahead: deque = deque()
     try:
-        for path in found:
-            ahead.append((path, None, path) if isinstance(path, ImageError) else pool.submit(read, path))
+        for item in found:
+            ahead.append((item, None, item) if isinstance(item, ImageError) else pool.submit(read, item))
             if len(ahead) > batch_size + workers:
                 yield _resolved(ahead.popleft())
         while ahead:
