@@ -13,7 +13,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from capeen.errors import UserError, check_output, first_line
+from capeen.errors import UserError, check_output, first_line, output_file_problem
 
 
 def _parse_overrides(text: str | None) -> dict:
@@ -23,6 +23,8 @@ def _parse_overrides(text: str | None) -> dict:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise UserError(f"--model-config is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise UserError("--model-config is nested too deeply to be a model config") from None
     if not isinstance(data, dict):
         raise UserError("--model-config must be a JSON object of model config fields")
     return data
@@ -280,16 +282,31 @@ def calibrate_main(args) -> int:
     engine = _engine(args)
     if engine.checkpoint.path is None:
         raise UserError("calibration needs a checkpoint directory to write thresholds.json into")
+    target = engine.checkpoint.path / "thresholds.json"
+    problem = output_file_problem(target)  # now, not after minutes of decoding
+    if problem:
+        raise UserError(f"cannot write {target}: {problem} (calibrate a copy: --checkpoint DIR)")
+    if not engine.config.exit_layers:
+        raise UserError(f"{engine.checkpoint.path}: the model has no exit heads (exit_layers is empty): nothing to "
+                        "calibrate")
     data = _eval_set(args, engine, args.split)
+    if len(data) < 2:
+        raise UserError(f"calibration needs at least 2 images, got {len(data)}: CIDEr-D weighs words by how few "
+                        "images' references hold them, so one image scores 0 whatever its caption")
     result = calibrate(engine, data, grid, quality_fraction=args.quality, batch_size=args.batch_size,
                        split=args.split, schedules=not args.no_schedules, confidence=args.confidence)
-    if result.threshold is not None:  # a failed calibration leaves the one the checkpoint had
-        save_thresholds(engine.checkpoint.path, result)
     full = result.details["full_depth"]
     print(f"full depth: CIDEr-D {full['ciderD']:.3f}  BLEU-4 {full['bleu4']:.3f}")
     if full["ciderD"] <= 0:
-        print(f"capeen calibrate: warning: full depth scores CIDEr-D 0 on split {args.split!r}, so every setting "
-              "keeps all of it and the fastest is chosen; is this model trained for these captions?", file=sys.stderr)
+        print(f"capeen calibrate: full depth scores CIDEr-D 0 on split {args.split!r}: no caption of this model "
+              f"shares a weighted word with its references, so what early exit keeps cannot be measured; "
+              f"{target} is left as it was", file=sys.stderr)
+        return 1
+    if result.threshold is not None:  # a failed calibration leaves the one the checkpoint had
+        try:
+            save_thresholds(engine.checkpoint.path, result)
+        except OSError as exc:
+            raise UserError(f"cannot write {target}: {exc.strerror or exc}") from None
     for entry in result.sweep:
         exits = _exit_plan(entry["exit_layers"], entry["threshold"], entry.get("exit_offsets"))
         bound = entry.get("ciderD_share_lower_bound")
@@ -321,23 +338,30 @@ def evaluate_main(args) -> int:
         raise UserError("--plot needs --mode sweep")
     check_output("--json", args.json)
     check_output("--plot", args.plot, plot=True)
+    _refuse_options_the_mode_ignores(args)
     sweep_grid = _thresholds(args.thresholds) if args.mode == "sweep" else []
     engines = [_engine(args)] + [_engine(argparse.Namespace(checkpoint=c, device=args.device, half=args.half,
                                                                   kv_fill=args.kv_fill))
                                  for c in args.compare]
-    reports = []
+    plans = []  # every checkpoint's settings, checked before any decoding: a late error would lose the others'
     for engine in engines:
+        try:
+            if args.mode == "full":
+                grid = []
+            elif args.mode == "fixed":
+                try:
+                    grid = [engine.threshold_for("fixed", args.threshold)]
+                except ValueError as exc:
+                    raise UserError(str(exc)) from None
+            else:
+                grid = sweep_grid
+            plans.append((engine, grid, _exit_settings(args, engine, grid)))
+        except UserError as exc:
+            raise UserError(f"{engine.checkpoint.path or engine.name}: {exc}" if len(engines) > 1 else str(exc)) \
+                from None
+    reports = []
+    for engine, grid, chosen_exits in plans:
         data = _eval_set(args, engine, args.split)
-        if args.mode == "full":
-            grid = []
-        elif args.mode == "fixed":
-            try:
-                grid = [engine.threshold_for("fixed", args.threshold)]
-            except ValueError as exc:
-                raise UserError(str(exc)) from None
-        else:
-            grid = sweep_grid
-        chosen_exits = _exit_settings(args, engine, grid)
         for distortion in distortions:
             if chosen_exits is None:
                 report = evaluate_thresholds(engine, data, grid, batch_size=args.batch_size, distortion=distortion,
@@ -357,6 +381,17 @@ def evaluate_main(args) -> int:
         plot_sweeps(reports, Path(args.plot))
         print(f"wrote {args.plot}")
     return 0
+
+
+def _refuse_options_the_mode_ignores(args) -> None:
+    """An option that a mode would not use is an error: the report would otherwise look like it answered it."""
+    ignored = {"full": [("--threshold", args.threshold), ("--thresholds", args.thresholds), ("--exits", args.exits),
+                        ("--exit-offsets", args.exit_offsets)],
+               "fixed": [("--thresholds", args.thresholds)],
+               "sweep": [("--threshold", args.threshold)]}[args.mode]
+    given = [option for option, value in ignored if value is not None]
+    if given:
+        raise UserError(f"{' and '.join(given)} cannot be used with --mode {args.mode}")
 
 
 def _print_report(report: dict) -> None:

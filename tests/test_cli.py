@@ -15,9 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from capeen.cli import main
+from models.scene import COLOURS
 from models.synthetic import generate_dataset
 from models.tokenizer import SPECIALS
 from tests.conftest import make_tiny_checkpoint
@@ -54,6 +56,33 @@ def data(tmp_path_factory):
     out = tmp_path_factory.mktemp("cli-data") / "shapes"
     generate_dataset(out, 2, 4, 6, seed=1, image_size=32, workers=1)
     return out
+
+
+@pytest.fixture(scope="module")
+def speaking_checkpoint(tiny_checkpoint, data, tmp_path_factory):
+    """The tiny model made to repeat one colour word whatever the image, at every exit. The random tiny model
+    ends every caption at once, so its full depth scores CIDEr-D 0 and calibration cannot measure anything; this
+    one's captions share that word with some validation images' references and not others, so it scores above
+    0 (CIDEr-D weighs a word by how few images' references hold it)."""
+    from models.checkpoint import load_checkpoint, save_checkpoint
+    from models.dataset import load_karpathy, records_for_split
+
+    first_three = records_for_split(load_karpathy(data / "dataset.json"), "val")[:3]  # the tests' --limit 3
+    holders = {colour: sum(any(colour in words for words in r.captions) for r in first_three) for colour in COLOURS}
+    word = next(colour for colour, count in holders.items() if 0 < count < len(first_three))
+    ckpt = load_checkpoint(tiny_checkpoint, device="cpu")
+    token = ckpt.tokenizer.index[word]
+    model = ckpt.model
+    with torch.no_grad():
+        heads = [(model.decoder.transformer.ln_f, model.decoder.lm_head)]
+        heads += [(head.ln, head.proj) for head in model.exits.values()]
+        for norm, projection in heads:  # a constant normalised state, read as one word with confidence ~1
+            norm.weight.zero_()
+            norm.bias.zero_()
+            norm.bias[0] = 1.0
+            projection.weight.zero_()
+            projection.weight[token, 0] = 10.0
+    return save_checkpoint(ckpt, tmp_path_factory.mktemp("speaking") / "checkpoint")
 
 
 def run(capsys, *argv) -> tuple[int, str, str]:
@@ -404,7 +433,7 @@ def test_train_exits_without_init(capsys, data, tmp_path):
 
 
 @pytest.mark.parametrize("config, fragment", [('{"n_layer": ', "--model-config"), ('[1]', "--model-config"),
-                                              ('{"bogus": 1}', "bogus")])
+                                              ('{"bogus": 1}', "bogus"), ("[" * 50000, "nested too deeply")])
 def test_train_bad_model_config(capsys, data, tmp_path, config, fragment):
     rc, _, err = run(capsys, "train", "--stage", "backbone", "--data", data, "--out", tmp_path / "out",
                      "--run-dir", tmp_path / "run", "--model-config", config)
@@ -426,24 +455,68 @@ def test_data_bad_arguments(capsys, tmp_path, option):
 
 
 # ----- other subcommands: success on tiny data ------------------------------------------------------------------
-def test_calibrate_writes_thresholds_json_with_the_sweep(capsys, tiny_checkpoint, data, tmp_path):
-    directory = shutil.copytree(tiny_checkpoint, tmp_path / "ck")
+def test_calibrate_writes_thresholds_json_with_the_sweep(capsys, speaking_checkpoint, data, tmp_path):
+    directory = shutil.copytree(speaking_checkpoint, tmp_path / "ck")
     rc, out, err = run(capsys, "calibrate", "--checkpoint", directory, "--data", data, "--limit", "3",
                        "--thresholds", "0.4,0.8", "--quality", "0.5", "--batch-size", "3", "--device", "cpu",
                        "--no-schedules")
     written = json.loads((directory / "thresholds.json").read_text())
-    assert rc in (0, 1) and "Traceback" not in err
-    # the tiny random model ends every caption at once: a floor on its CIDEr-D of 0 means nothing, and says so
-    assert "full depth: CIDEr-D 0.000" in out and "warning: full depth scores CIDEr-D 0 on split 'val'" in err
-    if rc == 0:
-        assert written["quality_fraction"] == 0.5 and written["images"] == 3 and written["calibration_split"] == "val"
-        assert {e["threshold"] for e in written["sweep"]} == {0.4, 0.8}
-        assert written["threshold"] in (0.4, 0.8) and "calibrated threshold" in out
-    else:
-        assert written == json.loads((tiny_checkpoint / "thresholds.json").read_text())
+    assert rc == 0 and not [line for line in screen(err) if line.startswith("capeen")]  # progress bars only
+    assert written["quality_fraction"] == 0.5 and written["images"] == 3 and written["calibration_split"] == "val"
+    assert written["full_depth"]["ciderD"] > 0
+    assert {e["threshold"] for e in written["sweep"]} == {0.4, 0.8}
+    assert written["threshold"] in (0.4, 0.8) and "calibrated threshold" in out
 
 
-def test_a_calibration_that_finds_nothing_leaves_the_checkpoints_own(capsys, tiny_checkpoint, data, tmp_path,
+def test_calibrate_leaves_thresholds_json_when_full_depth_scores_zero(capsys, tiny_checkpoint, data, tmp_path):
+    # the tiny random model ends every caption at once: every setting "keeps 100%" of nothing, and choosing
+    # the fastest would replace a calibration that measured something
+    directory = shutil.copytree(tiny_checkpoint, tmp_path / "ck")
+    before = (directory / "thresholds.json").read_bytes()
+    rc, out, err = run(capsys, "calibrate", "--checkpoint", directory, "--data", data, "--limit", "3",
+                       "--thresholds", "0.4,0.8", "--batch-size", "3", "--device", "cpu", "--no-schedules")
+    assert rc == 1 and "full depth: CIDEr-D 0.000" in out and "Traceback" not in err
+    [line] = [line for line in screen(err) if line.startswith("capeen")]  # beside the progress bars
+    assert "full depth scores CIDEr-D 0 on split 'val'" in line and "left as it was" in line
+    assert (directory / "thresholds.json").read_bytes() == before
+
+
+def test_calibrate_refuses_what_it_cannot_measure_or_write_before_decoding(capsys, tiny_checkpoint, data, tmp_path,
+                                                                        monkeypatch):
+    import capeen.errors
+    import models.calibration
+    from models.checkpoint import Checkpoint, Thresholds, load_checkpoint, save_checkpoint
+    from models.model import CapeenModel
+    from tests.conftest import tiny_config
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("calibration decoded before the problem was found")
+
+    monkeypatch.setattr(models.calibration, "calibrate", no_work)
+    base = ["calibrate", "--data", data, "--thresholds", "0.5", "--no-schedules", "--device", "cpu"]
+    one = shutil.copytree(tiny_checkpoint, tmp_path / "one")
+    rc, _, err = run(capsys, *base, "--checkpoint", one, "--limit", "1")  # CIDEr-D of one image is always 0
+    assert rc == 2
+    assert_one_line_error(err, "calibration needs at least 2 images, got 1")
+
+    mounted = shutil.copytree(tiny_checkpoint, tmp_path / "read-only")  # an installed default, say
+    real_access = os.access
+    monkeypatch.setattr(capeen.errors.os, "access",
+                        lambda path, mode: False if Path(path) == mounted else real_access(path, mode))
+    rc, _, err = run(capsys, *base, "--checkpoint", mounted)
+    assert rc == 2
+    assert_one_line_error(err, f"folder {mounted} is not writable", "calibrate a copy")
+
+    tokenizer = load_checkpoint(tiny_checkpoint).tokenizer
+    exitless = save_checkpoint(Checkpoint(model=CapeenModel(tiny_config(len(tokenizer), exit_layers=[])),
+                                          tokenizer=tokenizer, thresholds=Thresholds(threshold=None),
+                                          meta={"name": "no-exits"}), tmp_path / "no-exits")
+    rc, _, err = run(capsys, *base, "--checkpoint", exitless)
+    assert rc == 2
+    assert_one_line_error(err, "the model has no exit heads")
+
+
+def test_a_calibration_that_finds_nothing_leaves_the_checkpoints_own(capsys, speaking_checkpoint, data, tmp_path,
                                                                      monkeypatch):
     import dataclasses
 
@@ -452,7 +525,7 @@ def test_a_calibration_that_finds_nothing_leaves_the_checkpoints_own(capsys, tin
     calibrate = models.calibration.calibrate  # the tiny model passes any floor: make this sweep find nothing
     monkeypatch.setattr(models.calibration, "calibrate",
                         lambda *args, **kwargs: dataclasses.replace(calibrate(*args, **kwargs), threshold=None))
-    directory = shutil.copytree(tiny_checkpoint, tmp_path / "ck")
+    directory = shutil.copytree(speaking_checkpoint, tmp_path / "ck")
     before = (directory / "thresholds.json").read_bytes()
     rc, out, err = run(capsys, "calibrate", "--checkpoint", directory, "--data", data, "--limit", "3",
                        "--thresholds", "0.4", "--batch-size", "3", "--device", "cpu", "--no-schedules")
@@ -460,10 +533,11 @@ def test_a_calibration_that_finds_nothing_leaves_the_checkpoints_own(capsys, tin
     assert (directory / "thresholds.json").read_bytes() == before
 
 
-def test_calibrate_with_deferred_kv_fill_makes_it_the_checkpoints_default(capsys, tiny_checkpoint, data, tmp_path):
+def test_calibrate_with_deferred_kv_fill_makes_it_the_checkpoints_default(capsys, tiny_checkpoint,
+                                                                          speaking_checkpoint, data, tmp_path):
     from models.engine import CaptionEngine
 
-    directory = shutil.copytree(tiny_checkpoint, tmp_path / "ck")
+    directory = shutil.copytree(speaking_checkpoint, tmp_path / "ck")
     rc, out, err = run(capsys, "calibrate", "--checkpoint", directory, "--data", data, "--limit", "3",
                        "--thresholds", "0.4,0.8", "--quality", "0.01", "--batch-size", "3", "--device", "cpu",
                        "--no-schedules", "--kv-fill", "deferred")
@@ -474,7 +548,7 @@ def test_calibrate_with_deferred_kv_fill_makes_it_the_checkpoints_default(capsys
     assert all(entry["catch_up_layers_per_token"] >= 0 for entry in written["sweep"])
     assert CaptionEngine.from_checkpoint(directory, device="cpu").kv_fill == "deferred"
     assert CaptionEngine.from_checkpoint(directory, device="cpu", kv_fill="propagate").kv_fill == "propagate"
-    assert CaptionEngine.from_checkpoint(tiny_checkpoint, device="cpu").kv_fill == "propagate"  # uncalibrated way
+    assert CaptionEngine.from_checkpoint(speaking_checkpoint, device="cpu").kv_fill == "propagate"  # uncalibrated
 
 
 def test_evaluate_with_chosen_exits_and_offsets(capsys, tiny_checkpoint, data, tmp_path):
@@ -600,6 +674,34 @@ def test_bad_output_and_device_options_are_refused_before_any_work(capsys, tiny_
     rc, out, err = run(capsys, *[part.format(**values) for part in argv], "--checkpoint", tiny_checkpoint)
     assert rc == 2
     assert_one_line_error(err, fragment)
+
+
+@pytest.mark.parametrize("mode, option", [
+    ("full", ["--threshold", "0.5"]), ("full", ["--exits", "1,2"]), ("full", ["--thresholds", "0.5,0.7"]),
+    ("fixed", ["--thresholds", "0.5,0.7"]), ("sweep", ["--threshold", "0.5"]),
+])
+def test_evaluate_refuses_an_option_its_mode_would_ignore(capsys, tiny_checkpoint, data, monkeypatch, mode, option):
+    # `--mode full --threshold 0.5` printed a full-depth report as if it had answered for 0.5
+    import models.evaluation
+
+    monkeypatch.setattr(models.evaluation, "evaluate_thresholds", lambda *a, **k: pytest.fail("decoded anyway"))
+    rc, out, err = run(capsys, "evaluate", "--checkpoint", tiny_checkpoint, "--data", data, "--mode", mode, *option)
+    assert rc == 2 and out == ""
+    assert_one_line_error(err, f"{option[0]} cannot be used with --mode {mode}")
+
+
+def test_evaluate_compare_checks_every_checkpoint_before_decoding(capsys, tiny_checkpoint, data, tmp_path,
+                                                                   monkeypatch):
+    # a compared checkpoint without a calibrated threshold failed only after the first one's whole evaluation,
+    # without naming itself, and the --json report of the finished part was lost
+    import models.evaluation
+
+    uncalibrated = make_tiny_checkpoint(tmp_path / "uncalibrated", threshold=None)
+    monkeypatch.setattr(models.evaluation, "evaluate_thresholds", lambda *a, **k: pytest.fail("decoded anyway"))
+    rc, out, err = run(capsys, "evaluate", "--checkpoint", tiny_checkpoint, "--compare", uncalibrated,
+                       "--data", data, "--mode", "fixed", "--json", tmp_path / "report.json")
+    assert rc == 2 and out == ""
+    assert_one_line_error(err, f"{uncalibrated}: ", "no calibrated threshold")
 
 
 @pytest.mark.parametrize("field, value, fragment", [
