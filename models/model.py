@@ -68,6 +68,8 @@ class CapeenConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.n_positions < 3:
+            raise ValueError(f"n_positions must be at least 3: BOS, one word, EOS; got {self.n_positions}")
         for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < self.vocab_size:
@@ -77,6 +79,9 @@ class CapeenConfig:
             raise ValueError(f"layer_norm_epsilon must be a small positive number, got {epsilon!r}")
         if not isinstance(self.exit_layers, (list, tuple)):
             raise ValueError(f"exit_layers must be a list of layer numbers, got {self.exit_layers!r}")
+        # true, 2.9 or "2" would silently become some layer: only whole numbers name one
+        if any(isinstance(layer, bool) or not isinstance(layer, int) for layer in self.exit_layers):
+            raise ValueError(f"exit_layers must be whole layer numbers, got {self.exit_layers!r}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
         if self.encoder not in ENCODERS:
@@ -87,7 +92,7 @@ class CapeenConfig:
             raise ValueError(f"{size} ({self.vit_image_size}) must be a multiple of patch_size ({self.patch_size})")
         if self.encoder == "swin":
             self._check_swin()
-        self.exit_layers = sorted(set(int(layer) for layer in self.exit_layers))
+        self.exit_layers = sorted(set(self.exit_layers))
         bad = [layer for layer in self.exit_layers if not 1 <= layer < self.n_layer]
         if bad:
             raise ValueError(f"exit_layers must lie in 1..{self.n_layer - 1}; got {bad}")

@@ -19,7 +19,12 @@ heads towards its final layer).
 Runs are resumable: `run_dir/last/` holds the weights, the optimizer state (both safetensors) and the step,
 sampler and RNG state (JSON), so a stopped run continues exactly where it was. The state records the --out and
 stage it was saved for: resuming it into another --out (two runs whose default run directories collide) is
-refused. Options, --out and --run-dir are checked before any data is read or any step is taken.
+refused, and so is a new run that would overwrite it. It also records the options that shape the weights: a
+resume continues the run with them (only --steps may grow), and refuses any other value. Options, --out,
+--run-dir and the state there are checked before any data is read or any step is taken.
+
+A run whose loss or weights stop being finite (it diverged) ends with an error before it saves anything: the
+state of its last finite evaluation and any checkpoint at --out are kept.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -50,6 +55,7 @@ from models.checkpoint import (
     save_checkpoint,
 )
 from models.dataset import load_karpathy, records_for_split
+from models.interrupts import signals_deferred
 from models.model import CapeenConfig, CapeenModel
 from models.preprocess import normalize
 from models.scene import MAX_OBJECTS, SCENE_TRIPLES, scene_targets
@@ -92,12 +98,48 @@ class TrainOptions:
     image_dir: Path | None = None  # where the caption file's image paths start (default: the caption file's folder)
 
 
+# special ids and vocabulary size come from the tokenizer that training builds; a config that names others would
+# decode with ids the model was never trained on
+TOKENIZER_FIXED = ("vocab_size", "pad_token_id", "bos_token_id", "eos_token_id")
+
+# The options that shape a run's weights, per stage: resuming with another value of any of them would make a run
+# that no single set of options describes. --steps may grow (that is how a run is extended); --eval-every,
+# --val-images, --device, --name and where the data lies do not change the weights.
+RUN_OPTIONS = {
+    "encoder": ("init", "model_overrides", "batch_size", "lr", "weight_decay", "warmup", "seed"),
+    "backbone": ("init", "model_overrides", "batch_size", "captions_per_image", "lr", "weight_decay", "warmup",
+                 "seed", "exit_aware", "aux_weight"),
+    "exits": ("init", "batch_size", "captions_per_image", "lr", "weight_decay", "warmup", "seed", "alpha",
+              "temperature", "ce_only", "keep_exits"),
+}
+
 _DAMAGED = "the run state is damaged: start the run again without --resume, or with a new --run-dir"
 
 
 def _flag(name: str) -> str:
     """The command-line spelling of a TrainOptions field, for error messages."""
+    if name == "model_overrides":
+        return "--model-config"
     return "--" + name.replace("_", "-")
+
+
+def _run_options(opts: TrainOptions) -> dict:
+    """The options that shape the run's weights, as JSON values (an --init as an absolute path)."""
+    values = {name: getattr(opts, name) for name in RUN_OPTIONS[opts.stage]}
+    values["init"] = str(Path(opts.init).resolve()) if opts.init is not None else None
+    if "model_overrides" in values:
+        values["model_overrides"] = dict(opts.model_overrides or {})
+    return values
+
+
+def _shown(value) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if value is None:
+        return "none"
+    if isinstance(value, dict):
+        return json.dumps(value, separators=(",", ":"))
+    return str(value)
 
 
 def _number(opts: TrainOptions, name: str, integer: bool) -> int | float:
@@ -134,6 +176,29 @@ def check_options(opts: TrainOptions) -> None:
     temperature = _number(opts, "temperature", integer=False)
     if temperature <= 0:
         raise ValueError(f"--temperature must be greater than 0, got {temperature}")
+    if opts.init is not None and opts.model_overrides:
+        raise ValueError("--model-config cannot be used with --init: the model's shape comes from the --init "
+                         "checkpoint")
+    fixed = [key for key in TOKENIZER_FIXED if key in (opts.model_overrides or {})]
+    if fixed:
+        raise ValueError(f"--model-config cannot set {', '.join(fixed)}: the tokenizer fixes "
+                         f"{', '.join(TOKENIZER_FIXED)}")
+    _check_stage_options(opts)
+
+
+def _check_stage_options(opts: TrainOptions) -> None:
+    """Refuse options the stage would ignore, so that the checkpoint never records settings its run did not use.
+
+    An option is known to be given when it differs from its default (the command line's defaults are these).
+    """
+    defaults = {field.name: field.default for field in fields(TrainOptions)}
+    only_for = {"alpha": "exits", "temperature": "exits", "ce_only": "exits", "keep_exits": "exits",
+                "exit_aware": "backbone", "aux_weight": "backbone"}
+    for name, stage in only_for.items():
+        if opts.stage != stage and getattr(opts, name) != defaults[name]:
+            raise ValueError(f"{_flag(name)} applies to stage {stage} only, not {opts.stage}")
+    if opts.stage == "backbone" and not opts.exit_aware and opts.aux_weight != defaults["aux_weight"]:
+        raise ValueError("--aux-weight weighs the exit losses of --exit-aware; without it there are none")
 
 
 def _is_checkpoint(directory: Path) -> bool:
@@ -262,6 +327,14 @@ class Trainer:
             raise ValueError("stage exits needs --init, the checkpoint of a trained backbone")
         check_locations(opts)
         self.opts = opts
+        state_path = Path(opts.run_dir) / "last" / "train_state.json"
+        self.resume_info: dict | None = None
+        if opts.resume:  # a state this run cannot continue is refused before any data is read
+            self.resume_info = self._read_state_info(state_path)
+            self._check_same_run(state_path, self.resume_info)
+            self._check_same_options(state_path, self.resume_info)
+        else:
+            self._refuse_other_runs_state(state_path)
         self.device = pick_device(opts.device)
         torch.manual_seed(opts.seed)
 
@@ -271,10 +344,21 @@ class Trainer:
         else:
             self.tokenizer = build_tokenizer(opts.data)
             overrides = dict(opts.model_overrides or {})
-            config = CapeenConfig(vocab_size=len(self.tokenizer), **overrides)
+            try:
+                config = CapeenConfig.from_dict({**overrides, "vocab_size": len(self.tokenizer)})
+            except ValueError as exc:
+                raise ValueError(f"--model-config: {exc}") from None
             self.model = CapeenModel(config)
             self.meta = {}
         self.config = self.model.config
+        if not self.config.exit_layers:
+            where = "the --init checkpoint" if opts.init is not None else "this model (--model-config)"
+            if opts.stage == "exits":
+                raise ValueError(f"stage exits trains the exit heads, but {where} has none (its exit_layers is "
+                                 f"empty)")
+            if opts.exit_aware:
+                raise ValueError(f"--exit-aware trains the exit heads too, but {where} has none (its exit_layers "
+                                 f"is empty)")
         if opts.stage == "exits":
             if not opts.keep_exits:
                 self.model.init_exits_from_final_head()
@@ -302,8 +386,8 @@ class Trainer:
         self.step = 0
         self.epoch_order = torch.empty(0, dtype=torch.long)
         self.history: list[dict] = []
-        if opts.resume:
-            self._load_state(opts.run_dir / "last")
+        if self.resume_info is not None:
+            self._load_state(opts.run_dir / "last", self.resume_info)
 
     # ----- losses -------------------------------------------------------------------------------------------
     def losses(self, pixels: torch.Tensor, captions: torch.Tensor, per_image: int) -> dict[str, torch.Tensor]:
@@ -366,7 +450,8 @@ class Trainer:
 
     # ----- loop ---------------------------------------------------------------------------------------------
     def next_batch(self) -> torch.Tensor:
-        if len(self.epoch_order) < self.opts.batch_size:
+        # a batch larger than the train split takes more than one pass over it, so that every step sees --batch-size
+        while len(self.epoch_order) < self.opts.batch_size:
             self.epoch_order = torch.cat([self.epoch_order, torch.randperm(len(self.train), generator=self.generator)])
         batch, self.epoch_order = self.epoch_order[: self.opts.batch_size], self.epoch_order[self.opts.batch_size:]
         return batch
@@ -398,28 +483,49 @@ class Trainer:
         self._train_mode()
         started = time.time()
         bar = tqdm(total=opts.steps, initial=self.step, desc=f"train {opts.stage}", unit="step")
-        while self.step < opts.steps:
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr_at(self.step, opts)
-            index = self.next_batch()
-            parts = self.batch_losses(self.train, index, opts.captions_per_image, self.generator)
-            self.optimizer.zero_grad(set_to_none=True)
-            parts["loss"].backward()
-            torch.nn.utils.clip_grad_norm_(self.trainable, 1.0)
-            self.optimizer.step()
-            self.step += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{parts['loss'].item():.3f}")
-            if self.step % opts.eval_every == 0 or self.step == opts.steps:
-                record = {"step": self.step, "loss": parts["loss"].item(), **self.validate(),
-                          "elapsed_s": round(time.time() - started, 1)}
-                self.history.append(record)
-                bar.write(json.dumps(record))
-                self._save_state(opts.run_dir / "last")
-        bar.close()
+        with contextlib.closing(bar):  # an error below is the last line, not followed by the bar's remains
+            while self.step < opts.steps:
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr_at(self.step, opts)
+                index = self.next_batch()
+                parts = self.batch_losses(self.train, index, opts.captions_per_image, self.generator)
+                loss = parts["loss"].item()
+                self._refuse_divergence("training loss", loss, self.step + 1)
+                self.optimizer.zero_grad(set_to_none=True)
+                parts["loss"].backward()
+                torch.nn.utils.clip_grad_norm_(self.trainable, 1.0)
+                self.optimizer.step()
+                self.step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}")
+                if self.step % opts.eval_every == 0 or self.step == opts.steps:
+                    record = {"step": self.step, "loss": loss, **self.validate(),
+                              "elapsed_s": round(time.time() - started, 1)}
+                    self._refuse_divergence("validation loss", record["val_loss"], self.step)
+                    self._refuse_non_finite_weights()
+                    self.history.append(record)
+                    bar.write(json.dumps(record))
+                    self._save_state(opts.run_dir / "last")
         return self.export()
 
+    def _divergence_advice(self) -> str:
+        saved = self.history[-1]["step"] if self.history else None
+        kept = (f"the run state in {self.opts.run_dir} holds step {saved}, the last one saved"
+                if saved is not None else "nothing was saved")
+        return f"the run diverged: lower --lr ({kept}; --out is left as it was)"
+
+    def _refuse_divergence(self, what: str, value: float, step: int) -> None:
+        """Stop before a non-finite loss can reach the run state or --out: its weights are lost already."""
+        if not math.isfinite(value):
+            raise ValueError(f"the {what} is {value} at step {step}: {self._divergence_advice()}")
+
+    def _refuse_non_finite_weights(self) -> None:
+        for name, tensor in self.model.state_dict().items():
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise ValueError(f"weight {name} is not finite at step {self.step}: {self._divergence_advice()}")
+
     def export(self) -> Path:
+        self._refuse_non_finite_weights()  # never over a checkpoint that may be good
         stages = dict(self.meta.get("training", {}))
         # a run that continues an earlier one of the same stage is recorded beside it, not over it
         key, n = self.opts.stage, 2
@@ -455,10 +561,12 @@ class Trainer:
         save_file(tensors, str(directory / "state.safetensors.tmp"), metadata={"step": str(self.step)})
         info = {"step": self.step, "history": self.history, "param_groups": opt_state["param_groups"],
                 "config": self.config.to_dict(), "vocab": self.tokenizer.words, "meta": self.meta,
-                "out": str(Path(self.opts.out).resolve()), "stage": self.opts.stage}
+                "out": str(Path(self.opts.out).resolve()), "stage": self.opts.stage,
+                "options": _run_options(self.opts)}
         (directory / "train_state.json.tmp").write_text(json.dumps(info))
-        (directory / "state.safetensors.tmp").replace(directory / "state.safetensors")
-        (directory / "train_state.json.tmp").replace(directory / "train_state.json")
+        with signals_deferred():  # a Ctrl-C between the renames would leave files of two steps: unresumable
+            (directory / "state.safetensors.tmp").replace(directory / "state.safetensors")
+            (directory / "train_state.json.tmp").replace(directory / "train_state.json")
 
     def _read_state_info(self, path: Path) -> dict:
         try:
@@ -492,12 +600,53 @@ class Trainer:
             raise ValueError(f"{path}: this run state belongs to the run that writes --out {saved_out}, not "
                              f"{out}; resume with that --out, or give this run a --run-dir of its own")
 
-    def _load_state(self, directory: Path) -> None:
+    def _refuse_other_runs_state(self, path: Path) -> None:
+        """A new run must not overwrite the resumable state of another run (two default run directories collide).
+
+        A state that cannot be read is not resumable either, and one saved before the out and stage were recorded
+        cannot be told apart: both may be replaced, like the state of this run's own earlier start.
+        """
+        try:
+            info = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return
+        if not isinstance(info, dict):
+            return
+        out = str(Path(self.opts.out).resolve())
+        saved_out, saved_stage = info.get("out"), info.get("stage")
+        if (saved_out is None or saved_out == out) and (saved_stage is None or saved_stage == self.opts.stage):
+            return
+        step = info.get("step")
+        raise ValueError(f"--run-dir {self.opts.run_dir} holds the resumable state of another run (stage "
+                         f"{saved_stage}, --out {saved_out}, step {step}); give this run a --run-dir of its own, "
+                         f"or remove {path.parent} if that run is not wanted any more")
+
+    def _check_same_options(self, path: Path, info: dict) -> None:
+        """Resuming continues the run the state was saved for: the options that shape its weights stay as they were.
+
+        A state saved before the options were recorded cannot be checked.
+        """
+        if self.opts.steps < info["step"]:
+            raise ValueError(f"{path}: --steps {self.opts.steps} is below the step this run state is at "
+                             f"({info['step']}); give at least {info['step']}")
+        saved = info.get("options")
+        if saved is None:
+            return
+        if not isinstance(saved, dict):
+            raise ValueError(f"{path}: \"options\" is not an object; {_DAMAGED}")
+        current = _run_options(self.opts)
+        changed = [f"{_flag(name)} {_shown(saved[name])} -> {_shown(value)}" for name, value in current.items()
+                   if name in saved and saved[name] != value]
+        if changed:
+            raise ValueError(f"{path}: --resume continues a run with its own options, but these differ: "
+                             f"{', '.join(changed)}; give the run's values, or start a new run with a --run-dir "
+                             f"of its own")
+
+    def _load_state(self, directory: Path, info: dict) -> None:
         info_path, tensors_path = directory / "train_state.json", directory / "state.safetensors"
-        info = self._read_state_info(info_path)
         if info["config"] != self.config.to_dict() or info["vocab"] != self.tokenizer.words:
-            raise ValueError(f"{directory}: run state belongs to another model or vocabulary; use a new --run-dir")
-        self._check_same_run(info_path, info)
+            raise ValueError(f"{directory}: run state belongs to another model or vocabulary; resume with the "
+                             f"run's --init or --model-config and --data, or use a new --run-dir")
         if not tensors_path.is_file():
             raise ValueError(f"{tensors_path}: missing; {_DAMAGED}")
         try:
@@ -530,6 +679,9 @@ class Trainer:
             raise ValueError(f"{tensors_path}: does not fit this run ({first_line(exc)}); {_DAMAGED}") from None
         self.step = info["step"]
         self.history = info["history"]
+        # the training record the run started from (its --init's), even if that checkpoint has changed since
+        if isinstance(info.get("meta"), dict):
+            self.meta = info["meta"]
 
 
 def train(opts: TrainOptions) -> Path:

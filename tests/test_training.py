@@ -10,8 +10,10 @@ safetensors + JSON, never pickle.
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -290,12 +292,25 @@ def test_resume_with_nothing_to_resume_is_a_one_line_error(data, tmp_path, capsy
     assert rc == 2 and "nothing to resume" in err and len(err.splitlines()) == 1
 
 
-def test_resume_refuses_state_of_another_model(data, backbone, tmp_path, capsys):
+@pytest.mark.parametrize("saved_by", ["this version", "a version without stored options"])
+def test_resume_refuses_state_of_another_model(data, backbone, tmp_path, capsys, saved_by):
+    ckpt, run = backbone
+    shutil.copytree(run, tmp_path / "run")
+    info_path = tmp_path / "run" / "last" / "train_state.json"
+    if saved_by != "this version":
+        info = json.loads(info_path.read_text())
+        info_path.write_text(json.dumps({k: v for k, v in info.items() if k not in ("out", "stage", "options")}))
+    before = ckpt.joinpath("model.safetensors").read_bytes()
     other = dict(TINY, n_layer=3, exit_layers=[1, 2])
-    rc = _train(data, tmp_path / "ckpt", backbone[1], "--stage", "backbone", "--steps", 44, "--resume",
-                "--model-config", json.dumps(other))
+    rc = _train(data, ckpt, tmp_path / "run", "--stage", "backbone", "--steps", 44, "--resume",
+                "--lr", "3e-3", "--warmup", 5, "--eval-every", 4, "--model-config", json.dumps(other))
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and "another model" in err[-1] and "Traceback" not in "\n".join(err)
+    assert rc == 2 and len(err) == 1 and "Traceback" not in err[0]
+    if saved_by == "this version":  # the option that differs is named, with both values
+        assert f"--model-config {json.dumps(TINY, separators=(',', ':'))} -> " in err[0]
+    else:
+        assert "another model" in err[0] and "--model-config" in err[0]
+    assert ckpt.joinpath("model.safetensors").read_bytes() == before
 
 
 
@@ -466,7 +481,198 @@ def test_run_state_saved_before_the_out_was_recorded_still_resumes(data, short_r
     info_path = tmp_path / "run" / "last" / "train_state.json"
     info = json.loads(info_path.read_text())
     assert info["out"] == str(ckpt.resolve()) and info["stage"] == "backbone"
-    info_path.write_text(json.dumps({k: v for k, v in info.items() if k not in ("out", "stage")}))
+    assert info["options"]["model_overrides"] == TINY
+    info_path.write_text(json.dumps({k: v for k, v in info.items() if k not in ("out", "stage", "options")}))
     assert _train(data, tmp_path / "elsewhere", tmp_path / "run", "--stage", "backbone", "--steps", 3,
                   "--eval-every", 1, "--resume", "--model-config", json.dumps(TINY)) == 0
     assert [r["step"] for r in _meta(tmp_path / "elsewhere")["training"]["backbone"]["history"]] == [1, 2, 3]
+
+
+# ----- run directories shared by two runs -------------------------------------------------------------------------
+@pytest.mark.parametrize("other", ["another out", "another stage"])
+def test_a_new_run_refuses_to_overwrite_another_runs_state(data, tmp_path, monkeypatch, capsys, other):
+    # "another out": both --out are named "proj", so both default to the run directory runs/proj/backbone
+    monkeypatch.chdir(tmp_path)
+    common = ["train", "--data", str(data), "--device", "cpu", "--batch-size", 8, "--captions-per-image", 2,
+              "--eval-every", 1, "--model-config", json.dumps(TINY)]
+    assert main([*map(str, common), "--stage", "backbone", "--out", "a/proj", "--steps", "2"]) == 0
+    state = tmp_path / "runs/proj/backbone/last"
+    saved = {p.name: p.read_bytes() for p in state.iterdir()}
+    capsys.readouterr()
+    if other == "another out":
+        second = ["--stage", "backbone", "--out", "b/proj"]
+    else:
+        second = ["--stage", "encoder", "--out", "a/proj-encoder", "--run-dir", "runs/proj/backbone"]
+    assert main([*map(str, common), *second, "--steps", "1"]) == 2
+    line = _one_line_error(capsys)
+    assert str(tmp_path / "a" / "proj") in line and "--run-dir" in line and "step 2" in line
+    assert {p.name: p.read_bytes() for p in state.iterdir()} == saved
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "runs"]
+    # that run still resumes, and a new start of it may replace its own state
+    assert main([*map(str, common), "--stage", "backbone", "--out", "a/proj", "--steps", "3", "--resume"]) == 0
+    assert main([*map(str, common), "--stage", "backbone", "--out", "a/proj", "--steps", "1"]) == 0
+    assert json.loads((state / "train_state.json").read_text())["step"] == 1
+
+
+# ----- a diverging run ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("eval_every, what, step", [(1, "validation loss", 1), (100, "training loss", 2)])
+def test_a_diverged_run_stops_and_leaves_out_as_it_was(data, backbone, tmp_path, capsys, eval_every, what, step):
+    good = shutil.copytree(backbone[0], tmp_path / "ckpt")
+    before = {p.name: p.read_bytes() for p in good.iterdir()}
+    capsys.readouterr()
+    rc = _train(data, good, tmp_path / "run", "--stage", "backbone", "--steps", 6, "--warmup", 0, "--lr", "1e30",
+                "--eval-every", eval_every, "--model-config", json.dumps(TINY))
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("capeen")]  # not tqdm's
+    assert rc == 2 and len(err) == 1, err
+    assert f"the {what} is nan at step {step}" in err[0] and "lower --lr" in err[0]
+    assert {p.name: p.read_bytes() for p in good.iterdir()} == before
+    state = tmp_path / "run" / "last" / "state.safetensors"
+    if state.exists():  # whatever was saved can be resumed from: no NaN in it
+        assert all(torch.isfinite(t).all() for t in load_file(str(state)).values() if t.is_floating_point())
+
+
+# ----- resume continues the same run ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("change, shown", [
+    (["--lr", "0.5"], "--lr 0.001 -> 0.5"),
+    (["--batch-size", 4], "--batch-size 8 -> 4"),
+    (["--captions-per-image", 1], "--captions-per-image 2 -> 1"),
+    (["--seed", 9], "--seed 0 -> 9"),
+    (["--warmup", 7], "--warmup 100 -> 7"),
+    (["--exit-aware"], "--exit-aware off -> on"),
+    (["--exit-aware", "--aux-weight", 0.5], "--aux-weight 1.0 -> 0.5"),
+])
+def test_resume_refuses_changed_options_naming_them(data, short_run, tmp_path, capsys, change, shown):
+    ckpt, run = short_run
+    shutil.copytree(run, tmp_path / "run")
+    state = {p.name: p.read_bytes() for p in (tmp_path / "run" / "last").iterdir()}
+    before = ckpt.joinpath("model.safetensors").read_bytes()
+    base = ["--batch-size", 8, "--captions-per-image", 2, "--seed", 0]  # _train's, overridden by `change`
+    rc = main(["train", "--data", str(data), "--out", str(ckpt), "--run-dir", str(tmp_path / "run"),
+               "--device", "cpu", "--stage", "backbone", "--steps", "4", "--eval-every", "1", "--resume",
+               "--model-config", json.dumps(TINY), *map(str, base), *map(str, change)])
+    line = _one_line_error(capsys)
+    assert rc == 2 and shown in line, line
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run" / "last").iterdir()} == state
+    assert ckpt.joinpath("model.safetensors").read_bytes() == before
+
+
+def test_resume_refuses_fewer_steps_than_the_state_has(data, short_run, tmp_path, capsys):
+    ckpt, run = short_run
+    shutil.copytree(run, tmp_path / "run")
+    rc = _train(data, ckpt, tmp_path / "run", "--stage", "backbone", "--steps", 1, "--eval-every", 1, "--resume",
+                "--model-config", json.dumps(TINY))
+    line = _one_line_error(capsys)
+    assert rc == 2 and "--steps 1 is below the step this run state is at (2)" in line
+
+
+def test_resume_keeps_the_training_record_of_the_init_checkpoint(data, backbone, tmp_path, monkeypatch):
+    # a state saved before the options were stored: it resumes without its --init (nothing to compare), and the
+    # export still holds the history of the checkpoint the run started from, which the state carries
+    with monkeypatch.context() as m:
+        _interrupt_after_first_save(m)
+        assert _train(data, tmp_path / "ckpt", tmp_path / "run", "--stage", "backbone", "--init", backbone[0],
+                      "--steps", 2, "--eval-every", 1) == 130
+    info_path = tmp_path / "run" / "last" / "train_state.json"
+    info = json.loads(info_path.read_text())
+    info_path.write_text(json.dumps({k: v for k, v in info.items() if k != "options"}))
+    assert _train(data, tmp_path / "ckpt", tmp_path / "run", "--stage", "backbone", "--steps", 2, "--eval-every", 1,
+                  "--resume", "--model-config", json.dumps(TINY)) == 0
+    stages = _meta(tmp_path / "ckpt")["training"]
+    assert list(stages) == ["backbone", "backbone-2"]
+    assert stages["backbone"] == _meta(backbone[0])["training"]["backbone"]
+    assert [r["step"] for r in stages["backbone-2"]["history"]] == [1, 2]
+
+
+def test_a_ctrl_c_while_the_run_state_is_renamed_in_place_leaves_it_resumable(data, tmp_path, monkeypatch, capsys):
+    original_replace = Path.replace
+    saves = []
+
+    def replace_then_interrupt(self, target):
+        result = original_replace(self, target)
+        if self.name == "state.safetensors.tmp":
+            saves.append(self)
+            if len(saves) == 2:  # between the two renames of the second save
+                os.kill(os.getpid(), signal.SIGINT)
+        return result
+
+    common = ["--stage", "backbone", "--steps", 4, "--eval-every", 1, "--model-config", json.dumps(TINY)]
+    with monkeypatch.context() as m:
+        m.setattr(Path, "replace", replace_then_interrupt)
+        assert _train(data, tmp_path / "ckpt", tmp_path / "run", *common) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert len(saves) == 2
+    assert _train(data, tmp_path / "ckpt", tmp_path / "run", "--resume", *common) == 0
+    assert [r["step"] for r in _meta(tmp_path / "ckpt")["training"]["backbone"]["history"]] == [1, 2, 3, 4]
+
+
+# ----- options and model configs that cannot mean what they say -------------------------------------------------------
+@pytest.mark.parametrize("stage, extra, message", [
+    ("backbone", ["--alpha", 0.3], "--alpha applies to stage exits only, not backbone"),
+    ("backbone", ["--temperature", 4], "--temperature applies to stage exits only"),
+    ("encoder", ["--ce-only"], "--ce-only applies to stage exits only, not encoder"),
+    ("backbone", ["--keep-exits"], "--keep-exits applies to stage exits only"),
+    ("exits", ["--exit-aware"], "--exit-aware applies to stage backbone only, not exits"),
+    ("exits", ["--aux-weight", 2], "--aux-weight applies to stage backbone only"),
+    ("backbone", ["--aux-weight", 2], "--aux-weight weighs the exit losses of --exit-aware"),
+    ("backbone", ["--init", "INIT", "--model-config", '{"n_layer": 8}'], "--model-config cannot be used with --init"),
+    ("backbone", ["--model-config", '{"bos_token_id": 3}'], "--model-config cannot set bos_token_id"),
+    ("backbone", ["--model-config", '{"eos_token_id": 3, "pad_token_id": 1}'],
+     "--model-config cannot set pad_token_id, eos_token_id"),
+    ("backbone", ["--model-config", '{"vocab_size": 50}'], "--model-config cannot set vocab_size"),
+])
+def test_options_the_run_would_not_apply_are_refused_before_training(data, backbone, tmp_path, monkeypatch, capsys,
+                                                                     stage, extra, message):
+    _no_training(monkeypatch)
+    init = [] if stage != "exits" else ["--init", backbone[0]]
+    extra = [backbone[0] if value == "INIT" else value for value in extra]
+    rc = _train(data, tmp_path / "ckpt", tmp_path / "run", "--stage", stage, "--steps", 2, *init, *extra)
+    assert rc == 2 and message in _one_line_error(capsys)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"n_positions": 2}, "n_positions must be at least 3: BOS, one word, EOS"),
+    ({"n_positions": 1}, "n_positions must be at least 3"),
+    ({"exit_layers": [True, 2]}, "exit_layers must be whole layer numbers"),
+    ({"exit_layers": [2.9]}, "exit_layers must be whole layer numbers"),
+    ({"exit_layers": ["2"]}, "exit_layers must be whole layer numbers"),
+])
+def test_model_configs_that_make_no_useful_model_are_refused(data, tmp_path, capsys, config, message):
+    rc = _train(data, tmp_path / "ckpt", tmp_path / "run", "--stage", "backbone", "--steps", 2,
+                "--model-config", json.dumps({**TINY, **config}))
+    assert rc == 2 and message in _one_line_error(capsys)
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_training_exits_of_a_model_without_exit_heads_is_refused(data, tmp_path, capsys):
+    no_exits = json.dumps({**TINY, "exit_layers": []})
+    # a model without exits is a valid backbone...
+    assert _train(data, tmp_path / "plain", tmp_path / "run-plain", "--stage", "backbone", "--steps", 1,
+                  "--eval-every", 1, "--model-config", no_exits) == 0
+    capsys.readouterr()
+    # ...but it has nothing for stage exits or --exit-aware to train
+    assert _train(data, tmp_path / "exits", tmp_path / "run-exits", "--stage", "exits", "--init",
+                  tmp_path / "plain", "--steps", 1) == 2
+    assert "stage exits trains the exit heads, but the --init checkpoint has none" in _one_line_error(capsys)
+    assert _train(data, tmp_path / "aware", tmp_path / "run-aware", "--stage", "backbone", "--exit-aware",
+                  "--steps", 1, "--model-config", no_exits) == 2
+    assert "--exit-aware trains the exit heads too, but this model" in _one_line_error(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain", "run-plain"]
+
+
+def test_a_batch_larger_than_the_train_split_still_has_batch_size_images(data, tmp_path, monkeypatch):
+    seen: list[torch.Tensor] = []
+    original = Trainer.batch_losses
+
+    def recording(self, split, index, per_image, generator):
+        if split is self.train:
+            seen.append(index.clone())
+        return original(self, split, index, per_image, generator)
+
+    monkeypatch.setattr(Trainer, "batch_losses", recording)
+    assert _train(data, tmp_path / "ckpt", tmp_path / "run", "--stage", "backbone", "--steps", 2, "--batch-size", 30,
+                  "--eval-every", 2, "--model-config", json.dumps(TINY)) == 0
+    assert [len(index) for index in seen] == [30, 30]
+    order = torch.cat(seen)
+    for start in range(0, 48, 24):  # passes over the 24 training images, each image once per pass
+        assert sorted(order[start:start + 24].tolist()) == list(range(24))
