@@ -4,18 +4,37 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import threading
 from collections.abc import Iterator
+
+DEFERRED = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
 @contextlib.contextmanager
 def signals_deferred() -> Iterator[None]:
     """Ctrl-C, SIGTERM and SIGHUP wait until the block is done (they are delivered right after it), so that a
-    sequence of renames is never cut in the middle."""
-    if not hasattr(signal, "pthread_sigmask"):
+    sequence of renames, or a training step, is never cut in the middle.
+
+    The signals' handlers are swapped for ones that only note them. Blocking them in this thread would not do:
+    the kernel hands a process's signal to any thread that does not block it (tqdm's monitor, a reader pool's
+    worker), and Python then raises KeyboardInterrupt in the main thread all the same. Handlers can only be set
+    from the main thread, and only there does a signal raise anything, so elsewhere the block runs as it is.
+    """
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
+    caught: list[int] = []
+    previous = {}
+    for number in DEFERRED:
+        handler = signal.getsignal(number)
+        if handler is None or handler == signal.SIG_IGN:  # set outside Python, or ignored: leave it alone
+            continue
+        previous[number] = handler
+        signal.signal(number, lambda received, frame: caught.append(received))
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        for number in dict.fromkeys(caught):  # each signal once, in the order it came
+            signal.raise_signal(number)

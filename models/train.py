@@ -34,6 +34,7 @@ import json
 import math
 import os
 import tempfile
+import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -384,6 +385,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.trainable, lr=opts.lr, weight_decay=opts.weight_decay)
         self.generator = torch.Generator().manual_seed(opts.seed)
         self.step = 0
+        self.saved_step = 0  # the step the run state in --run-dir holds (0: none saved by this run yet)
         self.epoch_order = torch.empty(0, dtype=torch.long)
         self.history: list[dict] = []
         if self.resume_info is not None:
@@ -484,7 +486,25 @@ class Trainer:
         started = time.time()
         bar = tqdm(total=opts.steps, initial=self.step, desc=f"train {opts.stage}", unit="step")
         with contextlib.closing(bar):  # an error below is the last line, not followed by the bar's remains
-            while self.step < opts.steps:
+            try:
+                self._steps(bar, started)
+            except KeyboardInterrupt:
+                self._save_on_interrupt(bar)
+                raise
+        return self.export()
+
+    def _save_on_interrupt(self, bar) -> None:
+        """Ctrl-C: keep the steps taken since the last save, and say how to go on."""
+        if self.step > self.saved_step and self._weights_are_finite():
+            self._save_state(self.opts.run_dir / "last")
+        if self.saved_step:
+            bar.write(f"capeen train: stopped at step {self.step}; the run state in {self.opts.run_dir} holds step "
+                      f"{self.saved_step}: continue it with the same command plus --resume", file=sys.stderr)
+
+    def _steps(self, bar, started: float) -> None:
+        opts = self.opts
+        while self.step < opts.steps:
+            with signals_deferred():  # a Ctrl-C waits for the end of the step, where the run's state is whole
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr_at(self.step, opts)
                 index = self.next_batch()
@@ -496,17 +516,16 @@ class Trainer:
                 torch.nn.utils.clip_grad_norm_(self.trainable, 1.0)
                 self.optimizer.step()
                 self.step += 1
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.3f}")
-                if self.step % opts.eval_every == 0 or self.step == opts.steps:
-                    record = {"step": self.step, "loss": loss, **self.validate(),
-                              "elapsed_s": round(time.time() - started, 1)}
-                    self._refuse_divergence("validation loss", record["val_loss"], self.step)
-                    self._refuse_non_finite_weights()
-                    self.history.append(record)
-                    bar.write(json.dumps(record))
-                    self._save_state(opts.run_dir / "last")
-        return self.export()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}")
+            if self.step % opts.eval_every == 0 or self.step == opts.steps:
+                record = {"step": self.step, "loss": loss, **self.validate(),
+                          "elapsed_s": round(time.time() - started, 1)}
+                self._refuse_divergence("validation loss", record["val_loss"], self.step)
+                self._refuse_non_finite_weights()
+                self.history.append(record)
+                bar.write(json.dumps(record))
+                self._save_state(opts.run_dir / "last")
 
     def _divergence_advice(self) -> str:
         saved = self.history[-1]["step"] if self.history else None
@@ -519,10 +538,19 @@ class Trainer:
         if not math.isfinite(value):
             raise ValueError(f"the {what} is {value} at step {step}: {self._divergence_advice()}")
 
-    def _refuse_non_finite_weights(self) -> None:
+    def _non_finite_weight(self) -> str | None:
         for name, tensor in self.model.state_dict().items():
             if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-                raise ValueError(f"weight {name} is not finite at step {self.step}: {self._divergence_advice()}")
+                return name
+        return None
+
+    def _weights_are_finite(self) -> bool:
+        return self._non_finite_weight() is None
+
+    def _refuse_non_finite_weights(self) -> None:
+        name = self._non_finite_weight()
+        if name is not None:
+            raise ValueError(f"weight {name} is not finite at step {self.step}: {self._divergence_advice()}")
 
     def export(self) -> Path:
         self._refuse_non_finite_weights()  # never over a checkpoint that may be good
@@ -567,6 +595,7 @@ class Trainer:
         with signals_deferred():  # a Ctrl-C between the renames would leave files of two steps: unresumable
             (directory / "state.safetensors.tmp").replace(directory / "state.safetensors")
             (directory / "train_state.json.tmp").replace(directory / "train_state.json")
+            self.saved_step = self.step
 
     def _read_state_info(self, path: Path) -> dict:
         try:
@@ -677,7 +706,7 @@ class Trainer:
             raise ValueError(f"{tensors_path}: no tensor {exc}; {_DAMAGED}") from None
         except (RuntimeError, ValueError, TypeError) as exc:
             raise ValueError(f"{tensors_path}: does not fit this run ({first_line(exc)}); {_DAMAGED}") from None
-        self.step = info["step"]
+        self.step = self.saved_step = info["step"]
         self.history = info["history"]
         # the training record the run started from (its --init's), even if that checkpoint has changed since
         if isinstance(info.get("meta"), dict):

@@ -246,24 +246,40 @@ def _refuse_unpickling(monkeypatch):
 
 
 @pytest.mark.parametrize("stage, how", [("backbone", "interrupted"), ("backbone", "extended"),
-                                        ("encoder", "interrupted")])
+                                        ("encoder", "interrupted"), ("backbone", "ctrl-c between evaluations")])
 def test_resumed_run_equals_uninterrupted_run(data, tmp_path, monkeypatch, capsys, stage, how):
     n = 8
     common = ["--stage", stage, "--lr", "3e-3", "--eval-every", n // 2, "--model-config", json.dumps(TINY)]
     # "extended": first run with --steps n/2, then --resume --steps n. The LR schedule depends on --steps after
     # warm-up, so the warm-up covers the whole run to make both schedules identical.
-    common += ["--warmup", 3] if how == "interrupted" else ["--warmup", 100]
+    common += ["--warmup", 100] if how == "extended" else ["--warmup", 3]
     assert _train(data, tmp_path / "full", tmp_path / "run-full", "--steps", n, *common) == 0
 
+    stopped_at = n // 2
     if how == "interrupted":  # Ctrl-C right after the state of step n/2 was written
         with monkeypatch.context() as m:
             _interrupt_after_first_save(m)
             assert _train(data, tmp_path / "half", tmp_path / "run-half", "--steps", n, *common) == 130
         assert "interrupted" in capsys.readouterr().err
         assert not (tmp_path / "half").exists()
-    else:
+    elif how == "extended":
         assert _train(data, tmp_path / "half", tmp_path / "run-half", "--steps", n // 2, *common) == 0
-    assert json.loads((tmp_path / "run-half" / "last" / "train_state.json").read_text())["step"] == n // 2
+    else:  # a real SIGINT in the middle of step 3, long before the first evaluation would save anything
+        stopped_at = 3
+        losses = Trainer.batch_losses
+
+        def interrupted_during_step_3(self, *args, **kwargs):
+            if self.step == stopped_at - 1:
+                os.kill(os.getpid(), signal.SIGINT)
+            return losses(self, *args, **kwargs)
+
+        with monkeypatch.context() as m:
+            m.setattr(Trainer, "batch_losses", interrupted_during_step_3)
+            assert _train(data, tmp_path / "half", tmp_path / "run-half", "--steps", n, *common) == 130
+        err = capsys.readouterr().err
+        assert f"stopped at step 3; the run state in {tmp_path / 'run-half'} holds step 3" in err
+        assert "plus --resume" in err and not (tmp_path / "half").exists()
+    assert json.loads((tmp_path / "run-half" / "last" / "train_state.json").read_text())["step"] == stopped_at
 
     with monkeypatch.context() as m:
         _refuse_unpickling(m)
