@@ -497,9 +497,10 @@ class Trainer:
         """Ctrl-C: keep the steps taken since the last save, and say how to go on."""
         if self.step > self.saved_step and self._weights_are_finite():
             self._save_state(self.opts.run_dir / "last")
+        bar.close()  # before the message, so that the bar's last redraw does not follow it
         if self.saved_step:
-            bar.write(f"capeen train: stopped at step {self.step}; the run state in {self.opts.run_dir} holds step "
-                      f"{self.saved_step}: continue it with the same command plus --resume", file=sys.stderr)
+            print(f"capeen train: stopped at step {self.step}; the run state in {self.opts.run_dir} holds step "
+                  f"{self.saved_step}: continue it with the same command plus --resume", file=sys.stderr)
 
     def _steps(self, bar, started: float) -> None:
         opts = self.opts
