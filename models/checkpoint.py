@@ -214,6 +214,10 @@ def load_checkpoint(directory: Path | str | None = None, device: str | torch.dev
             raise CheckpointError(
                 f"{weights_path}: {key} has shape {tuple(state[key].shape)}, config.json implies {tuple(shape)}"
             )
+        if state[key].is_floating_point() and not torch.isfinite(state[key]).all():
+            # such a model captions every image with nothing, and a service would serve that
+            raise CheckpointError(f"{weights_path}: {key} holds values that are not finite (a training that "
+                                  f"diverged?)")
     model.load_state_dict(state, strict=False)  # strict=False only for the tied lm_head, checked above
     model.to(device).eval()
     return Checkpoint(model=model, tokenizer=tokenizer, thresholds=thresholds, path=directory, meta=meta)

@@ -267,6 +267,13 @@ def _extra_tensor(directory):
     save_file(state, str(path))
 
 
+def _non_finite_tensor(directory):  # what a diverged training leaves
+    path = directory / WEIGHTS_FILE
+    state = load_file(str(path))
+    state["decoder.transformer.h.0.attn.c_attn.weight"][0, 0] = float("nan")
+    save_file(state, str(path))
+
+
 def _remove(name):
     def mutate(directory):
         (directory / name).unlink()
@@ -295,6 +302,7 @@ BROKEN = {
     "tensor with the wrong shape": (_wrong_shape, WEIGHTS_FILE),
     "tensor missing": (_missing_tensor, WEIGHTS_FILE),
     "unexpected tensor": (_extra_tensor, WEIGHTS_FILE),
+    "tensor with a NaN": (_non_finite_tensor, WEIGHTS_FILE),
     "threshold 1.7": (_write(THRESHOLDS_FILE, b'{"threshold": 1.7}'), THRESHOLDS_FILE),
     "threshold 0": (_write(THRESHOLDS_FILE, b'{"threshold": 0}'), THRESHOLDS_FILE),
     "threshold a string": (_write(THRESHOLDS_FILE, b'{"threshold": "0.5"}'), THRESHOLDS_FILE),
