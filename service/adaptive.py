@@ -44,12 +44,16 @@ class AdaptiveThreshold:
         # read at each scrape: set after each update, concurrent updates could leave an older best showing
         metrics.bandit_threshold.set_function(lambda: self.policy.best().threshold)
 
-    def save(self, level: int = logging.INFO) -> None:
-        """Write the snapshot (nothing without a state path); raises OSError if it cannot be written."""
+    def save(self, level: int = logging.INFO, only_if_unsaved: bool = False) -> None:
+        """Write the snapshot (nothing without a state path); raises OSError if it cannot be written.
+        `only_if_unsaved`: not when the snapshot on disk already holds this state (a periodic save that waited
+        for a reset's, say)."""
         if self.state_path is not None:
             with self._save_lock:  # one at a time, each taking the state when its turn comes: the last write is
                 policy = self.policy  # the newest state (a periodic save cannot overwrite a reset's)
                 rounds = policy.rounds
+                if only_if_unsaved and self._saved == (policy, rounds):
+                    return
                 policy.save(self.state_path)
                 self._saved = (policy, rounds)
             log.log(level, "bandit snapshot written to %s (%d requests learnt)", self.state_path, rounds)

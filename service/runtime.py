@@ -136,7 +136,7 @@ async def _save_periodically(bandit: AdaptiveThreshold, interval_s: float) -> No
         await asyncio.sleep(interval_s)
         if bandit.unsaved():
             try:
-                await asyncio.to_thread(bandit.save, logging.DEBUG)
+                await asyncio.to_thread(bandit.save, logging.DEBUG, only_if_unsaved=True)
             except OSError as exc:  # a full disk, say: keep serving, and keep trying
                 log.error("could not write the bandit snapshot %s: %s", bandit.state_path, exc)
 

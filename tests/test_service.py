@@ -548,6 +548,29 @@ def test_bandit_restarts_are_counted_once_each(tmp_path) -> None:
     assert restored_registry.get_sample_value("capeen_bandit_changes_detected_total") == 0.0
 
 
+def test_a_periodic_save_that_waited_for_a_resets_does_not_write_again(tmp_path) -> None:
+    # the saver saw "unsaved" just as a reset came, and queued behind the reset's own save: the file already
+    # holds that state, so writing it again only churns the disk (and raced the reset's write in a test)
+    from prometheus_client import CollectorRegistry
+
+    from bandit import make_policy
+    from service.adaptive import AdaptiveThreshold
+    from service.metrics import ServingMetrics
+
+    state = tmp_path / "bandit.json"
+    adaptive = AdaptiveThreshold(lambda: make_policy("ucb1", [0.5, 0.9], exit_positions=(2, 4), num_layers=4),
+                                 ServingMetrics(CollectorRegistry(), n_layer=4, max_batch_size=4), state)
+    adaptive.reset()
+    assert adaptive.unsaved()
+    adaptive.save()  # the reset's
+    written = state.stat().st_ino  # each write renames a new file into place: a new inode
+    adaptive.save(only_if_unsaved=True)  # the saver's, a moment later
+    assert state.stat().st_ino == written
+    adaptive.reset()
+    adaptive.save(only_if_unsaved=True)
+    assert state.stat().st_ino != written and not adaptive.unsaved()
+
+
 def test_arm_labels_are_the_thresholds_as_written_and_distinct() -> None:
     from bandit import Arm
     from service.adaptive import arm_label
