@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 
 import pytest
 import torch
@@ -41,3 +42,12 @@ def make_tiny_checkpoint(directory, threshold: float | None = 0.6, seed: int = 0
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-checkpoint"))
+
+
+@pytest.fixture()
+def ctrl_c_raises():
+    """Ctrl-C as in a terminal, for tests that send the process a real SIGINT: a shell that starts a job in
+    the background (CI's runner may) hands it SIGINT ignored, and Python then leaves it ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)

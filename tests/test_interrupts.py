@@ -12,7 +12,7 @@ import pytest
 from models.interrupts import signals_deferred
 
 
-def test_ctrl_c_waits_for_the_end_of_the_block_even_with_other_threads_running() -> None:
+def test_ctrl_c_waits_for_the_end_of_the_block_even_with_other_threads_running(ctrl_c_raises) -> None:
     # other threads (tqdm's monitor, a reader pool) take a process's signal when this one blocks it: the block
     # must still run to its end before KeyboardInterrupt comes
     stop = threading.Event()
@@ -46,7 +46,7 @@ def test_other_signals_reach_their_own_handlers_once_after_the_block() -> None:
         signal.signal(signal.SIGTERM, previous)
 
 
-def test_an_ignored_signal_stays_ignored_and_a_quiet_block_changes_nothing() -> None:
+def test_an_ignored_signal_stays_ignored_and_a_quiet_block_changes_nothing(ctrl_c_raises) -> None:
     previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         with signals_deferred():

@@ -247,7 +247,7 @@ def _refuse_unpickling(monkeypatch):
 
 @pytest.mark.parametrize("stage, how", [("backbone", "interrupted"), ("backbone", "extended"),
                                         ("encoder", "interrupted"), ("backbone", "ctrl-c between evaluations")])
-def test_resumed_run_equals_uninterrupted_run(data, tmp_path, monkeypatch, capsys, stage, how):
+def test_resumed_run_equals_uninterrupted_run(data, tmp_path, monkeypatch, capsys, ctrl_c_raises, stage, how):
     n = 8
     common = ["--stage", stage, "--lr", "3e-3", "--eval-every", n // 2, "--model-config", json.dumps(TINY)]
     # "extended": first run with --steps n/2, then --resume --steps n. The LR schedule depends on --steps after
@@ -599,7 +599,8 @@ def test_resume_keeps_the_training_record_of_the_init_checkpoint(data, backbone,
     assert [r["step"] for r in stages["backbone-2"]["history"]] == [1, 2]
 
 
-def test_a_ctrl_c_while_the_run_state_is_renamed_in_place_leaves_it_resumable(data, tmp_path, monkeypatch, capsys):
+def test_a_ctrl_c_while_the_run_state_is_renamed_in_place_leaves_it_resumable(data, tmp_path, monkeypatch, capsys,
+                                                                             ctrl_c_raises):
     original_replace = Path.replace
     saves = []
 
