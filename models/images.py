@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL.JpegImagePlugin import JpegImageFile
 
 DEFAULT_MAX_PIXELS = 50_000_000
 MAX_FILE_BYTES = 512 * 2**20  # an image file read from a path (uploads have the service's own, lower limit)
@@ -184,7 +185,7 @@ def load_image(
     if not data:
         raise ImageError("empty", f"{name}: empty (0 bytes)")
     image = _open(data, name, max_pixels)
-    if min_size is not None and image.format == "JPEG":
+    if min_size is not None and isinstance(image, JpegImageFile):  # MPO too: a phone photo with its preview
         image.draft(image.mode, (min_size, min_size))
     _decode(image, name)
     rgb = _to_rgb(_upright(image), name)

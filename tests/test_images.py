@@ -123,6 +123,15 @@ def test_a_large_jpeg_is_decoded_at_the_smallest_scale_that_covers_the_model_inp
     assert difference.mean() < 1.5 and difference.max() <= 16  # the same model input, to a grey level or two
 
 
+def test_a_camera_jpeg_with_a_preview_picture_is_scaled_too() -> None:
+    # many phone and camera photos carry a second picture (a preview, a gain map): Pillow opens them as MPO
+    big = _photo(1600, 1200)
+    data = _encode(big, "MPO", save_all=True, append_images=[big.resize((320, 240))], quality=90)
+    assert Image.open(io.BytesIO(data)).format == "MPO"
+    assert load_image(data, min_size=96).size == (200, 150)
+    assert load_image(data).size == (1600, 1200)
+
+
 def test_scaled_decode_keeps_the_orientation_and_leaves_other_formats_whole() -> None:
     image = _photo(1600, 800)
     image.paste((255, 0, 0), (0, 0, 400, 800))  # the left quarter red
