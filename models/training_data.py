@@ -92,8 +92,8 @@ def _decode(record, size: int) -> np.ndarray:
 
 
 # bumped whenever decoding changes, so that caches of other pixels are not reused (2: models.images.load_image;
-# 3: JPEGs decoded at a reduced scale)
-_CACHE_FORMAT = 3
+# 3: JPEGs decoded at a reduced scale; 4: MPO photos too)
+_CACHE_FORMAT = 4
 
 
 def _cache_path(json_path: Path, split: str, size: int, records: list) -> Path:
@@ -137,21 +137,39 @@ def pixel_cache(json_path: Path, split: str, size: int, records: list, cache: Pa
         cache.parent.mkdir(exist_ok=True)
         np.save(tmp, pixels)
         tmp.replace(cache)
-        for stale in cache.parent.glob(f"{split}-{size}px-*.npy"):  # earlier versions of the split's pixels
-            if stale != cache and not stale.name.endswith(".tmp.npy"):
-                stale.unlink(missing_ok=True)
+        _remove_stale_caches(cache, split, size)
     except OSError:
         # a read-only data set (a shared COCO mount): go on without the cache, decoding the images each run
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
         if unreadable:
             print(f"capeen: could not rebuild pixel cache {cache}; delete it, or every run decodes the images again",
                   file=sys.stderr)
-    except BaseException:  # Ctrl-C while the cache is written: no half-written temporary left behind
+    finally:  # a failed write, or Ctrl-C during it: no half-written temporary left behind
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
-        raise
     return pixels
+
+
+def _remove_stale_caches(cache: Path, split: str, size: int) -> None:
+    """Earlier versions of the split's pixels, and temporaries whose writer is gone (killed while it wrote:
+    a SIGKILL or an out-of-memory kill runs no clean-up)."""
+    for stale in cache.parent.glob(f"{split}-{size}px-*.npy"):
+        if stale == cache:
+            continue
+        if stale.name.endswith(".tmp.npy"):
+            writer = stale.name.split(".")[-3]
+            if writer.isdigit() and _process_alive(int(writer)):
+                continue  # another run is writing it now
+        stale.unlink(missing_ok=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def split_pixels(dataset: Path | str, split: str, image_size: int, limit: int | None = None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -165,6 +166,22 @@ def test_an_interrupted_cache_write_leaves_nothing_behind_and_the_next_run_cache
     monkeypatch.setattr(np, "save", real_save)
     split_pixels(json_path, "train", 32)
     assert [path.suffix for path in (tmp_path / "cache").iterdir()] == [".npy"]
+
+
+def test_temporaries_of_killed_writers_are_swept_and_a_live_writers_kept(tmp_path: Path) -> None:
+    # a SIGKILL or an out-of-memory kill during a write runs no clean-up: its temporary (17 GB for COCO) must
+    # not stay for good, while a run writing its own at this moment must not lose it
+    json_path = generate_dataset(tmp_path, 3, 1, 0, seed=0, image_size=32, workers=1)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    gone = 999_999_999  # above Linux's largest pid: no process has it
+    dead = cache / f"train-32px-0123456789ab.{gone}.tmp.npy"
+    writing = cache / f"train-32px-0123456789ab.{os.getppid()}.tmp.npy"  # a live process: the test's parent
+    dead.write_bytes(b"half")
+    writing.write_bytes(b"half")
+    split_pixels(json_path, "train", 32)
+    left = sorted(path.name for path in cache.iterdir())
+    assert writing.name in left and dead.name not in left and len(left) == 2
 
 
 def test_a_limited_look_decodes_only_its_images_until_the_split_is_cached(tmp_path: Path, monkeypatch) -> None:
