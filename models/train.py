@@ -529,10 +529,11 @@ class Trainer:
                 self._save_state(opts.run_dir / "last")
 
     def _divergence_advice(self) -> str:
-        saved = self.history[-1]["step"] if self.history else None
-        kept = (f"the run state in {self.opts.run_dir} holds step {saved}, the last one saved"
-                if saved is not None else "nothing was saved")
-        return f"the run diverged: lower --lr ({kept}; --out is left as it was)"
+        kept = (f"the run state in {self.opts.run_dir} holds step {self.saved_step}, the last one saved"
+                if self.saved_step else "nothing was saved")
+        # --resume keeps the run's own --lr: a lower one is a new start
+        return f"the run diverged: start it again with a lower --lr, without --resume ({kept}; --out is left as " \
+               f"it was)"
 
     def _refuse_divergence(self, what: str, value: float, step: int) -> None:
         """Stop before a non-finite loss can reach the run state or --out: its weights are lost already."""

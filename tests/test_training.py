@@ -540,11 +540,39 @@ def test_a_diverged_run_stops_and_leaves_out_as_it_was(data, backbone, tmp_path,
                 "--eval-every", eval_every, "--model-config", json.dumps(TINY))
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("capeen")]  # not tqdm's
     assert rc == 2 and len(err) == 1, err
-    assert f"the {what} is nan at step {step}" in err[0] and "lower --lr" in err[0]
+    assert f"the {what} is nan at step {step}" in err[0] and "lower --lr, without --resume" in err[0]
     assert {p.name: p.read_bytes() for p in good.iterdir()} == before
     state = tmp_path / "run" / "last" / "state.safetensors"
     if state.exists():  # whatever was saved can be resumed from: no NaN in it
         assert all(torch.isfinite(t).all() for t in load_file(str(state)).values() if t.is_floating_point())
+        assert f"holds step {json.loads(state.with_name('train_state.json').read_text())['step']}" in err[0]
+    else:
+        assert "nothing was saved" in err[0]
+    # the new start the advice asks for: the same command, a lower --lr, no --resume
+    assert _train(data, good, tmp_path / "run", "--stage", "backbone", "--steps", 2, "--warmup", 0, "--lr", "1e-3",
+                  "--eval-every", eval_every, "--model-config", json.dumps(TINY)) == 0
+
+
+def test_a_resumed_run_that_diverges_names_the_step_its_state_holds(data, tmp_path, monkeypatch, capsys,
+                                                                    ctrl_c_raises):
+    # the state of a Ctrl-C save has no evaluation record: the advice must still name the step it holds
+    common = ["--stage", "backbone", "--steps", 6, "--warmup", 50, "--lr", "1e30", "--eval-every", 100,
+              "--model-config", json.dumps(TINY)]
+    losses = Trainer.batch_losses
+
+    def interrupted_during_step_1(self, *args, **kwargs):
+        if self.step == 0:
+            os.kill(os.getpid(), signal.SIGINT)
+        return losses(self, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "batch_losses", interrupted_during_step_1)
+        assert _train(data, tmp_path / "ckpt", tmp_path / "run", *common) == 130
+    assert json.loads((tmp_path / "run" / "last" / "train_state.json").read_text())["step"] == 1
+    capsys.readouterr()
+    assert _train(data, tmp_path / "ckpt", tmp_path / "run", "--resume", *common) == 2
+    [line] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("capeen")]
+    assert "is nan at step 2" in line and f"the run state in {tmp_path / 'run'} holds step 1" in line
 
 
 # ----- resume continues the same run ------------------------------------------------------------------------------------
