@@ -160,6 +160,14 @@ def _read_json(path: Path) -> dict:
     return data
 
 
+def first_non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor holding a NaN or an infinity, else None."""
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            return name
+    return None
+
+
 def load_checkpoint(directory: Path | str | None = None, device: str | torch.device = "cpu") -> Checkpoint:
     """Load a checkpoint directory (default: the shipped one) onto `device`, in eval mode."""
     directory = Path(directory) if directory is not None else DEFAULT_CHECKPOINT
@@ -214,10 +222,10 @@ def load_checkpoint(directory: Path | str | None = None, device: str | torch.dev
             raise CheckpointError(
                 f"{weights_path}: {key} has shape {tuple(state[key].shape)}, config.json implies {tuple(shape)}"
             )
-        if state[key].is_floating_point() and not torch.isfinite(state[key]).all():
-            # such a model captions every image with nothing, and a service would serve that
-            raise CheckpointError(f"{weights_path}: {key} holds values that are not finite (a training that "
-                                  f"diverged?)")
+    broken = first_non_finite(state)
+    if broken is not None:  # such a model captions every image with nothing, and a service would serve that
+        raise CheckpointError(f"{weights_path}: {broken} holds values that are not finite (a training that "
+                              f"diverged?)")
     model.load_state_dict(state, strict=False)  # strict=False only for the tied lm_head, checked above
     model.to(device).eval()
     return Checkpoint(model=model, tokenizer=tokenizer, thresholds=thresholds, path=directory, meta=meta)

@@ -346,17 +346,12 @@ def evaluate_main(args) -> int:
     plans = []  # every checkpoint's settings, checked before any decoding: a late error would lose the others'
     for engine in engines:
         try:
-            if args.mode == "full":
-                grid = []
-            elif args.mode == "fixed":
-                try:
-                    grid = [engine.threshold_for("fixed", args.threshold)]
-                except ValueError as exc:
-                    raise UserError(str(exc)) from None
+            if args.mode == "fixed":
+                grid = [engine.threshold_for("fixed", args.threshold)]
             else:
-                grid = sweep_grid
+                grid = sweep_grid  # empty for --mode full
             plans.append((engine, grid, _exit_settings(args, engine, grid)))
-        except UserError as exc:
+        except (UserError, ValueError) as exc:
             raise UserError(f"{engine.checkpoint.path or engine.name}: {exc}" if len(engines) > 1 else str(exc)) \
                 from None
     reports = []

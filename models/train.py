@@ -33,8 +33,8 @@ import contextlib
 import json
 import math
 import os
-import tempfile
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -52,6 +52,7 @@ from models.checkpoint import (
     WEIGHTS_FILE,
     Checkpoint,
     Thresholds,
+    first_non_finite,
     load_checkpoint,
     save_checkpoint,
 )
@@ -495,7 +496,7 @@ class Trainer:
 
     def _save_on_interrupt(self, bar) -> None:
         """Ctrl-C: keep the steps taken since the last save, and say how to go on."""
-        if self.step > self.saved_step and self._weights_are_finite():
+        if self.step > self.saved_step and first_non_finite(self.model.state_dict()) is None:
             self._save_state(self.opts.run_dir / "last")
         bar.close()  # before the message, so that the bar's last redraw does not follow it
         if self.saved_step:
@@ -540,17 +541,8 @@ class Trainer:
         if not math.isfinite(value):
             raise ValueError(f"the {what} is {value} at step {step}: {self._divergence_advice()}")
 
-    def _non_finite_weight(self) -> str | None:
-        for name, tensor in self.model.state_dict().items():
-            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-                return name
-        return None
-
-    def _weights_are_finite(self) -> bool:
-        return self._non_finite_weight() is None
-
     def _refuse_non_finite_weights(self) -> None:
-        name = self._non_finite_weight()
+        name = first_non_finite(self.model.state_dict())
         if name is not None:
             raise ValueError(f"weight {name} is not finite at step {self.step}: {self._divergence_advice()}")
 
