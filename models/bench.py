@@ -87,6 +87,10 @@ def methods(engine: CaptionEngine, threshold: float, compare_kernels: bool = Fal
     return listed
 
 
+class TooFewImages(ValueError):
+    """Not enough images for the warm-up batches and one measured batch."""
+
+
 def measure(engine: CaptionEngine, pixels_uint8: torch.Tensor, batch_size: int, method_list: Sequence[Method],
             warmup: int = 2) -> dict[str, dict]:
     """Seconds per batch for every method, interleaved (rotating order) over the images."""
@@ -96,7 +100,7 @@ def measure(engine: CaptionEngine, pixels_uint8: torch.Tensor, batch_size: int, 
     split: dict[str, list[tuple[float, float]]] = {m.name: [] for m in method_list}
     batches = [pixels_uint8[i:i + batch_size] for i in range(0, len(pixels_uint8) - batch_size + 1, batch_size)]
     if len(batches) <= warmup:
-        raise ValueError(f"batch size {batch_size} needs at least {(warmup + 1) * batch_size} images "
+        raise TooFewImages(f"batch size {batch_size} needs at least {(warmup + 1) * batch_size} images "
                          f"({warmup} warm-up batches and one measured), got {len(pixels_uint8)}")
     for b, raw in enumerate(batches):
         pixels = normalize(raw.to(device), engine.dtype)

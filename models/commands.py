@@ -436,8 +436,8 @@ def _profile_order(section: str) -> tuple[int, str]:
 
 def bench_main(args) -> int:
     from models import kernels
-    from models.bench import (agreement, describe_kernel_choice, head_cost, kernel_choice, kernel_crossover, measure,
-                              methods, profile_early_exit)
+    from models.bench import (TooFewImages, agreement, describe_kernel_choice, head_cost, kernel_choice,
+                              kernel_crossover, measure, methods, profile_early_exit)
 
     _set_threads(args)
     if args.images < 1:
@@ -465,8 +465,10 @@ def bench_main(args) -> int:
         images = data.pixels[: max(args.images, batch_size * (args.min_batches + 2))]
         try:
             report = measure(engine, images, batch_size, method_list)
-        except ValueError as exc:
+        except TooFewImages as exc:
             raise UserError(f"{exc}; the {args.split} split has {len(data)} images") from None
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
         names = [m.name for m in method_list]
         hf, full, early = (report[n] for n in names[:3])
         run = {

@@ -645,11 +645,21 @@ def test_bench_compare_kernels_reports_what_onednn_buys(capsys, tiny_checkpoint,
         assert "MKL against oneDNN" in out
 
 
-def test_bench_with_too_few_images_for_a_batch_size_is_one_line(capsys, tiny_checkpoint, data):
+def test_bench_with_too_few_images_for_a_batch_size_is_one_line(capsys, tiny_checkpoint, data, monkeypatch):
     rc, _, err = run(capsys, "bench", "--checkpoint", tiny_checkpoint, "--data", data, "--split", "val",
                      "--batch-sizes", "1,4", "--device", "cpu")
     assert rc == 2
     assert_one_line_error(err, "batch size 4 needs at least 12 images", "the val split has 4 images")
+    import models.bench  # another problem of the measurement is not blamed on the split's size
+
+    def fails(*args, **kwargs):
+        raise ValueError("the model cannot decode these images")
+
+    monkeypatch.setattr(models.bench, "measure", fails)
+    rc, _, err = run(capsys, "bench", "--checkpoint", tiny_checkpoint, "--data", data, "--split", "val",
+                     "--batch-sizes", "1", "--device", "cpu")
+    assert rc == 2 and "split has" not in err
+    assert_one_line_error(err, "the model cannot decode these images")
 
 
 @pytest.mark.parametrize("argv, fragment", [
