@@ -387,6 +387,8 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(opts.seed)
         self.step = 0
         self.saved_step = 0  # the step the run state in --run-dir holds (0: none saved by this run yet)
+        self.elapsed_before = 0.0  # training seconds before this process: a resume's clock goes on
+        self.steps_given = [opts.steps]  # --steps of each start of the run: an extended run's schedule changed
         self.epoch_order = torch.empty(0, dtype=torch.long)
         self.history: list[dict] = []
         if self.resume_info is not None:
@@ -484,11 +486,11 @@ class Trainer:
     def run(self) -> Path:
         opts = self.opts
         self._train_mode()
-        started = time.time()
+        self.started = time.time() - self.elapsed_before  # a resumed run's clock goes on from its state's
         bar = tqdm(total=opts.steps, initial=self.step, desc=f"train {opts.stage}", unit="step")
         with contextlib.closing(bar):  # an error below is the last line, not followed by the bar's remains
             try:
-                self._steps(bar, started)
+                self._steps(bar)
             except KeyboardInterrupt:
                 self._save_on_interrupt(bar)
                 raise
@@ -503,7 +505,7 @@ class Trainer:
             print(f"capeen train: stopped at step {self.step}; the run state in {self.opts.run_dir} holds step "
                   f"{self.saved_step}: continue it with the same command plus --resume", file=sys.stderr)
 
-    def _steps(self, bar, started: float) -> None:
+    def _steps(self, bar) -> None:
         opts = self.opts
         while self.step < opts.steps:
             with signals_deferred():  # a Ctrl-C waits for the end of the step, where the run's state is whole
@@ -522,12 +524,15 @@ class Trainer:
             bar.set_postfix(loss=f"{loss:.3f}")
             if self.step % opts.eval_every == 0 or self.step == opts.steps:
                 record = {"step": self.step, "loss": loss, **self.validate(),
-                          "elapsed_s": round(time.time() - started, 1)}
+                          "elapsed_s": self._elapsed()}
                 self._refuse_divergence("validation loss", record["val_loss"], self.step)
                 self._refuse_non_finite_weights()
                 self.history.append(record)
                 bar.write(json.dumps(record))
                 self._save_state(opts.run_dir / "last")
+
+    def _elapsed(self) -> float:
+        return round(time.time() - self.started, 1)
 
     def _divergence_advice(self) -> str:
         kept = (f"the run state in {self.opts.run_dir} holds step {self.saved_step}, the last one saved"
@@ -558,6 +563,8 @@ class Trainer:
                if k not in ("resume", "run_dir", "out")},
             "history": self.history,
         }
+        if len(self.steps_given) > 1:  # extended with --resume: the schedule ran towards each of these in turn
+            stages[key]["steps_given"] = self.steps_given
         meta = {**self.meta, "name": self.opts.name, "training": stages}
         # a calibrated threshold belongs to the exits it was measured on: new weights start uncalibrated
         ckpt = Checkpoint(model=self.model.cpu(), tokenizer=self.tokenizer, thresholds=Thresholds(), meta=meta)
@@ -584,6 +591,7 @@ class Trainer:
         info = {"step": self.step, "history": self.history, "param_groups": opt_state["param_groups"],
                 "config": self.config.to_dict(), "vocab": self.tokenizer.words, "meta": self.meta,
                 "out": str(Path(self.opts.out).resolve()), "stage": self.opts.stage,
+                "elapsed_s": self._elapsed(), "steps_given": self.steps_given,
                 "options": _run_options(self.opts)}
         (directory / "train_state.json.tmp").write_text(json.dumps(info))
         with signals_deferred():  # a Ctrl-C between the renames would leave files of two steps: unresumable
@@ -702,6 +710,11 @@ class Trainer:
             raise ValueError(f"{tensors_path}: does not fit this run ({first_line(exc)}); {_DAMAGED}") from None
         self.step = self.saved_step = info["step"]
         self.history = info["history"]
+        elapsed = info.get("elapsed_s", self.history[-1].get("elapsed_s", 0.0) if self.history else 0.0)
+        self.elapsed_before = float(elapsed) if isinstance(elapsed, (int, float)) else 0.0
+        given = info.get("steps_given")
+        if isinstance(given, list) and all(isinstance(g, int) for g in given) and given:
+            self.steps_given = given if given[-1] == self.opts.steps else [*given, self.opts.steps]
         # the training record the run started from (its --init's), even if that checkpoint has changed since
         if isinstance(info.get("meta"), dict):
             self.meta = info["meta"]

@@ -10,6 +10,7 @@ safetensors + JSON, never pickle.
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 import os
 import pickle
 import shutil
@@ -721,3 +722,22 @@ def test_a_batch_larger_than_the_train_split_still_has_batch_size_images(data, t
     order = torch.cat(seen)
     for start in range(0, 48, 24):  # passes over the 24 training images, each image once per pass
         assert sorted(order[start:start + 24].tolist()) == list(range(24))
+
+
+def test_an_extended_run_records_its_steps_and_its_clock_goes_on(data, tmp_path, monkeypatch):
+    # a run of 2 steps extended to 4: its cosine schedule aimed at 2, then at 4, and the checkpoint says so;
+    # the elapsed seconds of its history go on from where the first part stopped, not from 0
+    import models.train
+
+    ticks = iter(range(0, 10_000, 10))  # a clock that moves 10 s at each reading
+    monkeypatch.setattr(models.train, "time", SimpleNamespace(time=lambda: float(next(ticks))))
+    common = ["--stage", "backbone", "--eval-every", 2, "--model-config", json.dumps(TINY)]
+    assert _train(data, tmp_path / "ckpt", tmp_path / "run", "--steps", 2, *common) == 0
+    first = _meta(tmp_path / "ckpt")["training"]["backbone"]
+    assert "steps_given" not in first  # one start: nothing to say
+    assert _train(data, tmp_path / "ckpt", tmp_path / "run", "--steps", 4, "--resume", *common) == 0
+    extended = _meta(tmp_path / "ckpt")["training"]["backbone"]  # the same run, recorded again whole
+    assert extended["steps_given"] == [2, 4] and extended["steps"] == 4
+    before, after = (record["elapsed_s"] for record in extended["history"])
+    # the same readings of the clock in both parts: only a clock counted on from the saved one gets further
+    assert after > before == first["history"][0]["elapsed_s"]
