@@ -101,7 +101,7 @@ def measure(engine: CaptionEngine, pixels_uint8: torch.Tensor, batch_size: int, 
     batches = [pixels_uint8[i:i + batch_size] for i in range(0, len(pixels_uint8) - batch_size + 1, batch_size)]
     if len(batches) <= warmup:
         raise TooFewImages(f"batch size {batch_size} needs at least {(warmup + 1) * batch_size} images "
-                         f"({warmup} warm-up batches and one measured), got {len(pixels_uint8)}")
+                           f"({warmup} warm-up batches and one measured), got {len(pixels_uint8)}")
     for b, raw in enumerate(batches):
         pixels = normalize(raw.to(device), engine.dtype)
         order = list(method_list[b % len(method_list):]) + list(method_list[: b % len(method_list)])
