@@ -22,7 +22,7 @@ from service.middleware import BodyLimit, RequestContext
 from service.routes import bandit, caption, health, model
 from service.runtime import start_runtime
 from service.settings import Settings
-from service.uploads import FORM_OVERHEAD_BYTES, upload_limit_detail
+from service.uploads import FORM_OVERHEAD_BYTES, batch_body_limit, upload_limit_detail
 
 DESCRIPTION = """Image captioning with early-exit decoding (CAPEEN) and a per-request threshold bandit (A-CAPEEN).
 
@@ -59,7 +59,9 @@ def create_app(settings: Settings | None = None, engines: Sequence[Engine] = ())
     install_error_handlers(app)
     # The last added middleware is the outermost: the request context times everything, the limit included.
     app.add_middleware(BodyLimit, limit=settings.max_upload_bytes + FORM_OVERHEAD_BYTES,
-                       detail=upload_limit_detail(settings.max_upload_bytes), timeout_s=settings.request_timeout_s)
+                       detail=upload_limit_detail(settings.max_upload_bytes), timeout_s=settings.request_timeout_s,
+                       path_limits={caption.BATCH_PATH: batch_body_limit(settings.images_per_request,
+                                                                         settings.max_upload_bytes)})
     app.add_middleware(RequestContext, metrics=app.state.http_metrics)
     for router in (caption.router, health.router, model.router, bandit.router):
         app.include_router(router)

@@ -34,6 +34,7 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import Executor, Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import groupby
 
 import torch
@@ -151,7 +152,7 @@ class Batcher:
         """Requests queued whose caller still waits."""
         return self._waiting
 
-    def _on_done(self, job: Job) -> None:
+    def _on_done(self, job: Job, _future: asyncio.Future) -> None:
         if job.waiting:  # abandoned in the queue: only its place in the queue is left to give up, not its pixels
             job.pixels = _NO_PIXELS
         self._stop_waiting(job)
@@ -191,25 +192,40 @@ class Batcher:
                       timeout: float, abandoned: Callable[[], Awaitable[object]]) -> Outcome:
         """Queue one image and wait for its caption, for at most `timeout` seconds and only until the awaitable
         that `abandoned()` returns completes (the client went away)."""
+        return (await self.caption_all([(pixels, threshold, arm)], max_tokens, timeout=timeout,
+                                       abandoned=abandoned))[0]
+
+    async def caption_all(self, images: Sequence[tuple[torch.Tensor, float, Arm | None]], max_tokens: int, *,
+                          timeout: float, abandoned: Callable[[], Awaitable[object]]) -> list[Outcome]:
+        """Queue images (pixels, threshold, arm) all at once, or none when the queue lacks room for all of them,
+        and wait for every caption, as `caption` does. A failure or a deadline ends the wait for all of them:
+        the caller answers the request as a whole."""
         if self._closing:
             raise ShuttingDown("the service is shutting down")
         if timeout <= 0:
             raise DeadlineExceeded("the request's deadline passed before it was queued")
-        if self._waiting >= self.queue_size:
-            raise QueueFull(f"{self.queue_size} requests are already waiting")
-        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
-        job = Job(pixels, threshold, max_tokens, arm, future)
-        self._queue.put_nowait(job)
-        self._waiting += 1
-        future.add_done_callback(lambda _: self._on_done(job))
+        if self._waiting + len(images) > self.queue_size:
+            wanted = "" if len(images) == 1 else f", and this request has {len(images)}"
+            raise QueueFull(f"{self._waiting} of the queue's {self.queue_size} images are already waiting{wanted}")
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[Outcome]] = []
+        for pixels, threshold, arm in images:
+            job = Job(pixels, threshold, max_tokens, arm, loop.create_future())
+            self._queue.put_nowait(job)
+            self._waiting += 1
+            job.future.add_done_callback(partial(self._on_done, job))
+            futures.append(job.future)
+        every = asyncio.gather(*futures)  # done when all are, or at the first that fails
         watcher = asyncio.ensure_future(abandoned())
         try:
-            done, _ = await asyncio.wait({future, watcher}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({every, watcher}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
             watcher.cancel()
-            future.cancel()  # unless answered already: the worker skips it, or drops its result
-        if future in done:
-            return future.result()
+            for future in futures:
+                future.cancel()  # unless answered already: the worker skips it, or drops its result
+        if every in done:
+            return every.result()
+        every.cancel()
         if watcher in done:
             raise Abandoned("the client went away")
         raise DeadlineExceeded(f"no caption within the deadline ({timeout:.3g} s left when queued)")

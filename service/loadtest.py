@@ -17,6 +17,9 @@ With `--compare CAPEEN_SETTING=VALUE` it measures one setting instead: two batch
 and with that setting, in alternating rounds at each concurrency, then each at the overload rate (from the
 faster of the two). `--compare CAPEEN_ENGINE_PROCESS=false`, for one, weighs the engine's child process.
 
+With `--images-per-request K` it measures the two routes instead, on one batching server: the same images
+sent one per POST /caption and K per POST /caption/batch, in alternating rounds at each concurrency.
+
 The client shares the machine with the server, as a sidecar would. The Markdown tables go to stdout.
 The scene renderer is imported where it is used: `capeen` imports this module to build its parser, and
 `capeen --help` should not pay for it.
@@ -27,6 +30,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
+import json
+import math
 import os
 import random
 import socket
@@ -61,6 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", type=int, default=64, help="distinct images in the request stream")
     parser.add_argument("--image-size", type=int, default=192, help="side of the uploaded images, in pixels")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--images-per-request", type=int, metavar="K",
+                        help="instead: one batching server, the same images sent one per POST /caption and K "
+                             "per POST /caption/batch, in alternating rounds at each concurrency")
     parser.add_argument("--compare", metavar="CAPEEN_SETTING=VALUE",
                         help="instead: two batching servers, as configured and with this setting (e.g. "
                              "CAPEEN_MAX_WAIT_MS=0), in alternating rounds at each concurrency, then each overloaded")
@@ -75,15 +83,17 @@ class Run:
 
     statuses: list[int] = field(default_factory=list)
     latencies: list[float] = field(default_factory=list)
+    captions: int = 0  # images captioned: one per 200 of POST /caption, the results with one in a batch's
     wall_s: float = 0.0
     batched_images: float = 0.0  # images, engine calls and engine-call seconds the server counted meanwhile
     engine_calls: float = 0.0
     engine_s: float = 0.0  # summed over the server's engines
     engines: int = 1
 
-    def record(self, status: int, latency: float) -> None:
+    def record(self, status: int, latency: float, captions: int) -> None:
         self.statuses.append(status)
         self.latencies.append(latency)
+        self.captions += captions
 
     @property
     def mean_batch(self) -> float | None:
@@ -100,12 +110,13 @@ class Run:
     def merged(cls, runs: list[Run]) -> Run:
         """One run made of several (rounds of one measurement): their requests, wall times and batches."""
         return cls([s for r in runs for s in r.statuses], [lat for r in runs for lat in r.latencies],
-                   sum(r.wall_s for r in runs), sum(r.batched_images for r in runs), sum(r.engine_calls for r in runs),
-                   sum(r.engine_s for r in runs), max((r.engines for r in runs), default=1))
+                   sum(r.captions for r in runs), sum(r.wall_s for r in runs), sum(r.batched_images for r in runs),
+                   sum(r.engine_calls for r in runs), sum(r.engine_s for r in runs),
+                   max((r.engines for r in runs), default=1))
 
     @property
     def captions_per_s(self) -> float:
-        return self.statuses.count(200) / self.wall_s if self.wall_s else 0.0
+        return self.captions / self.wall_s if self.wall_s else 0.0
 
     def percentile_ms(self, q: float) -> float:
         ok = sorted(lat for lat, status in zip(self.latencies, self.statuses, strict=True) if status == 200)
@@ -133,12 +144,16 @@ class Connections:
     def get(self, path: str) -> bytes:
         return f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\n\r\n".encode()
 
-    def post_image(self, data: bytes, mode: str) -> bytes:
+    def post_images(self, images: list[bytes], mode: str) -> bytes:
+        """One image: POST /caption; more: POST /caption/batch."""
         boundary = "capeen-load-boundary"
-        body = (f'--{boundary}\r\nContent-Disposition: form-data; name="mode"\r\n\r\n{mode}\r\n'
-                f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="scene.jpg"\r\n'
-                "Content-Type: image/jpeg\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
-        head = (f"POST /caption HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\n"
+        body = f'--{boundary}\r\nContent-Disposition: form-data; name="mode"\r\n\r\n{mode}\r\n'.encode()
+        for data in images:
+            body += (f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="scene.jpg"\r\n'
+                     "Content-Type: image/jpeg\r\n\r\n").encode() + data + b"\r\n"
+        body += f"--{boundary}--\r\n".encode()
+        path = "/caption" if len(images) == 1 else "/caption/batch"
+        head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\n"
                 f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {len(body)}\r\n\r\n")
         return head.encode() + body
 
@@ -264,25 +279,37 @@ class Target:
 
 
 class Stream:
-    """The request stream: the same images in the same order for every measurement."""
+    """The request stream: the same images in the same order for every measurement, `images_per_request` in
+    each request (the images cycled)."""
 
-    def __init__(self, target: Target, images: list[bytes], mode: str) -> None:
+    def __init__(self, target: Target, images: list[bytes], mode: str, images_per_request: int = 1) -> None:
         self.target = target
-        self.requests = [target.http.post_image(data, mode) for data in images]
+        self.images_per_request = images_per_request
+        cycled = [images[i % len(images)] for i in range(len(images) * images_per_request)]
+        self.requests = [target.http.post_images(cycled[i:i + images_per_request], mode)
+                         for i in range(0, len(cycled), images_per_request)]
         self.sent = 0
 
     async def send(self, run: Run) -> None:
         request = self.requests[self.sent % len(self.requests)]
         self.sent += 1
         started = time.perf_counter()
-        status, _ = await self.target.http.send(request)
-        run.record(status, time.perf_counter() - started)
+        status, body = await self.target.http.send(request)
+        latency = time.perf_counter() - started
+        if status != 200:
+            captions = 0
+        elif self.images_per_request == 1:
+            captions = 1
+        else:
+            captions = json.loads(body)["captioned"]
+        run.record(status, latency, captions)
 
 
-async def closed_loop(stream: Stream, concurrency: int, requests: int) -> Run:
+async def closed_loop(stream: Stream, concurrency: int, images: int) -> Run:
+    """`concurrency` clients send requests one after the other until `images` images are sent."""
     run = Run()
     stream.sent = 0
-    left = requests
+    left = math.ceil(images / stream.images_per_request)
 
     async def client() -> None:
         nonlocal left
@@ -499,8 +526,27 @@ async def _setting_comparison(args: argparse.Namespace, concurrency: list[int], 
         f"{os.cpu_count()} CPU cores, mode={args.mode}, dynamic batching (max {args.max_batch_size}), "
         f"{args.rounds} alternating rounds per concurrency.",
         "",
-        "| server | concurrency | requests | not 200 | captions/s | captions/s per round | mean batch | engine busy "
-        "| engine ms/caption | p50 ms | p95 ms | p99 ms |",
+        *_side_by_side("server", labels, rounds, concurrency),
+        "",
+        "",
+        "| server | offered | achieved rate | seconds | 200 | captions/s | 503 | 504 | other 5xx | no answer "
+        "| RSS MiB after |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for label, (run, achieved), memory in zip(labels, overloads, rss):
+        counts, other_5xx = _answer_counts(run)
+        lines.append(f"| {label} | {offered:.1f}/s | {achieved:.1f}/s | {run.wall_s:.0f} | {counts[200]} "
+                     f"| {counts[200] / max(run.wall_s, 1e-9):.1f} | {counts[503]} | {counts[504]} | {other_5xx} "
+                     f"| {counts[CONNECT_ERROR]} | {memory:.1f} |")
+    return "\n".join(lines)
+
+
+def _side_by_side(first_column: str, labels: list[str], rounds: dict[int, list[list[Run]]],
+                  concurrency: list[int]) -> list[str]:
+    """A table of two streams' alternating rounds at each concurrency (latencies are per request)."""
+    lines = [
+        f"| {first_column} | concurrency | requests | not 200 | captions/s | captions/s per round | mean batch "
+        "| engine busy | engine ms/caption | p50 ms | p95 ms | p99 ms |",
         "| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for c in concurrency:
@@ -513,17 +559,39 @@ async def _setting_comparison(args: argparse.Namespace, concurrency: list[int], 
             lines.append(f"| {label} | {c} | {len(merged.statuses)} | {failed} | {merged.captions_per_s:.1f} "
                          f"| {per_round} | {batch} | {busy} | {engine_ms} | {merged.percentile_ms(50):.1f} "
                          f"| {merged.percentile_ms(95):.1f} | {merged.percentile_ms(99):.1f} |")
-    lines += [
+    return lines
+
+
+async def _route_comparison(args: argparse.Namespace, concurrency: list[int], per_request: int) -> str:
+    """One batching server, the same images sent one per POST /caption and `per_request` per POST /caption/batch,
+    side by side. Its queue holds what the clients send at once, so that neither stream is refused."""
+    labels = ["`POST /caption`, 1 image", f"`POST /caption/batch`, {per_request} images"]
+    queue_size = max(64, per_request * max(concurrency))
+    env = {"CAPEEN_MAX_IMAGES_PER_REQUEST": str(per_request), "CAPEEN_QUEUE_SIZE": str(queue_size)}
+    images = _images(args)
+    target = Target(args, args.max_batch_size, env)
+    try:
+        await target.wait_ready()
+        streams = [Stream(target, images, args.mode), Stream(target, images, args.mode, per_request)]
+        for stream in streams:
+            await closed_loop(stream, max(concurrency), min(args.requests, 64))  # warm-up
+        rounds = {c: await alternating(streams, c, args.requests, args.rounds) for c in concurrency}
+    finally:
+        target.stop()
+    lines = [
+        f"Route comparison: checkpoint `{args.checkpoint or 'default'}`, device {args.device}, {os.cpu_count()} CPU "
+        f"cores, mode={args.mode}, dynamic batching (max {args.max_batch_size}), CAPEEN_QUEUE_SIZE={queue_size}, "
+        f"{args.requests} images per stream and concurrency in {args.rounds} alternating rounds.",
         "",
-        "| server | offered | achieved rate | seconds | 200 | captions/s | 503 | 504 | other 5xx | no answer "
-        "| RSS MiB after |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        *_side_by_side("route", labels, rounds, concurrency),
+        "",
     ]
-    for label, (run, achieved), memory in zip(labels, overloads, rss):
-        counts, other_5xx = _answer_counts(run)
-        lines.append(f"| {label} | {offered:.1f}/s | {achieved:.1f}/s | {run.wall_s:.0f} | {counts[200]} "
-                     f"| {counts[200] / max(run.wall_s, 1e-9):.1f} | {counts[503]} | {counts[504]} | {other_5xx} "
-                     f"| {counts[CONNECT_ERROR]} | {memory:.1f} |")
+    for c in concurrency:
+        single, batched = (Run.merged(runs) for runs in rounds[c])
+        ratios = [b.captions_per_s / max(a.captions_per_s, 1e-9) for a, b in zip(*rounds[c], strict=True)]
+        lines.append(f"- concurrency {c}: `POST /caption/batch` captioned "
+                     f"**{batched.captions_per_s / max(single.captions_per_s, 1e-9):.2f}x** the images per second "
+                     f"(rounds {', '.join(f'{r:.2f}x' for r in ratios)}).")
     return "\n".join(lines)
 
 
@@ -540,7 +608,13 @@ def bench_serve_main(args: argparse.Namespace) -> int:
         raise UserError(f"--image-size must be at least {MIN_IMAGE_SIZE}, got {args.image_size}")
     if args.rounds > args.requests:
         raise UserError(f"--rounds {args.rounds} is more than --requests {args.requests}: each round needs a request")
-    if args.compare is None:
+    if args.images_per_request is not None:
+        if args.compare is not None:
+            raise UserError("--images-per-request and --compare are two different measurements: give one")
+        if args.images_per_request < 2:
+            raise UserError(f"--images-per-request must be at least 2, got {args.images_per_request}")
+        print(asyncio.run(_route_comparison(args, concurrency, args.images_per_request)))
+    elif args.compare is None:
         print(asyncio.run(_benchmark(args, concurrency)))
     else:  # a bad setting is one line now, not after two servers have started
         print(asyncio.run(_setting_comparison(args, concurrency, *parse_setting(args.compare))))

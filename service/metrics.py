@@ -48,8 +48,8 @@ class ServingMetrics:
 
     def __init__(self, registry: CollectorRegistry, *, n_layer: int, max_batch_size: int, engines: int = 1) -> None:
         self.n_layer = n_layer
-        self.queue_duration = Histogram("capeen_queue_duration_seconds", "time a caption request waited in the "
-                                        "queue before its batch started", buckets=LATENCY_BUCKETS, registry=registry)
+        self.queue_duration = Histogram("capeen_queue_duration_seconds", "time an image waited in the queue "
+                                        "before its batch started", buckets=LATENCY_BUCKETS, registry=registry)
         self.batch_size = Histogram("capeen_batch_size", "images per engine call",
                                     buckets=_batch_buckets(max_batch_size), registry=registry)
         self.batch_duration = Histogram("capeen_batch_duration_seconds", "wall time of each engine call (one "
@@ -62,8 +62,10 @@ class ServingMetrics:
             self.batch_duration.labels(engine=str(engine))
             for stage in ENGINE_STAGES:
                 self.engine_compute.labels(engine=str(engine), stage=stage)
-        self.queue_depth = Gauge("capeen_queue_depth", "caption requests waiting for a batch whose clients still wait",
+        self.queue_depth = Gauge("capeen_queue_depth", "images waiting for a batch whose clients still wait",
                                  registry=registry)
+        self.captions = Counter("capeen_captions", "captions answered, one per image, from POST /caption and POST "
+                                "/caption/batch alike", registry=registry)
         self.tokens = Counter("capeen_tokens_generated", "decoding steps run, end-of-caption token included",
                               registry=registry)
         self.token_exit_layer = Histogram("capeen_token_exit_layer", "1-based decoder layer each generated token "

@@ -14,6 +14,7 @@ import asyncio
 import re
 import time
 import uuid
+from collections.abc import Mapping
 
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -60,18 +61,22 @@ class RequestContext:
 
 
 class BodyLimit:
-    def __init__(self, app: ASGIApp, limit: int, detail: str, timeout_s: float) -> None:
+    def __init__(self, app: ASGIApp, limit: int, detail: str, timeout_s: float,
+                 path_limits: Mapping[str, tuple[int, str]] | None = None) -> None:
+        """`path_limits`: a limit and its detail for the paths that take more than `limit` bytes."""
         self.app = app
         self.limit = limit
         self.detail = detail
         self.timeout_s = timeout_s  # from the request's arrival, as its deadline
+        self.path_limits = dict(path_limits or {})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit, detail = self.path_limits.get(scope["path"], (self.limit, self.detail))
         declared = Headers(scope=scope).get("content-length", "")
-        too_large = declared.isdigit() and int(declared) > self.limit
+        too_large = declared.isdigit() and int(declared) > limit
         received = 0
         complete = False
         arrival = scope.get("state", {}).get("started", time.perf_counter())
@@ -80,7 +85,7 @@ class BodyLimit:
             # Raised inside the route's body parsing, which FastAPI passes on as an HTTP error: a JSON 413.
             nonlocal received, complete
             if too_large:
-                raise ServiceError(413, "upload_too_large", self.detail)
+                raise ServiceError(413, "upload_too_large", detail)
             if complete:  # after the body, receive() waits for the client to leave, for as long as that takes
                 return await receive()
             try:
@@ -90,8 +95,8 @@ class BodyLimit:
                                                           "(CAPEEN_REQUEST_TIMEOUT_S)") from None
             complete = message["type"] != "http.request" or not message.get("more_body", False)
             received += len(message.get("body", b""))
-            if received > self.limit:
-                raise ServiceError(413, "upload_too_large", self.detail)
+            if received > limit:
+                raise ServiceError(413, "upload_too_large", detail)
             return message
 
         await self.app(scope, limited_receive, send)

@@ -99,6 +99,7 @@ class Runtime:
             "vocab_size": config.vocab_size,
             "image_size": config.image_size,
             "max_tokens": self.max_tokens,
+            "max_images_per_request": self.settings.images_per_request,
             "engines": len(self.engines),
         }
 

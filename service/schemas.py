@@ -15,18 +15,31 @@ class Mode(str, Enum):
     full = "full"  # every decoder layer
 
 
-class CaptionForm(BaseModel):
-    """The multipart form of POST /caption. A field it does not name is refused (422), not ignored: a misspelt
-    option would otherwise fall back to its default without a word."""
+class CaptionOptions(BaseModel):
+    """The options of POST /caption and POST /caption/batch. A field the form does not name is refused (422), not
+    ignored: a misspelt option would otherwise fall back to its default without a word."""
 
     model_config = ConfigDict(extra="forbid")
 
-    image: UploadFile = Field(description="the image file")
     mode: Mode = Field(Mode.adaptive, description="adaptive: the bandit picks the threshold; fixed: `threshold`, "
                                                   "default the calibrated one; full: every decoder layer")
     threshold: float | None = Field(None, gt=0.0, le=1.0, description="confidence threshold of mode=fixed")
     max_tokens: int | None = Field(None, ge=1, description="longest caption in tokens (default and cap: "
                                                            "GET /v1/model's max_tokens)")
+
+
+class CaptionForm(CaptionOptions):
+    """The multipart form of POST /caption."""
+
+    image: UploadFile = Field(description="the image file")
+
+
+class BatchCaptionForm(CaptionOptions):
+    """The multipart form of POST /caption/batch: the options hold for every image."""
+
+    image: list[UploadFile] = Field(description="the image files, one part each, all named image (curl -F "
+                                                "image=@a.jpg -F image=@b.png); at most GET /v1/model's "
+                                                "max_images_per_request")
 
 
 class Timings(BaseModel):
@@ -36,7 +49,7 @@ class Timings(BaseModel):
     total_ms: float = Field(description="from the request's arrival to the response")
 
 
-class CaptionResponse(BaseModel):
+class Caption(BaseModel):
     caption: str
     tokens: list[str] = Field(description="the caption's words")
     exit_layers: list[int] = Field(description="1-based decoder layer each word left at, aligned with tokens")
@@ -45,6 +58,31 @@ class CaptionResponse(BaseModel):
     arm: int | None = Field(description="index of the bandit arm (GET /v1/bandit) for mode=adaptive, else null")
     policy: str | None = Field(description="bandit policy for mode=adaptive, else null")
     timings: Timings
+
+
+class CaptionResponse(Caption):
+    model: str = Field(description="name of the checkpoint")
+    request_id: str = Field(description="also in the X-Request-ID response header")
+
+
+class ImageCaption(Caption):
+    index: int = Field(description="0-based position of the image among the request's image parts")
+    filename: str | None = Field(description="the part's file name, as the client sent it")
+
+
+class ImageFailure(BaseModel):
+    index: int = Field(description="0-based position of the image among the request's image parts")
+    filename: str | None = Field(description="the part's file name, as the client sent it")
+    status: int = Field(description="what POST /caption would have answered for this image alone: 413, 415 or 422")
+    error: str = Field(description="machine-readable kind, as in an error body: not_image, truncated, too_large...")
+    detail: str = Field(description="what is wrong with this image, in one line")
+
+
+class BatchCaptionResponse(BaseModel):
+    results: list[ImageCaption | ImageFailure] = Field(
+        description="one per image part, in the order sent: its caption, or why it has none")
+    captioned: int = Field(description="results with a caption")
+    failed: int = Field(description="results without one: images that could not be read")
     model: str = Field(description="name of the checkpoint")
     request_id: str = Field(description="also in the X-Request-ID response header")
 
@@ -69,6 +107,7 @@ class ModelInfo(BaseModel):
     vocab_size: int
     image_size: int = Field(description="side of the square the encoder sees, in pixels")
     max_tokens: int = Field(description="longest caption a request may ask for")
+    max_images_per_request: int = Field(description="most images one POST /caption/batch may carry")
     engines: int = Field(description="engines decoding batches side by side, each with its own copy of the model")
 
 

@@ -38,7 +38,10 @@ class Settings(BaseSettings):
                                "decoded (it never waits when none is, so a lone request goes at once)")
     wait_fill: float = Field(0.5, gt=0, le=1, description="a batch waits for requests still being decoded only "
                              "until it holds this share of max_batch_size; 1: until it is full")
-    queue_size: int = Field(64, ge=1, description="requests that may wait for the model; more get 503")
+    queue_size: int = Field(64, ge=1, description="images that may wait for the model; more get 503")
+    max_images_per_request: int = Field(16, ge=1, description="most images in one POST /caption/batch, each of at "
+                                        "most max_upload_bytes; queue_size when that is smaller, since a request's "
+                                        "images are queued together")
     request_timeout_s: float = Field(30.0, gt=0, le=3600, description="deadline of a request from its arrival; past "
                                      "it: 504")
     header_timeout_s: float = Field(10.0, gt=0, le=3600, description="longest a connection may take to send a "
@@ -93,6 +96,21 @@ class Settings(BaseSettings):
         if self.engines > 1 and not self.engine_process:
             raise ValueError("CAPEEN_ENGINES above 1 needs CAPEEN_ENGINE_PROCESS=true: engines inside the "
                              "service's process would take turns on one Python lock")
+        return self
+
+    @property
+    def images_per_request(self) -> int:
+        """The most images one POST /caption/batch may carry: its images are queued all at once or not at all,
+        so a request of more than the queue holds would get 503 for ever."""
+        return min(self.max_images_per_request, self.queue_size)
+
+    @model_validator(mode="after")
+    def _a_batch_fits_in_the_queue(self) -> Settings:
+        # the default gives way to a smaller queue (images_per_request); a value given on purpose is refused
+        if "max_images_per_request" in self.model_fields_set and self.max_images_per_request > self.queue_size:
+            raise ValueError(f"CAPEEN_MAX_IMAGES_PER_REQUEST ({self.max_images_per_request}) is more than "
+                             f"CAPEEN_QUEUE_SIZE ({self.queue_size}): a request of that many images could never "
+                             "be queued")
         return self
 
     @field_validator("bandit_state", mode="before")

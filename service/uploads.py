@@ -27,6 +27,13 @@ def upload_limit_detail(limit: int) -> str:
     return f"the upload is larger than {limit} bytes (CAPEEN_MAX_UPLOAD_BYTES)"
 
 
+def batch_body_limit(images: int, limit: int) -> tuple[int, str]:
+    """The most bytes a POST /caption/batch body may hold, and what its 413 says."""
+    return (images * limit + FORM_OVERHEAD_BYTES,
+            f"the request is larger than {images} images of {limit} bytes each "
+            "(CAPEEN_MAX_IMAGES_PER_REQUEST, CAPEEN_MAX_UPLOAD_BYTES)")
+
+
 async def read_upload(upload: UploadFile, limit: int) -> bytes:
     """The file's bytes; 413 as soon as more than `limit` arrive (never reads more than limit + 1)."""
     chunks: list[bytes] = []

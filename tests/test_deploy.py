@@ -58,7 +58,7 @@ SERVICE_METRICS = {
     "capeen_decoder_layers_computed_total", "capeen_decoder_layers_full_total", "capeen_bandit_arm_pulls_total",
     "capeen_bandit_threshold", "capeen_bandit_reward", "capeen_bandit_changes_detected_total", "capeen_errors_total",
     "capeen_engine_restarts_total", "capeen_batch_duration_seconds", "capeen_engine_compute_seconds_total",
-    "capeen_model_info",
+    "capeen_model_info", "capeen_captions_total",
 }
 HISTOGRAMS = {"capeen_request_duration_seconds", "capeen_queue_duration_seconds", "capeen_batch_size",
               "capeen_token_exit_layer", "capeen_bandit_reward", "capeen_batch_duration_seconds"}
@@ -676,7 +676,7 @@ def test_dashboards_cover_the_issue():
     for quantile in ("0.5", "0.95", "0.99"):
         assert f'histogram_quantile({quantile}, sum by (le) (rate(capeen_request_duration_seconds_bucket' \
                in everything, f"latency p{quantile}"
-    for needle in ('capeen_requests_total{route="/caption", status="200"}', "capeen_queue_depth",
+    for needle in ("capeen_captions_total", "capeen_queue_depth",
                    "capeen_batch_size", "capeen_bandit_threshold", "capeen_bandit_arm_pulls_total",
                    "sum by (kind) (rate(capeen_errors_total"):
         assert needle in everything, needle
@@ -930,3 +930,5 @@ def test_live_figures_are_consistent(live_stack):
     assert errors.get("not_found") == sent["unknown_route"]
     pulls = sum(float(s["value"][1]) for s in live_stack.query("capeen_bandit_arm_pulls_total"))
     assert pulls == live_stack.sent["adaptive"]
+    captions = float(live_stack.query("sum(capeen_captions_total)")[0]["value"][1])
+    assert captions == sum(sent[mode] for mode in ("adaptive", "fixed", "full"))

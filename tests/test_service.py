@@ -258,7 +258,7 @@ def test_concurrent_requests_each_get_their_own_caption(server: Server, tiny_eng
 # ------------------------------------------------------------------------------------------------ errors
 
 
-def _png_claiming(width: int, height: int) -> bytes:
+def png_claiming(width: int, height: int) -> bytes:
     """A PNG header that claims width x height pixels, with no pixel data: a decompression bomb's calling card."""
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
@@ -266,16 +266,16 @@ def _png_claiming(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"") + chunk(b"IEND", b"")
 
 
-@pytest.mark.parametrize(
-    ("data", "status", "error"),
-    [
-        (b"this is plain text, not a picture", 415, "not_image"),
-        (encode(noise_image(4))[:60], 422, "truncated"),
-        (b"", 422, "empty"),
-        (_png_claiming(30_000, 30_000), 413, "too_large"),
-    ],
-    ids=["not-image", "truncated", "empty", "pixel-bomb"],
-)
+# Unreadable uploads: (bytes, status, error), for POST /caption and for an image of POST /caption/batch.
+BAD_IMAGES = [
+    pytest.param(b"this is plain text, not a picture", 415, "not_image", id="not-image"),
+    pytest.param(encode(noise_image(4))[:60], 422, "truncated", id="truncated"),
+    pytest.param(b"", 422, "empty", id="empty"),
+    pytest.param(png_claiming(30_000, 30_000), 413, "too_large", id="pixel-bomb"),
+]
+
+
+@pytest.mark.parametrize(("data", "status", "error"), BAD_IMAGES)
 def test_bad_images(client: httpx.Client, data: bytes, status: int, error: str) -> None:
     assert_error(client.post("/caption", files=upload(data)), status, error)
 
@@ -468,7 +468,8 @@ def test_health_model_and_bandit_routes(client: httpx.Client) -> None:
     assert client.get("/v1/model").json() == {
         "name": "tiny-test", "layers": 4, "exits": [1, 2, 3, 4], "exit_offsets": [0.0, 0.0, 0.0, 0.0],
         "calibrated_threshold": 0.6, "kv_fill": "propagate", "device": "cpu",
-        "dtype": "float32", "vocab_size": 29, "image_size": 32, "max_tokens": 15, "engines": 1}
+        "dtype": "float32", "vocab_size": 29, "image_size": 32, "max_tokens": 15, "max_images_per_request": 16,
+        "engines": 1}
     bandit = client.get("/v1/bandit").json()
     assert bandit["policy"] == "cd-ucb"
     thresholds = [arm["threshold"] for arm in bandit["arms"]]

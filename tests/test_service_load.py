@@ -547,6 +547,34 @@ def test_setting_comparison_runs(tiny_checkpoint, capsys) -> None:
         assert overload and int(overload[1]) > 0 and overload[2] == overload[3] == "0", table
 
 
+def test_route_comparison_runs(tiny_checkpoint, capsys) -> None:
+    """The same 16 images one per POST /caption and 4 per POST /caption/batch: each stream captions all 16 (the
+    batch stream in 4 requests), in two rounds, and the batch route's captions are counted image by image."""
+    from service.loadtest import main
+
+    assert main(["--checkpoint", str(tiny_checkpoint), "--images-per-request", "4", "--concurrency", "1,2",
+                 "--requests", "16", "--rounds", "2", "--images", "6", "--image-size", "48"]) == 0
+    table = capsys.readouterr().out
+    for concurrency in (1, 2):
+        for route, requests in (("`POST /caption`, 1 image", 16), ("`POST /caption/batch`, 4 images", 4)):
+            row = re.search(rf"\| {re.escape(route)} \| {concurrency} \| {requests} \| 0 \| ([\d.]+) \| "
+                            rf"([\d.]+), ([\d.]+) \| ([\d.]+) \|", table)
+            assert row and all(float(value) > 0 for value in row.groups()), table
+        assert re.search(rf"- concurrency {concurrency}: `POST /caption/batch` captioned \*\*\d+\.\d\dx\*\*",
+                         table), table
+
+
+@pytest.mark.parametrize(("args", "says"), [(("--images-per-request", "1"), "must be at least 2"),
+                                            (("--images-per-request", "4", "--compare", "CAPEEN_ENGINES=2"),
+                                             "give one")])
+def test_route_comparison_refuses_bad_options_in_one_line(args, says, capsys) -> None:
+    from service.loadtest import main
+
+    assert main(list(args)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and says in err, err
+
+
 @pytest.mark.parametrize(("setting", "says"), [("MAX_WAIT_MS=0", "CAPEEN_SETTING=VALUE"),
                                                ("CAPEEN_NO_SUCH=1", "CAPEEN_SETTING=VALUE"),
                                                ("CAPEEN_MAX_WAIT_MS", "CAPEEN_SETTING=VALUE"),

@@ -9,9 +9,10 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
-from schemathesis.specs.openapi.checks import positive_data_acceptance
+from schemathesis.specs.openapi.checks import negative_data_rejection, positive_data_acceptance
 
 from service.app import create_app
+from service.routes.caption import BATCH_PATH
 from service.settings import Settings
 from tests.test_service import Server, running_server, tiny_engine_fixture  # noqa: F401  (the tiny_engine fixture)
 
@@ -28,6 +29,11 @@ CASES = [
 ]
 
 
+def _every_image_refused(response) -> bool:
+    """A POST /caption/batch answer in which no image got a caption."""
+    return response.status_code == 200 and response.json()["captioned"] == 0
+
+
 @pytest.fixture(scope="module")
 def api_server(tiny_engine) -> Iterator[Server]:
     settings = Settings(admin_token="schema-test", max_wait_ms=0, log_level="warning")
@@ -41,6 +47,12 @@ def test_api_conforms_to_its_schema(api_server: Server, method: str, path: str, 
     @settings(max_examples=30, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck))
     def check(case) -> None:
         # A schema-valid upload may still not be an image (415/422): the schema cannot say "a decodable image".
-        case.call_and_validate(base_url=api_server.url, excluded_checks=[positive_data_acceptance])
+        excluded = [positive_data_acceptance]
+        response = case.call(base_url=api_server.url)
+        if case.path == BATCH_PATH and _every_image_refused(response):
+            # A file part is bytes whatever schemathesis put in it, so "invalid" image content is an image that
+            # cannot be read, which POST /caption/batch refuses in that image's result, with a 200
+            excluded.append(negative_data_rejection)
+        case.validate_response(response, excluded_checks=excluded)
 
     check()
