@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry
 from service.engine_process import Engine
 from service.errors import install_error_handlers
 from service.metrics import HttpMetrics
-from service.middleware import BodyLimit, RequestContext
+from service.middleware import BodyLimit, CompleteMultipart, RequestContext
 from service.routes import bandit, caption, health, model
 from service.runtime import start_runtime
 from service.settings import Settings
@@ -58,6 +58,7 @@ def create_app(settings: Settings | None = None, engines: Sequence[Engine] = ())
     app.state.http_metrics = HttpMetrics(registry)
     install_error_handlers(app)
     # The last added middleware is the outermost: the request context times everything, the limit included.
+    app.add_middleware(CompleteMultipart)
     app.add_middleware(BodyLimit, limit=settings.max_upload_bytes + FORM_OVERHEAD_BYTES,
                        detail=upload_limit_detail(settings.max_upload_bytes), timeout_s=settings.request_timeout_s,
                        path_limits={caption.BATCH_PATH: batch_body_limit(settings.images_per_request,

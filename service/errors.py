@@ -30,6 +30,8 @@ _DESCRIPTIONS = {
          "multipart/form-data (not_multipart)",
     422: "a missing field or bad option (invalid_request), or a truncated or empty image (truncated, empty)",
     503: "not ready yet, or the queue is full (not_ready, queue_full, shutting_down); retry after Retry-After seconds",
+    500: "the model failed on the batch the request was in (engine_failed), or a bug (internal); the server log "
+         "has the traceback",
     504: "no caption within CAPEEN_REQUEST_TIMEOUT_S (timeout)",
 }
 
@@ -47,9 +49,11 @@ class ServiceError(HTTPException):
         self.error = error
 
 
-def error_responses(*statuses: int) -> dict[int | str, dict]:
-    """OpenAPI entries for error statuses of a route, all with the ErrorBody schema."""
-    return {status: {"model": ErrorBody, "description": _DESCRIPTIONS[status]} for status in statuses}
+def error_responses(*statuses: int, described: dict[int, str] | None = None) -> dict[int | str, dict]:
+    """OpenAPI entries for error statuses of a route, all with the ErrorBody schema; `described` replaces the
+    usual description of some statuses where the route means something else by them."""
+    descriptions = {**_DESCRIPTIONS, **(described or {})}
+    return {status: {"model": ErrorBody, "description": descriptions[status]} for status in statuses}
 
 
 def _one_line(text: str) -> str:

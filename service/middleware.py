@@ -1,4 +1,4 @@
-"""Two pure ASGI middlewares (not BaseHTTPMiddleware, which would buffer and detach the request body).
+"""Three pure ASGI middlewares (not BaseHTTPMiddleware, which would buffer and detach the request body).
 
 * `RequestContext`: gives each request an id and an arrival time (its deadline and `total_ms` start there),
   echoes the id in `X-Request-ID`, and counts and times every response by route template.
@@ -6,6 +6,8 @@
   read, and a body without one fails as soon as the bytes received pass the limit. A body that has not
   arrived by the request's deadline gets 408: a client that stalls mid-upload would otherwise hold its
   connection, and its memory, for as long as it likes.
+* `CompleteMultipart`: refuses (400) a multipart body that ends before its closing boundary. The form parser
+  drops an unfinished last part without a word, so an image cut short would go missing from the answer.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import time
 import uuid
 from collections.abc import Mapping
 
+from python_multipart.multipart import parse_options_header
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -100,3 +103,36 @@ class BodyLimit:
             return message
 
         await self.app(scope, limited_receive, send)
+
+
+class CompleteMultipart:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        content_type, options = parse_options_header(Headers(scope=scope).get("content-type", ""))
+        boundary = options.get(b"boundary")
+        if content_type != b"multipart/form-data" or not boundary:
+            await self.app(scope, receive, send)  # not a form, or one the parser refuses itself
+            return
+        closing = b"--" + boundary + b"--"
+        tail = b""  # the end of the body so far, long enough to hold a closing boundary split between two reads
+        closed = False
+
+        async def checked_receive() -> Message:
+            nonlocal tail, closed
+            message = await receive()
+            if message["type"] != "http.request" or closed:  # a client that left is counted as such, not here
+                return message
+            body = message.get("body", b"")
+            closed = closing in tail + body[:len(closing)] or closing in body
+            tail = (tail + body[-len(closing):])[-len(closing):]
+            if not closed and not message.get("more_body", False):
+                raise ServiceError(400, "bad_request", "the multipart body ends before its closing boundary "
+                                                       f"(--{boundary.decode('latin-1')}--): it was cut short")
+            return message
+
+        await self.app(scope, checked_receive, send)

@@ -73,7 +73,7 @@ class ImageCaption(Caption):
 class ImageFailure(BaseModel):
     index: int = Field(description="0-based position of the image among the request's image parts")
     filename: str | None = Field(description="the part's file name, as the client sent it")
-    status: int = Field(description="what POST /caption would have answered for this image alone: 413, 415 or 422")
+    status: Literal[413, 415, 422] = Field(description="what POST /caption would have answered for this image alone")
     error: str = Field(description="machine-readable kind, as in an error body: not_image, truncated, too_large...")
     detail: str = Field(description="what is wrong with this image, in one line")
 

@@ -39,8 +39,9 @@ class Settings(BaseSettings):
     wait_fill: float = Field(0.5, gt=0, le=1, description="a batch waits for requests still being decoded only "
                              "until it holds this share of max_batch_size; 1: until it is full")
     queue_size: int = Field(64, ge=1, description="images that may wait for the model; more get 503")
-    max_images_per_request: int = Field(16, ge=1, description="most images in one POST /caption/batch, each of at "
-                                        "most max_upload_bytes; queue_size when that is smaller, since a request's "
+    max_images_per_request: int = Field(16, ge=1, le=1000, description="most images in one POST /caption/batch, "
+                                        "each of at most max_upload_bytes (1000 at most: the form parser's own "
+                                        "limit on parts); queue_size when that is smaller, since a request's "
                                         "images are queued together")
     request_timeout_s: float = Field(30.0, gt=0, le=3600, description="deadline of a request from its arrival; past "
                                      "it: 504")

@@ -28,10 +28,11 @@ def upload_limit_detail(limit: int) -> str:
 
 
 def batch_body_limit(images: int, limit: int) -> tuple[int, str]:
-    """The most bytes a POST /caption/batch body may hold, and what its 413 says."""
-    return (images * limit + FORM_OVERHEAD_BYTES,
-            f"the request is larger than {images} images of {limit} bytes each "
-            "(CAPEEN_MAX_IMAGES_PER_REQUEST, CAPEEN_MAX_UPLOAD_BYTES)")
+    """The most bytes a POST /caption/batch body may hold, and what its 413 says: as many as `images` requests
+    of one image each, framing included."""
+    return (images * (limit + FORM_OVERHEAD_BYTES),
+            f"the request is larger than {images} uploads of {limit} bytes each (CAPEEN_MAX_IMAGES_PER_REQUEST, "
+            "CAPEEN_MAX_UPLOAD_BYTES), with 64 KiB for each one's multipart framing")
 
 
 async def read_upload(upload: UploadFile, limit: int) -> bytes:

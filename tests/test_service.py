@@ -388,6 +388,7 @@ def test_client_leaving_mid_upload_is_counted_as_gone_not_as_a_bad_request(serve
         ("text", {}, "image: must be a file part"),
         ("image", {"mod": "full"}, "mod: unknown field"),  # misspelt: not silently the default mode
         ("image", {"mode": ["full", "fixed"]}, "mode sent more than once"),
+        ("image", {"mode": "fixed", "threshold": ""}, "threshold sent empty"),  # not the calibrated one unasked
         ("two images", {}, "image sent more than once"),  # one caption per request, never a silent pick
     ],
 )

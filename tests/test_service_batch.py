@@ -131,7 +131,7 @@ def test_a_body_over_the_batch_limit_is_refused_from_its_content_length(server: 
     host, port = server.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=10) as conn:
         conn.sendall(b"POST /caption/batch HTTP/1.1\r\nHost: test\r\nContent-Type: multipart/form-data; boundary=b\r\n"
-                     b"Content-Length: %d\r\n\r\n--b\r\n" % (MAX_IMAGES * UPLOAD_LIMIT + 65 * 1024))
+                     b"Content-Length: %d\r\n\r\n--b\r\n" % (MAX_IMAGES * (UPLOAD_LIMIT + 64 * 1024) + 1))
         reply = b""
         while not reply.rstrip().endswith(b"}") and (chunk := conn.recv(65536)):
             reply += chunk
@@ -146,11 +146,12 @@ def test_a_body_over_the_batch_limit_is_refused_from_its_content_length(server: 
         (images(("a.png", b"x")), {"mode": ["full", "fixed"]}, "mode"),
         (images(("a.png", b"x")), {"mode": "full", "threshold": "0.5"}, "threshold"),
         (images(("a.png", b"x")), {"colour": "red"}, "colour"),
+        (images(("a.png", b"x")), {"mode": ""}, "mode"),
         ([("picture", ("a.png", b"x", "image/png"))], {}, "image"),
         (None, {"image": "not a file"}, "image"),
     ],
-    ids=["too-many-images", "option-twice", "threshold-without-fixed", "unknown-field", "no-image-field",
-         "image-as-text"],
+    ids=["too-many-images", "option-twice", "threshold-without-fixed", "unknown-field", "empty-option",
+         "no-image-field", "image-as-text"],
 )
 def test_what_is_wrong_with_the_request_itself_refuses_all_of_it(client, files, data, mentions) -> None:
     multipart = files or [("other", ("x.bin", b"", "application/octet-stream"))]  # keeps the body multipart
@@ -159,15 +160,43 @@ def test_what_is_wrong_with_the_request_itself_refuses_all_of_it(client, files, 
     assert mentions in response.json()["detail"]
 
 
+def test_more_parts_than_the_form_parser_takes_are_a_bad_request(client) -> None:
+    response = client.post("/caption/batch", files=images(*[(f"{i}.png", b"x") for i in range(1001)]))
+    assert_error(response, 400, "bad_request")
+
+
+@pytest.mark.parametrize("cut", [0, 500], ids=["after-the-last-part", "inside-the-last-image"])
+def test_a_body_cut_before_its_closing_boundary_loses_no_image_without_a_word(client, cut: int) -> None:
+    """The form parser drops an unfinished last part; the three images must not come back as two captions."""
+    def part(name: str, data: bytes) -> bytes:
+        return (f'--b\r\nContent-Disposition: form-data; name="image"; filename="{name}"\r\n'
+                "Content-Type: image/png\r\n\r\n").encode() + data + b"\r\n"
+    body = part("a.png", encode(noise_image(0))) + part("b.png", encode(noise_image(1))) \
+        + part("c.png", encode(noise_image(2)))
+    body = body[:-2] if not cut else body[:len(body) - len(encode(noise_image(2))) + cut]
+    for path in ("/caption/batch", "/caption"):
+        response = client.post(path, content=body, headers={"Content-Type": "multipart/form-data; boundary=b"})
+        assert_error(response, 400, "bad_request")
+        assert "closing boundary" in response.json()["detail"]
+
+
+def test_the_schema_says_what_fails_a_batch_request_as_a_whole(client) -> None:
+    responses = client.get("/openapi.json").json()["paths"]["/caption/batch"]["post"]["responses"]
+    assert "CAPEEN_MAX_IMAGES_PER_REQUEST" in responses["422"]["description"]
+    assert "among the results" in responses["413"]["description"]
+    assert "engine_failed" in responses["500"]["description"]
+
+
 def test_a_body_that_is_not_multipart_is_refused(client) -> None:
     assert_error(client.post("/caption/batch", content=encode(noise_image(0)),
                              headers={"Content-Type": "image/png"}), 415, "not_multipart")
 
 
 def test_the_images_are_queued_all_together_or_not_at_all(tiny_engine) -> None:
-    """One request is being decoded (0.7 s per image, one image per engine call) and one waits, in a queue of
-    three places: a request of three images finds two free, and is refused without taking them; one of two is
-    then queued whole and captioned."""
+    """One request is being decoded (0.7 s per image, one image per engine call) and two wait, in a queue of
+    three places: a request of two readable images (and one not) finds one free, and is refused without taking
+    it, nor counting its unreadable image among the errors its client never saw; one image is then queued and
+    captioned."""
     settings = Settings(max_batch_size=1, queue_size=3, max_images_per_request=3, log_level="warning")
     engine = StartedEngine(tiny_engine, 0.7)
     with running_server(settings, engine) as server, httpx.Client(base_url=server.url, timeout=30) as http:
@@ -176,26 +205,28 @@ def test_the_images_are_queued_all_together_or_not_at_all(tiny_engine) -> None:
         def post_one(seed: int) -> None:
             answers.append(http.post("/caption", files=images(("x.png", encode(noise_image(seed))))).status_code)
 
-        threads = [threading.Thread(target=post_one, args=(0,))]
+        threads = [threading.Thread(target=post_one, args=(seed,)) for seed in range(3)]
         threads[0].start()
         assert engine.started.wait(10)
-        threads.append(threading.Thread(target=post_one, args=(1,)))
-        threads[1].start()
+        for thread in threads[1:]:
+            thread.start()
         deadline = time.monotonic() + 5
-        while metric_value(http.get("/metrics").text, "capeen_queue_depth") < 1:
-            assert time.monotonic() < deadline, "the second request was not queued"
+        while metric_value(http.get("/metrics").text, "capeen_queue_depth") < 2:
+            assert time.monotonic() < deadline, "the other two requests were not queued"
             time.sleep(0.02)
 
-        three = [(f"{i}.png", encode(noise_image(i))) for i in range(3)]
-        refused = http.post("/caption/batch", files=images(*three))
+        parts = [("a.png", encode(noise_image(3))), ("b.png", encode(noise_image(4))), ("c.txt", b"no image")]
+        refused = http.post("/caption/batch", files=images(*parts))
         assert_error(refused, 503, "queue_full")
         assert refused.headers["retry-after"] == "1"
-        assert metric_value(http.get("/metrics").text, "capeen_queue_depth") == 1  # none of the three was left
+        text = http.get("/metrics").text
+        assert metric_value(text, "capeen_queue_depth") == 2  # none of the two was left
+        assert metric_value(text, 'capeen_errors_total{kind="not_image"}') == 0
 
-        assert http.post("/caption/batch", files=images(*three[:2])).json()["captioned"] == 2
+        assert http.post("/caption/batch", files=images(parts[0])).json()["captioned"] == 1
         for thread in threads:
             thread.join(30)
-        assert answers == [200, 200]
+        assert answers == [200, 200, 200]
 
 
 def test_a_request_past_its_deadline_is_answered_504_and_its_images_leave_the_queue(tiny_engine) -> None:
@@ -222,3 +253,5 @@ def test_the_image_limit_gives_way_to_a_smaller_queue_unless_it_was_set_on_purpo
     assert Settings(queue_size=64, max_images_per_request=20).images_per_request == 20
     with pytest.raises(ValidationError, match="could never be queued"):
         Settings(queue_size=8, max_images_per_request=9)
+    with pytest.raises(ValidationError, match="less than or equal to 1000"):  # the form parser's limit on parts
+        Settings(queue_size=5000, max_images_per_request=1001)

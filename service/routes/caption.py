@@ -26,7 +26,16 @@ router = APIRouter(tags=["caption"])
 
 BATCH_PATH = "/caption/batch"
 
-_REQUEST_ERRORS = error_responses(400, 408, 413, 415, 422, 503, 504)  # of both routes
+_SINGLE_ROUTE_ERRORS = error_responses(400, 408, 413, 415, 422, 500, 503, 504)
+# in a batch, what is wrong with one image is said in its result, and these statuses are the request's own
+_BATCH_ROUTE_ERRORS = error_responses(400, 408, 413, 415, 422, 500, 503, 504, described={
+    413: "a body larger than CAPEEN_MAX_IMAGES_PER_REQUEST uploads of CAPEEN_MAX_UPLOAD_BYTES (upload_too_large); "
+         "one image over either limit gets its failure among the results",
+    415: "a body that is not multipart/form-data (not_multipart); an image that cannot be decoded gets its failure "
+         "among the results",
+    422: "no image, more images than CAPEEN_MAX_IMAGES_PER_REQUEST, a bad, empty or repeated option, an unknown "
+         "field or a query parameter (invalid_request)",
+})
 
 
 # How a request that did not get its caption is answered: status, error kind, headers.
@@ -65,13 +74,21 @@ def refusing_unread_fields(images: str) -> Callable[[Request], Awaitable[None]]:
             names = ", ".join(sorted(set(request.query_params.keys())))
             raise ServiceError(422, "invalid_request", f"query parameters are not read ({names}): send options as "
                                                        f"multipart form fields, e.g. -F mode=full")
-        names = [name for name, _ in (await request.form()).multi_items()]  # parsed and cached by FastAPI already
+        fields = (await request.form()).multi_items()  # parsed and cached by FastAPI already
+        names = [name for name, _ in fields]
         repeated = sorted({name for name in names if names.count(name) > 1} - repeatable)
         if repeated:
             allowed = ("one value per option per request (the image field may repeat)" if repeatable else
                        "one image and one value per option per request (POST /caption/batch takes several images)")
             raise ServiceError(422, "invalid_request", f"form field(s) {', '.join(repeated)} sent more than once: "
                                                        f"{allowed}")
+        # FastAPI takes an empty value for an absent one: `-F mode=$MODE` with MODE unset would decode in the
+        # default mode without a word
+        empty = sorted({name for name, value in fields if name != "image" and isinstance(value, str)
+                        and not value.strip()})
+        if empty:
+            raise ServiceError(422, "invalid_request", f"form field(s) {', '.join(empty)} sent empty: give a value, "
+                                                       "or leave the field out for its default")
 
     return refuse_unread_fields
 
@@ -103,8 +120,8 @@ def _checked_options(runtime: Runtime, options: CaptionOptions) -> tuple[float |
 async def _pixels(runtime: Runtime, upload: UploadFile) -> torch.Tensor:
     """An uploaded image as the engine's pixels; a ServiceError (413, 415 or 422) names what is wrong with it."""
     settings = runtime.settings
-    data = await read_upload(upload, settings.max_upload_bytes)
-    async with runtime.decode_slots:
+    async with runtime.decode_slots:  # its bytes too: a batch's uploads are not all in memory at once
+        data = await read_upload(upload, settings.max_upload_bytes)
         return await run_in_threadpool(image_pixels, runtime.engine, data, settings.max_pixels,
                                        settings.jpeg_scaled_decode)
 
@@ -144,7 +161,7 @@ def _caption_fields(runtime: Runtime, request: Request, outcome: Outcome, arm: A
     )
 
 
-@router.post("/caption", response_model=CaptionResponse, responses=_REQUEST_ERRORS,
+@router.post("/caption", response_model=CaptionResponse, responses=_SINGLE_ROUTE_ERRORS,
              dependencies=[Depends(refusing_unread_fields(images="one"))],
              summary="caption an image (JPEG, PNG, WebP, BMP, GIF: first frame)")
 async def caption(
@@ -161,7 +178,7 @@ async def caption(
                            request_id=request.state.request_id)
 
 
-@router.post(BATCH_PATH, response_model=BatchCaptionResponse, responses=_REQUEST_ERRORS,
+@router.post(BATCH_PATH, response_model=BatchCaptionResponse, responses=_BATCH_ROUTE_ERRORS,
              dependencies=[Depends(refusing_unread_fields(images="many"))],
              summary="caption several images in one request: each gets its caption, or why it has none")
 async def caption_batch(
@@ -169,21 +186,24 @@ async def caption_batch(
     runtime: RuntimeDep,
     form: Annotated[BatchCaptionForm, File(description="the images and the options, which hold for all of them")],
 ) -> BatchCaptionResponse:
-    """The images are decoded together with other requests' (a request of 16 fills a batch alone). An image that
-    cannot be read gets a failure in its place, with the status and error POST /caption would have answered for
-    it, and the others are captioned; the request as a whole fails only for what would fail each of its images
-    (a bad option, a full queue, its deadline)."""
+    """The images are queued together, and decoded with other requests' (a request of 16 fills a batch alone). An
+    image that cannot be read gets a failure in its place, with the status and error POST /caption would have
+    answered for it alone, and the others are captioned. The request as a whole fails for what concerns all of
+    its images: a bad option, too many images, a body over the limit, a queue without room for all of them, its
+    deadline, an engine failure."""
     fixed, max_tokens = _checked_options(runtime, form)
-    limit = runtime.settings.images_per_request
-    if len(form.image) > limit:
-        raise ServiceError(422, "invalid_request", f"{len(form.image)} images in one request; at most {limit} "
-                                                   "(CAPEEN_MAX_IMAGES_PER_REQUEST): split them over several")
+    settings = runtime.settings
+    if len(form.image) > settings.images_per_request:
+        setting = "CAPEEN_MAX_IMAGES_PER_REQUEST" if settings.images_per_request == settings.max_images_per_request \
+            else "CAPEEN_QUEUE_SIZE"
+        raise ServiceError(422, "invalid_request", f"{len(form.image)} images in one request; at most "
+                                                   f"{settings.images_per_request} ({setting}): split them over "
+                                                   "several")
 
     async def pixels_or_failure(index: int, upload: UploadFile) -> torch.Tensor | ImageFailure:
         try:
             return await _pixels(runtime, upload)
         except ServiceError as exc:  # this image's problem: the others are still captioned
-            request.app.state.http_metrics.errors.labels(kind=exc.error).inc()
             return ImageFailure(index=index, filename=upload.filename, status=exc.status_code, error=exc.error,
                                 detail=str(exc.detail))
 
@@ -198,5 +218,8 @@ async def caption_batch(
                 for (index, _), (outcome, arm) in zip(readable, captioned, strict=True)]
     results.sort(key=lambda result: result.index)
     runtime.metrics.captions.inc(len(captioned))
+    for result in results:  # counted once answered: a request refused as a whole tells its client of none of them
+        if isinstance(result, ImageFailure):
+            request.app.state.http_metrics.errors.labels(kind=result.error).inc()
     return BatchCaptionResponse(results=results, captioned=len(captioned), failed=len(decoded) - len(readable),
                                 model=runtime.engine.name, request_id=request.state.request_id)
