@@ -229,6 +229,35 @@ def test_the_images_are_queued_all_together_or_not_at_all(tiny_engine) -> None:
         assert answers == [200, 200, 200]
 
 
+def test_a_client_that_leaves_while_its_images_are_decoded_stops_their_decoding(tiny_engine, monkeypatch) -> None:
+    """Six images decoded one at a time, 0.3 s each; the client gives up after 0.45 s. The images whose turn comes
+    after that are not decoded, and the request is counted as a client gone."""
+    from service.routes import caption
+
+    decoded: list[float] = []
+
+    def slow_pixels(*args, **kwargs):
+        time.sleep(0.3)
+        decoded.append(time.monotonic())
+        return real_pixels(*args, **kwargs)
+
+    real_pixels = caption.image_pixels
+    monkeypatch.setattr(caption, "image_pixels", slow_pixels)
+    settings = Settings(decode_concurrency=1, log_level="warning")
+    with running_server(settings, tiny_engine) as server:
+        six = [(f"{i}.png", encode(noise_image(i))) for i in range(6)]
+        with httpx.Client(base_url=server.url, timeout=0.45) as impatient, pytest.raises(httpx.TimeoutException):
+            impatient.post("/caption/batch", files=images(*six))
+        with httpx.Client(base_url=server.url, timeout=30) as http:
+            deadline = time.monotonic() + 5
+            while metric_value(http.get("/metrics").text,
+                               'capeen_requests_total{route="/caption/batch",status="499"}') < 1:
+                assert time.monotonic() < deadline, "the client that left was not noticed"
+                time.sleep(0.05)
+        time.sleep(0.4)  # a decode under way when the client left ends
+        assert len(decoded) <= 3, decoded
+
+
 def test_a_request_past_its_deadline_is_answered_504_and_its_images_leave_the_queue(tiny_engine) -> None:
     """Four images at 0.6 s each, one per engine call, cannot all be captioned within a 1.5 s deadline."""
     settings = Settings(max_batch_size=1, request_timeout_s=1.5, log_level="warning")

@@ -117,10 +117,13 @@ def _checked_options(runtime: Runtime, options: CaptionOptions) -> tuple[float |
     return _fixed_threshold(runtime, mode, threshold), max_tokens or runtime.max_tokens
 
 
-async def _pixels(runtime: Runtime, upload: UploadFile) -> torch.Tensor:
-    """An uploaded image as the engine's pixels; a ServiceError (413, 415 or 422) names what is wrong with it."""
+async def _pixels(request: Request, runtime: Runtime, upload: UploadFile) -> torch.Tensor:
+    """An uploaded image as the engine's pixels; a ServiceError (413, 415 or 422) names what is wrong with it, and
+    a 499 says that the client left before its turn came."""
     settings = runtime.settings
     async with runtime.decode_slots:  # its bytes too: a batch's uploads are not all in memory at once
+        if await request.is_disconnected():  # nobody would read the caption: no decoding for it
+            raise ServiceError(499, "client_closed", "the client closed the connection before its image was decoded")
         data = await read_upload(upload, settings.max_upload_bytes)
         return await run_in_threadpool(image_pixels, runtime.engine, data, settings.max_pixels,
                                        settings.jpeg_scaled_decode)
@@ -171,7 +174,7 @@ async def caption(
 ) -> CaptionResponse:
     fixed, max_tokens = _checked_options(runtime, form)
     with runtime.batcher.incoming():
-        pixels = await _pixels(runtime, form.image)
+        pixels = await _pixels(request, runtime, form.image)
     [(outcome, arm)] = await _captions(request, runtime, [pixels], fixed, max_tokens)
     runtime.metrics.captions.inc()
     return CaptionResponse(**_caption_fields(runtime, request, outcome, arm), model=runtime.engine.name,
@@ -202,12 +205,15 @@ async def caption_batch(
 
     async def pixels_or_failure(index: int, upload: UploadFile) -> torch.Tensor | ImageFailure:
         try:
-            return await _pixels(runtime, upload)
-        except ServiceError as exc:  # this image's problem: the others are still captioned
+            return await _pixels(request, runtime, upload)
+        except ServiceError as exc:
+            if exc.status_code == 499:  # the request's end, not this image's problem
+                raise
             return ImageFailure(index=index, filename=upload.filename, status=exc.status_code, error=exc.error,
                                 detail=str(exc.detail))
 
     with runtime.batcher.incoming():  # decoded side by side, as far as CAPEEN_DECODE_CONCURRENCY lets them
+        # a client that leaves stops the rest: each image still waiting for its turn finds it gone
         decoded = await asyncio.gather(*(pixels_or_failure(index, upload) for index, upload in enumerate(form.image)))
     readable = [(index, pixels) for index, pixels in enumerate(decoded) if isinstance(pixels, torch.Tensor)]
     captioned = await _captions(request, runtime, [pixels for _, pixels in readable], fixed, max_tokens) \
