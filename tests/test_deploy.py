@@ -783,6 +783,13 @@ def _send_load(base_url: str, seconds: float, min_rounds: int) -> Counter:
         assert len(body["exit_layers"]) == len(body["tokens"])
         return response.status_code
 
+    def batch(first: int) -> int:
+        chosen = [images[(first + i) % len(images)] for i in range(3)]
+        response = httpx.post(f"{base_url}/caption/batch", files=[("image", image) for image in chosen],
+                              data={"mode": "fixed"}, timeout=30)
+        assert response.status_code == 200 and response.json()["captioned"] == 3, response.text
+        return response.status_code
+
     def bad(kind: str) -> int:
         if kind == "not_image":
             response = httpx.post(f"{base_url}/caption", files={"image": ("x.png", b"not an image", "image/png")})
@@ -804,6 +811,7 @@ def _send_load(base_url: str, seconds: float, min_rounds: int) -> Counter:
         while rounds < min_rounds or time.monotonic() - started < seconds:
             futures = [(mode, pool.submit(caption, mode, images[(rounds + i) % len(images)]))
                        for i, mode in enumerate(("adaptive", "adaptive", "fixed", "full"))]
+            futures.append(("batch", pool.submit(batch, rounds)))
             kind = BAD_REQUESTS[rounds % len(BAD_REQUESTS)]
             futures.append((kind, pool.submit(bad, kind)))
             for name, future in futures:
@@ -864,11 +872,11 @@ def live_stack(tmp_path_factory):
 
         _wait("Prometheus to scrape capeen", target_up, 20, processes)
         stack.sent = _send_load(capeen_url, seconds=5.0, min_rounds=10)
-        on_caption_route = sum(n for k, n in stack.sent.items() if k != "unknown_route")
+        on_caption_routes = sum(n for k, n in stack.sent.items() if k != "unknown_route")
 
         def scraped_everything() -> bool:
-            result = stack.query('sum(capeen_requests_total{route="/caption"})')
-            return bool(result) and float(result[0]["value"][1]) == on_caption_route
+            result = stack.query('sum(capeen_requests_total{route=~"/caption|/caption/batch"})')
+            return bool(result) and float(result[0]["value"][1]) == on_caption_routes
 
         _wait("the last requests to be scraped", scraped_everything, 20, processes)
         time.sleep(1.5)  # one more evaluation of the recording rules
@@ -931,4 +939,4 @@ def test_live_figures_are_consistent(live_stack):
     pulls = sum(float(s["value"][1]) for s in live_stack.query("capeen_bandit_arm_pulls_total"))
     assert pulls == live_stack.sent["adaptive"]
     captions = float(live_stack.query("sum(capeen_captions_total)")[0]["value"][1])
-    assert captions == sum(sent[mode] for mode in ("adaptive", "fixed", "full"))
+    assert captions == sum(sent[mode] for mode in ("adaptive", "fixed", "full")) + 3 * sent["batch"]
