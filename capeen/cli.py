@@ -75,9 +75,12 @@ def _add_caption(sub) -> None:
     p = sub.add_parser("caption", help="caption image files with a trained checkpoint (default: the shipped one)",
                        description="Print one caption per image. --mode fixed leaves each token at the first exit "
                        "whose confidence reaches the threshold and skips the remaining decoder layers for it.")
-    p.add_argument("images", nargs="+", metavar="IMAGE",
+    p.add_argument("images", nargs="*", metavar="IMAGE",
                    help="an image file, or a folder: every .jpg, .jpeg, .png, .webp, .bmp, .gif, .tif and .tiff "
                         "file under it, in name order")
+    p.add_argument("--files-from", metavar="LIST",
+                   help="a file naming images or folders, one per line (-: standard input), captioned after those "
+                        "given as arguments: a manifest of any length, past the shell's limit on arguments")
     p.add_argument("--checkpoint", help="checkpoint directory (default: the shipped models/checkpoints/default)")
     p.add_argument("--mode", choices=["full", "fixed"], default="fixed",
                    help="full: every decoder layer; fixed: early exit at --threshold (default)")

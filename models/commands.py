@@ -6,10 +6,13 @@ They translate arguments into calls of the library modules and library errors in
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import os
 import sys
 import textwrap
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -80,13 +83,16 @@ def caption_main(args) -> int:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.workers < 0:
         raise UserError(f"--workers must be 0 or more, got {args.workers}")
+    if not args.images and args.files_from is None:
+        raise UserError("give images or folders to caption, or --files-from LIST")
+    listed = _listed_paths(args.files_from)  # a list that cannot be opened is refused before the model loads
     _set_threads(args)
     engine = _engine(args)
     try:
         threshold = engine.threshold_for(args.mode, args.threshold)
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    one_file = len(args.images) == 1 and not Path(args.images[0]).is_dir()
+    one_file = len(args.images) == 1 and not Path(args.images[0]).is_dir() and args.files_from is None
     output = _CaptionOutput("jsonl" if args.jsonl else "json" if args.json else "text", with_paths=not one_file)
     failures = 0
     chunk: list[tuple[Path, object, str | None]] = []  # (path, image, None) or (path, None, why it failed)
@@ -105,8 +111,8 @@ def caption_main(args) -> int:
 
     # a batch at a time, read, captioned and printed: thousands of images never sit in memory together, and
     # the first captions appear while the rest are being read (folders too are walked as they are captioned)
-    for path, image, exc in _read_ahead(find_images(args.images), engine.config.image_size, args.workers,
-                                        args.batch_size):
+    for path, image, exc in _read_ahead(find_images(itertools.chain(args.images, listed)), engine.config.image_size,
+                                        args.workers, args.batch_size):
         if exc is None:
             chunk.append((path, image, None))
             waiting += 1
@@ -126,6 +132,30 @@ def caption_main(args) -> int:
         caption_chunk()
     output.close()
     return 1 if failures else 0
+
+
+def _listed_paths(list_path: str | None) -> Iterator[str]:
+    """The paths of `capeen caption --files-from`, one per line, read as they are needed (a manifest of millions
+    is not held in memory); blank lines are skipped. Names are decoded as the file system's are, so any file
+    name a listing tool wrote comes back as the same file."""
+    if list_path is None:
+        return iter(())
+    try:
+        lines = sys.stdin.buffer if list_path == "-" else open(list_path, "rb")  # closed by paths()
+    except OSError as exc:
+        raise UserError(f"--files-from {list_path}: {exc.strerror or exc}") from None
+
+    def paths() -> Iterator[str]:
+        try:
+            for line in lines:
+                name = os.fsdecode(line.rstrip(b"\r\n"))
+                if name.strip():
+                    yield name
+        finally:
+            if lines is not sys.stdin.buffer:
+                lines.close()
+
+    return paths()
 
 
 def _read_ahead(found, size: int, workers: int, batch_size: int):

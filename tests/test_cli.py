@@ -6,6 +6,7 @@ and every expected failure is ONE line on stderr, never a traceback.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -267,6 +268,40 @@ def test_caption_jsonl_gives_every_input_a_line_in_order(capsys, tiny_checkpoint
     assert [set(line) for line in failed] == [{"image", "error"}] * 3
     assert "no image files" in failed[-1]["error"]  # the empty folder
     assert [line for line in screen(err)] == [f"capeen caption: {line['error']}" for line in failed]
+
+
+def test_caption_files_from_a_list_after_the_arguments_in_order(capsys, tiny_checkpoint, images, tmp_path):
+    # a manifest of a million images cannot go through the shell's arguments; a list file can, lines read lazily
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    shutil.copy(images["b.png"], folder / "b.png")
+    odd = tmp_path / "with space \udcff.png"  # a file name that is not UTF-8, as a listing tool writes it
+    shutil.copy(images["c.jpg"], odd)
+    listing = tmp_path / "manifest.txt"
+    listing.write_bytes(b"\n".join([os.fsencode(images["a.png"]), b"", os.fsencode(folder), os.fsencode(odd),
+                                     os.fsencode(images["missing.png"])]) + b"\r\n")
+    rc, out, err = run(capsys, "caption", images["c.jpg"], "--files-from", listing, "--checkpoint", tiny_checkpoint,
+                       "--device", "cpu", "--jsonl")
+    assert rc == 1
+    assert [json.loads(line)["image"] for line in out.splitlines()] == [
+        str(path) for path in (images["c.jpg"], images["a.png"], folder / "b.png", odd, images["missing.png"])]
+    assert_one_line_error(err, str(images["missing.png"]))
+
+
+def test_caption_files_from_standard_input(capsys, tiny_checkpoint, images, monkeypatch):
+    listed = f"{images['b.png']}\n{images['a.png']}\n".encode()
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(listed)))
+    rc, out, err = run(capsys, "caption", "--files-from", "-", "--checkpoint", tiny_checkpoint, "--device", "cpu")
+    assert rc == 0 and err == ""
+    assert [line.split("\t")[0] for line in out.splitlines()] == [str(images["b.png"]), str(images["a.png"])]
+
+
+@pytest.mark.parametrize("argv, fragment", [([], "--files-from LIST"),
+                                            (["--files-from", "/no/such/list"], "--files-from /no/such/list")])
+def test_caption_without_images_or_with_a_list_it_cannot_read_exits_2(capsys, tiny_checkpoint, argv, fragment):
+    rc, out, err = run(capsys, "caption", *argv, "--checkpoint", tiny_checkpoint)
+    assert rc == 2 and out == ""
+    assert_one_line_error(err, "capeen caption: error:", fragment)
 
 
 def test_caption_folder_that_cannot_be_listed_is_a_line_and_the_walk_goes_on(capsys, tiny_checkpoint, images,
