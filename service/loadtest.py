@@ -528,7 +528,6 @@ async def _setting_comparison(args: argparse.Namespace, concurrency: list[int], 
         "",
         *_side_by_side("server", labels, rounds, concurrency),
         "",
-        "",
         "| server | offered | achieved rate | seconds | 200 | captions/s | 503 | 504 | other 5xx | no answer "
         "| RSS MiB after |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",

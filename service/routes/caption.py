@@ -7,7 +7,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from functools import partial
-from typing import Annotated
+from typing import Annotated, Literal
 
 import torch
 from fastapi import APIRouter, Depends, File, Request, UploadFile
@@ -39,7 +39,7 @@ _BATCH_ROUTE_ERRORS = error_responses(400, 408, 413, 415, 422, 500, 503, 504, de
 
 
 # How a request that did not get its caption is answered: status, error kind, headers.
-_BATCH_ERRORS: dict[type[Exception], tuple[int, str, dict[str, str] | None]] = {
+_BATCHER_FAILURES: dict[type[Exception], tuple[int, str, dict[str, str] | None]] = {
     QueueFull: (503, "queue_full", RETRY_AFTER),
     ShuttingDown: (503, "shutting_down", RETRY_AFTER),
     DeadlineExceeded: (504, "timeout", None),
@@ -54,7 +54,7 @@ async def _until_disconnected(request: Request) -> None:
         pass
 
 
-def refusing_unread_fields(images: str) -> Callable[[Request], Awaitable[None]]:
+def refusing_unread_fields(images: Literal["one", "many"]) -> Callable[[Request], Awaitable[None]]:
     """A dependency: 415 for a body that is not a form, 422 for a query parameter or for an option sent twice
     (the forms refuse unknown fields); `images`, the rule for the image field, says whether it may repeat.
 
@@ -142,8 +142,8 @@ async def _captions(request: Request, runtime: Runtime, pixels: list[torch.Tenso
     try:
         outcomes = await runtime.batcher.caption_all(images, max_tokens, timeout=remaining,
                                                      abandoned=partial(_until_disconnected, request))
-    except tuple(_BATCH_ERRORS) as exc:
-        status, kind, headers = _BATCH_ERRORS[type(exc)]
+    except tuple(_BATCHER_FAILURES) as exc:
+        status, kind, headers = _BATCHER_FAILURES[type(exc)]
         raise ServiceError(status, kind, str(exc), headers=headers) from None
     return list(zip(outcomes, arms, strict=True))
 
