@@ -68,6 +68,16 @@ class EngineOptions:
     torch_threads: int
     onednn: bool | str
     log_level: str = "info"
+    index: int = 0  # which of the service's engines this is: it picks the GPU (placed_device)
+
+
+def placed_device(device: str, index: int) -> str:
+    """The device of engine number `index`: on CUDA (asked for, or `auto` on a host with a GPU), GPU `index`
+    modulo the GPUs visible, so that N engines spread over N GPUs instead of sharing the first; otherwise
+    `device` as it is."""
+    if device in ("cuda", "auto") and torch.cuda.is_available():
+        return f"cuda:{index % torch.cuda.device_count()}"
+    return device
 
 
 # ---------------------------------------------------------------------------------------------------- child
@@ -82,7 +92,8 @@ def _child_main(conn: Connection, options_json: str) -> None:
     torch.set_num_threads(options.torch_threads)
     kernels.set_onednn(options.onednn)
     try:
-        engine = CaptionEngine.from_checkpoint(options.checkpoint, device=options.device, half=options.half,
+        device = placed_device(options.device, options.index)
+        engine = CaptionEngine.from_checkpoint(options.checkpoint, device=device, half=options.half,
                                                kv_fill=options.kv_fill)
         engine.warmup()
     except (CheckpointError, ValueError, OSError) as exc:

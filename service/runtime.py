@@ -10,7 +10,7 @@ import asyncio
 import logging
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
@@ -45,7 +45,8 @@ def load_engines(settings: Settings) -> list[Engine]:
         half=settings.half, kv_fill=settings.kv_fill, torch_threads=settings.torch_threads,
         onednn=settings.onednn, log_level=settings.log_level)
     with ThreadPoolExecutor(settings.engines, thread_name_prefix="capeen-engine-start") as pool:
-        starting = [pool.submit(EngineProcess, options, settings.engine_timeout_s) for _ in range(settings.engines)]
+        starting = [pool.submit(EngineProcess, replace(options, index=index), settings.engine_timeout_s)
+                    for index in range(settings.engines)]
     started = [future.result() for future in starting if future.exception() is None]
     failures = [future.exception() for future in starting if future.exception() is not None]
     if failures:
@@ -95,6 +96,7 @@ class Runtime:
             "calibrated_threshold": self.engine.calibrated_threshold,
             "kv_fill": self.engine.kv_fill,
             "device": str(self.engine.device),
+            "devices": [str(engine.device) for engine in self.engines],
             "dtype": str(self.engine.dtype).removeprefix("torch."),
             "vocab_size": config.vocab_size,
             "image_size": config.image_size,

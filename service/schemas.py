@@ -102,7 +102,9 @@ class ModelInfo(BaseModel):
     kv_fill: Literal["propagate", "deferred"] = Field(
         description="how the keys and values of layers a token skipped are filled: propagate (CALM: from its "
                     "exited state, at once) or deferred (exact: computed when a later token runs deeper)")
-    device: str
+    device: str = Field(description="the device of the first engine")
+    devices: list[str] = Field(description="the device of each engine: on CUDA, engine i uses GPU i modulo the "
+                                           "GPUs visible")
     dtype: str
     vocab_size: int
     image_size: int = Field(description="side of the square the encoder sees, in pixels")

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import httpx
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from models.decoding import FULL_DEPTH
@@ -152,6 +153,8 @@ def test_the_service_starts_and_stops_several_engine_processes(tiny_checkpoint):
         engines = server.app.state.runtime.engines
         assert len(engines) == 2 and all(isinstance(e, EngineProcess) and e.alive for e in engines)
         assert len({engine.pid for engine in engines}) == 2 and client.get("/v1/model").json()["engines"] == 2
+        assert [engine.options.index for engine in engines] == [0, 1]  # each picks its GPU by it
+        assert client.get("/v1/model").json()["devices"] == ["cpu", "cpu"]
         with ThreadPoolExecutor(8) as pool:
             answers = list(pool.map(lambda image: client.post("/caption", files=upload(image),
                                                               data={"mode": "fixed"}), images))
@@ -160,6 +163,19 @@ def test_the_service_starts_and_stops_several_engine_processes(tiny_checkpoint):
         assert [a.json()["caption"] for a in answers] == [s.json()["caption"] for s in singles]
         children = [engine._process for engine in engines]
     assert [child.poll() for child in children] == [0, 0]  # shutdown stopped every child it had started
+
+
+@pytest.mark.parametrize(("device", "gpus", "index", "placed"), [
+    ("cuda", 2, 0, "cuda:0"), ("cuda", 2, 1, "cuda:1"), ("cuda", 2, 2, "cuda:0"), ("auto", 4, 3, "cuda:3"),
+    ("cuda", 1, 5, "cuda:0"), ("auto", 0, 1, "auto"), ("cpu", 2, 1, "cpu"),
+])
+def test_engines_spread_over_the_gpus_visible(monkeypatch, device, gpus, index, placed):
+    """On a host with N GPUs, CAPEEN_ENGINES=N puts one engine on each instead of N on the first."""
+    from service.engine_process import placed_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    assert placed_device(device, index) == placed
 
 
 def test_engines_that_cannot_start_are_one_error(tmp_path):
