@@ -134,26 +134,49 @@ def caption_main(args) -> int:
     return 1 if failures else 0
 
 
-def _listed_paths(list_path: str | None) -> Iterator[str]:
+def _listed_paths(list_path: str | None) -> Iterator[str | ImageError]:
     """The paths of `capeen caption --files-from`, one per line, read as they are needed (a manifest of millions
     is not held in memory); blank lines are skipped. Names are decoded as the file system's are, so any file
-    name a listing tool wrote comes back as the same file."""
+    name a listing tool wrote comes back as the same file.
+
+    A list that cannot be opened is refused here, before the model loads. What goes wrong later (a line with a
+    NUL byte: not a list of lines; a read error; a list that names nothing) ends the list with an ImageError in
+    its place, reported like an unreadable folder, while the images listed before it are still captioned."""
+    from models.images import ImageError
+
     if list_path is None:
         return iter(())
+    if list_path == "-" and sys.stdin is None:
+        raise UserError("--files-from -: standard input is closed")
     try:
         lines = sys.stdin.buffer if list_path == "-" else open(list_path, "rb")  # closed by paths()
     except OSError as exc:
         raise UserError(f"--files-from {list_path}: {exc.strerror or exc}") from None
 
-    def paths() -> Iterator[str]:
+    def problem(text: str) -> ImageError:
+        return ImageError("unreadable", f"--files-from {list_path}: {text}", Path(list_path))
+
+    def paths() -> Iterator[str | ImageError]:
+        listed = number = 0
         try:
-            for line in lines:
+            for number, line in enumerate(lines, 1):
+                if b"\0" in line:
+                    yield problem(f"line {number} holds a NUL byte, so this is not a list of paths one per line "
+                                  "(find -print0 writes NUL-separated ones: use find -print); not read further")
+                    return
                 name = os.fsdecode(line.rstrip(b"\r\n"))
                 if name.strip():
+                    listed += 1
                     yield name
+        except OSError as exc:
+            after = f" after line {number}" if number else ""
+            yield problem(f"cannot be read{after}: {exc.strerror or exc}")
+            return
         finally:
             if lines is not sys.stdin.buffer:
                 lines.close()
+        if not listed:
+            yield problem("names no image or folder")
 
     return paths()
 

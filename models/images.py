@@ -193,14 +193,18 @@ def load_image(
     return rgb
 
 
-def find_images(paths: Iterable[str | Path]) -> Iterator[Path | ImageError]:
+def find_images(paths: Iterable[str | Path | ImageError]) -> Iterator[Path | ImageError]:
     """The image files that `paths` name, in order: a file as it is, a folder as the image files under it
-    (`IMAGE_SUFFIXES`, any case), walked depth first in name order so that a rerun lists them alike.
+    (`IMAGE_SUFFIXES`, any case), walked depth first in name order so that a rerun lists them alike; an
+    ImageError (a list of paths that could not be read on) as it is.
 
     Walked lazily: a folder of millions of photos starts captioning at once. A folder that holds no image
     file, or that cannot be read, yields an ImageError in its place instead of stopping the walk. Hidden
     files and folders (a leading dot: `.thumbnails/`, macOS's `._photo.jpg`) are not searched."""
     for given in paths:
+        if isinstance(given, ImageError):
+            yield given
+            continue
         path = Path(given)
         if not path.is_dir():
             yield path

@@ -188,18 +188,12 @@ class Batcher:
         for executor in self._executors:
             executor.shutdown(wait=True)
 
-    async def caption(self, pixels: torch.Tensor, threshold: float, max_tokens: int, arm: Arm | None, *,
-                      timeout: float, abandoned: Callable[[], Awaitable[object]]) -> Outcome:
-        """Queue one image and wait for its caption, for at most `timeout` seconds and only until the awaitable
-        that `abandoned()` returns completes (the client went away)."""
-        return (await self.caption_all([(pixels, threshold, arm)], max_tokens, timeout=timeout,
-                                       abandoned=abandoned))[0]
-
     async def caption_all(self, images: Sequence[tuple[torch.Tensor, float, Arm | None]], max_tokens: int, *,
                           timeout: float, abandoned: Callable[[], Awaitable[object]]) -> list[Outcome]:
-        """Queue images (pixels, threshold, arm) all at once, or none when the queue lacks room for all of them,
-        and wait for every caption, as `caption` does. A failure or a deadline ends the wait for all of them:
-        the caller answers the request as a whole."""
+        """Queue a request's images (pixels, threshold, arm) all at once, or none when the queue lacks room for all
+        of them, and wait for every caption, for at most `timeout` seconds and only until the awaitable that
+        `abandoned()` returns completes (the client went away). A failure or the deadline ends the wait for all
+        of them: the caller answers the request as a whole."""
         if self._closing:
             raise ShuttingDown("the service is shutting down")
         if timeout <= 0:
@@ -216,6 +210,9 @@ class Batcher:
             job.future.add_done_callback(partial(self._on_done, job))
             futures.append(job.future)
         every = asyncio.gather(*futures)  # done when all are, or at the first that fails
+        # once the wait ends without it (deadline, client gone), its cancellation is nobody's news: read it, or
+        # asyncio logs an error for every such request
+        every.add_done_callback(lambda gathered: gathered.cancelled() or gathered.exception())
         watcher = asyncio.ensure_future(abandoned())
         try:
             done, _ = await asyncio.wait({every, watcher}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)

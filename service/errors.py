@@ -21,7 +21,8 @@ _MAX_PROBLEMS = 5  # validation problems named in one detail
 
 # What each error status means, with its kinds, for the OpenAPI schema.
 _DESCRIPTIONS = {
-    400: "a multipart body that cannot be parsed (bad_request)",
+    400: "a multipart body that cannot be parsed, that ends before its closing boundary, or that has more than "
+         "1000 parts (bad_request)",
     401: "no admin bearer token (unauthorized)",
     403: "a wrong admin token (forbidden)",
     408: "the upload did not arrive within CAPEEN_REQUEST_TIMEOUT_S (upload_timeout)",

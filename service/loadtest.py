@@ -580,7 +580,8 @@ async def _route_comparison(args: argparse.Namespace, concurrency: list[int], pe
     lines = [
         f"Route comparison: checkpoint `{args.checkpoint or 'default'}`, device {args.device}, {os.cpu_count()} CPU "
         f"cores, mode={args.mode}, dynamic batching (max {args.max_batch_size}), CAPEEN_QUEUE_SIZE={queue_size}, "
-        f"{args.requests} images per stream and concurrency in {args.rounds} alternating rounds.",
+        f"{args.requests} images per stream and concurrency in {args.rounds} alternating rounds (the batch stream "
+        f"rounds each round up to whole requests of {per_request}).",
         "",
         *_side_by_side("route", labels, rounds, concurrency),
         "",

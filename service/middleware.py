@@ -118,9 +118,9 @@ class CompleteMultipart:
         if content_type != b"multipart/form-data" or not boundary:
             await self.app(scope, receive, send)  # not a form, or one the parser refuses itself
             return
-        closing = b"--" + boundary + b"--"
-        tail = b""  # the end of the body so far, long enough to hold a closing boundary split between two reads
-        closed = False
+        closing = b"\r\n--" + boundary + b"--"  # the delimiter starts a line: the same bytes inside an image do not
+        tail = b"\r\n"  # the end of the body so far (at first, as if a line ended just before it), long enough to
+        closed = False  # hold a closing delimiter split between two reads
 
         async def checked_receive() -> Message:
             nonlocal tail, closed

@@ -297,11 +297,30 @@ def test_caption_files_from_standard_input(capsys, tiny_checkpoint, images, monk
 
 
 @pytest.mark.parametrize("argv, fragment", [([], "--files-from LIST"),
-                                            (["--files-from", "/no/such/list"], "--files-from /no/such/list")])
-def test_caption_without_images_or_with_a_list_it_cannot_read_exits_2(capsys, tiny_checkpoint, argv, fragment):
+                                            (["--files-from", "/no/such/list"], "--files-from /no/such/list"),
+                                            (["--files-from", "-"], "standard input is closed")])
+def test_caption_without_images_or_with_a_list_it_cannot_read_exits_2(capsys, tiny_checkpoint, monkeypatch, argv,
+                                                                      fragment):
+    monkeypatch.setattr(sys, "stdin", None)  # `capeen caption --files-from - <&-`
     rc, out, err = run(capsys, "caption", *argv, "--checkpoint", tiny_checkpoint)
     assert rc == 2 and out == ""
     assert_one_line_error(err, "capeen caption: error:", fragment)
+
+
+@pytest.mark.parametrize("listing, says", [(b"", "names no image or folder"), (b"\n  \n", "names no image or folder"),
+                                           (b"A\nA\0B\0", "line 2 holds a NUL byte")])
+def test_caption_a_list_that_ends_in_a_problem_is_a_line_after_the_captions_before_it(capsys, tiny_checkpoint, images,
+                                                                                     tmp_path, listing, says):
+    # `find -print0 | capeen caption --files-from -`, an empty manifest: a line and exit 1, never a traceback
+    listed = tmp_path / "list"
+    listed.write_bytes(listing.replace(b"A", os.fsencode(images["a.png"])).replace(b"B", os.fsencode(images["b.png"])))
+    rc, out, err = run(capsys, "caption", images["c.jpg"], "--files-from", listed, "--checkpoint", tiny_checkpoint,
+                       "--device", "cpu", "--jsonl")
+    assert rc == 1
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert "caption" in lines[0] and lines[0]["image"] == str(images["c.jpg"])
+    assert lines[-1] == {"image": str(listed), "error": f"--files-from {listed}: " + lines[-1]["error"].split(": ", 1)[1]}
+    assert_one_line_error(err, f"capeen caption: --files-from {listed}:", says)
 
 
 def test_caption_folder_that_cannot_be_listed_is_a_line_and_the_walk_goes_on(capsys, tiny_checkpoint, images,

@@ -389,6 +389,7 @@ def test_client_leaving_mid_upload_is_counted_as_gone_not_as_a_bad_request(serve
         ("image", {"mod": "full"}, "mod: unknown field"),  # misspelt: not silently the default mode
         ("image", {"mode": ["full", "fixed"]}, "mode sent more than once"),
         ("image", {"mode": "fixed", "threshold": ""}, "threshold sent empty"),  # not the calibrated one unasked
+        ("image", {"mod": ""}, "mod: unknown field"),  # what is wrong with it is its name
         ("two images", {}, "image sent more than once"),  # one caption per request, never a silent pick
     ],
 )

@@ -84,8 +84,8 @@ def refusing_unread_fields(images: Literal["one", "many"]) -> Callable[[Request]
                                                        f"{allowed}")
         # FastAPI takes an empty value for an absent one: `-F mode=$MODE` with MODE unset would decode in the
         # default mode without a word
-        empty = sorted({name for name, value in fields if name != "image" and isinstance(value, str)
-                        and not value.strip()})
+        empty = sorted({name for name, value in fields if name in CaptionOptions.model_fields
+                        and isinstance(value, str) and not value.strip()})
         if empty:
             raise ServiceError(422, "invalid_request", f"form field(s) {', '.join(empty)} sent empty: give a value, "
                                                        "or leave the field out for its default")
