@@ -118,9 +118,12 @@ class CompleteMultipart:
         if content_type != b"multipart/form-data" or not boundary:
             await self.app(scope, receive, send)  # not a form, or one the parser refuses itself
             return
-        closing = b"\r\n--" + boundary + b"--"  # the delimiter starts a line: the same bytes inside an image do not
-        tail = b"\r\n"  # the end of the body so far (at first, as if a line ended just before it), long enough to
-        closed = False  # hold a closing delimiter split between two reads
+        # the delimiter starts a line, so the same bytes inside an image are not one
+        closing = b"\r\n--" + boundary + b"--"
+        # the end of the body so far, long enough to hold a delimiter split between two reads; at first, as if a
+        # line had just ended (a form without parts is its closing delimiter alone)
+        tail = b"\r\n"
+        closed = False
 
         async def checked_receive() -> Message:
             nonlocal tail, closed
