@@ -135,7 +135,7 @@ class Batcher:
         self.max_wait_s = max_wait_s
         self.wait_until = max(1, math.ceil(wait_fill * max_batch_size))  # batch size from which nobody is awaited
         self.queue_size = queue_size
-        # Unbounded: the limit is on requests still waiting (`_waiting`), so that abandoned ones, which stay
+        # Unbounded: the limit is on images still waiting (`_waiting`), so that abandoned ones, which stay
         # in the queue until a worker comes to them, hold no room that a live request could have.
         self._queue: asyncio.Queue[Job | object] = asyncio.Queue()
         self._waiting = 0
@@ -149,7 +149,7 @@ class Batcher:
         return bool(self._workers) and not any(worker.done() for worker in self._workers) and not self._closing
 
     def depth(self) -> int:
-        """Requests queued whose caller still waits."""
+        """Images queued whose caller still waits (what the queue size limits)."""
         return self._waiting
 
     def _on_done(self, job: Job, _future: asyncio.Future) -> None:
