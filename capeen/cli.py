@@ -82,16 +82,31 @@ def _add_caption(sub) -> None:
                    help="a file naming images or folders, one per line (-: standard input), captioned after those "
                         "given as arguments: a manifest of any length, past the shell's limit on arguments")
     p.add_argument("--checkpoint", help="checkpoint directory (default: the shipped models/checkpoints/default)")
-    p.add_argument("--mode", choices=["full", "fixed"], default="fixed",
-                   help="full: every decoder layer; fixed: early exit at --threshold (default)")
+    p.add_argument("--mode", choices=["full", "fixed", "adaptive"], default="fixed",
+                   help="full: every decoder layer; fixed: early exit at --threshold (default); adaptive (with "
+                        "--server): the service's bandit picks the threshold")
     p.add_argument("--threshold", type=float, help="confidence threshold for --mode fixed (default: the calibrated one)")
     p.add_argument("--max-tokens", type=int, help="longest caption in tokens (default: the model's limit)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="images captioned together; with --server, images per request (at most the server's "
+                        "max_images_per_request)")
+    p.add_argument("--workers", type=int,
                    help="threads reading and decoding images ahead of the model (default: the cores, at most 4); "
                         "0: each image is read when its turn comes")
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is fastest for this decoder, "
-                                                         "and leaves the other cores to the readers)")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default 1, the fastest for this decoder, "
+                                               "which leaves the other cores to the readers)")
+    remote = p.add_argument_group("captioning through a running service (capeen serve)")
+    remote.add_argument("--server", metavar="URL",
+                        help="send the images to this service (e.g. http://gpu-host:8000) instead of captioning "
+                             "them here: POST /caption/batch, in input order, 503s retried after Retry-After")
+    remote.add_argument("--concurrency", type=int, default=2, help="requests in flight (default 2)")
+    remote.add_argument("--retries", type=int, default=8,
+                        help="times one request is sent again while the server answers 500, 502, 503 or 504 or "
+                             "cannot be reached, waiting Retry-After or a doubling backoff (default 8)")
+    remote.add_argument("--timeout", type=float, default=120.0, help="seconds one request may take (default 120)")
+    remote.add_argument("--header", action="append", metavar="'NAME: VALUE'",
+                        help="an HTTP header for every request, e.g. a gateway's 'Authorization: Bearer TOKEN' "
+                             "(repeatable)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     add_half(p)
     form = p.add_mutually_exclusive_group()

@@ -81,19 +81,26 @@ def caption_main(args) -> int:
         raise UserError(f"--max-tokens must be at least 1, got {args.max_tokens}")
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.workers < 0:
-        raise UserError(f"--workers must be 0 or more, got {args.workers}")
     if not args.images and args.files_from is None:
         raise UserError("give images or folders to caption, or --files-from LIST")
+    _check_where(args)
     listed = _listed_paths(args.files_from)  # a list that cannot be opened is refused before the model loads
+    one_file = len(args.images) == 1 and not Path(args.images[0]).is_dir() and args.files_from is None
+    output = _CaptionOutput("jsonl" if args.jsonl else "json" if args.json else "text", with_paths=not one_file)
+    if args.server is not None:
+        from service.client import caption_remote
+
+        return caption_remote(args, find_images(itertools.chain(args.images, listed)), output)
+    args.threads = 1 if args.threads is None else args.threads
+    args.workers = min(4, os.cpu_count() or 1) if args.workers is None else args.workers
+    if args.workers < 0:
+        raise UserError(f"--workers must be 0 or more, got {args.workers}")
     _set_threads(args)
     engine = _engine(args)
     try:
         threshold = engine.threshold_for(args.mode, args.threshold)
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    one_file = len(args.images) == 1 and not Path(args.images[0]).is_dir() and args.files_from is None
-    output = _CaptionOutput("jsonl" if args.jsonl else "json" if args.json else "text", with_paths=not one_file)
     failures = 0
     chunk: list[tuple[Path, object, str | None]] = []  # (path, image, None) or (path, None, why it failed)
     waiting = 0  # images in the chunk
@@ -132,6 +139,27 @@ def caption_main(args) -> int:
         caption_chunk()
     output.close()
     return 1 if failures else 0
+
+
+# options of `capeen caption` that only a local model has, and those that only --server has, with their defaults
+_LOCAL_ONLY = {"checkpoint": None, "device": "auto", "half": False, "kv_fill": None, "threads": None, "workers": None}
+_SERVER_ONLY = {"concurrency": 2, "retries": 8, "timeout": 120.0, "header": None}
+
+
+def _check_where(args) -> None:
+    """Refuse the options that mean nothing where the captions are made (here, or on `--server`)."""
+    def given(defaults: dict) -> list[str]:
+        return ["--" + name.replace("_", "-") for name, default in defaults.items() if getattr(args, name) != default]
+
+    if args.server is not None:
+        if given(_LOCAL_ONLY):
+            raise UserError(f"{', '.join(given(_LOCAL_ONLY))}: the server's model is used with --server, "
+                            "set by the server's own settings")
+    else:
+        if given(_SERVER_ONLY):
+            raise UserError(f"{', '.join(given(_SERVER_ONLY))}: only with --server URL")
+        if args.mode == "adaptive":
+            raise UserError("--mode adaptive: only with --server URL (the service's bandit picks the threshold)")
 
 
 def _listed_paths(list_path: str | None) -> Iterator[str | ImageError]:
@@ -227,13 +255,18 @@ class _CaptionOutput:
         self.form, self.with_paths, self.items = form, with_paths, 0
 
     def caption(self, path: Path, result) -> None:
+        self._print({"image": str(path), "caption": result.caption, "tokens": result.tokens,
+                     "exit_layers": result.exit_layers, "confidences": [round(c, 4) for c in result.confidences],
+                     "threshold": result.threshold})
+
+    def remote_caption(self, path: Path, fields: dict) -> None:
+        """A caption made by the service (`--server`): its answer's fields (service.client.CAPTION_FIELDS)."""
+        self._print({"image": str(path), **fields})
+
+    def _print(self, item: dict) -> None:
         if self.form == "text":
-            print(f"{path}\t{result.caption}" if self.with_paths else result.caption, flush=True)
-            return
-        item = {"image": str(path), "caption": result.caption, "tokens": result.tokens,
-                "exit_layers": result.exit_layers, "confidences": [round(c, 4) for c in result.confidences],
-                "threshold": result.threshold}
-        if self.form == "jsonl":
+            print(f"{item['image']}\t{item['caption']}" if self.with_paths else item["caption"], flush=True)
+        elif self.form == "jsonl":
             print(json.dumps(item), flush=True)
         else:
             print(("[\n" if self.items == 0 else ",\n") + textwrap.indent(json.dumps(item, indent=2), "  "),

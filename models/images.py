@@ -40,23 +40,32 @@ class ImageError(ValueError):
 
 
 def _read_source(source: bytes | bytearray | memoryview | str | Path) -> tuple[bytes, str]:
-    """The bytes and a name for messages. Paths are read whole: an upload is in memory anyway, and a path that
-    vanishes or is a directory then fails here, with a clear message, instead of inside Pillow."""
+    """The bytes and a name for messages."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         return bytes(source), "image"
-    path = Path(source)
+    return read_image_file(source), str(source)
+
+
+def read_image_file(path: str | Path, limit: int | None = None) -> bytes:
+    """The bytes of an image file, read whole, or an ImageError naming the file: a path that vanishes or is a
+    directory fails here, with a clear message, instead of inside Pillow. Never more than `limit` bytes
+    (default `MAX_FILE_BYTES`) are read (/dev/zero or a huge file would eat all memory); a longer file is
+    `too_large`."""
+    path = Path(path)
+    limit = MAX_FILE_BYTES if limit is None else limit
     try:
         with path.open("rb") as handle:
-            data = handle.read(MAX_FILE_BYTES + 1)  # never more: /dev/zero or a huge file would eat all memory
+            data = handle.read(limit + 1)
     except FileNotFoundError:
         raise ImageError("unreadable", f"{path}: no such file") from None
     except IsADirectoryError:
         raise ImageError("unreadable", f"{path}: is a directory, not an image file") from None
     except OSError as exc:
         raise ImageError("unreadable", f"{path}: cannot read: {exc.strerror or exc}") from None
-    if len(data) > MAX_FILE_BYTES:
-        raise ImageError("too_large", f"{path}: larger than {MAX_FILE_BYTES // 2**20} MiB, too large for an image file")
-    return data, str(path)
+    if len(data) > limit:
+        size = f"{limit // 2**20} MiB" if limit % 2**20 == 0 else f"{limit} bytes"
+        raise ImageError("too_large", f"{path}: larger than {size}, too large for an image file")
+    return data
 
 
 def _open(data: bytes, name: str, max_pixels: int) -> Image.Image:

@@ -102,6 +102,7 @@ class Runtime:
             "image_size": config.image_size,
             "max_tokens": self.max_tokens,
             "max_images_per_request": self.settings.images_per_request,
+            "max_upload_bytes": self.settings.max_upload_bytes,
             "engines": len(self.engines),
         }
 

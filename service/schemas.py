@@ -110,6 +110,7 @@ class ModelInfo(BaseModel):
     image_size: int = Field(description="side of the square the encoder sees, in pixels")
     max_tokens: int = Field(description="longest caption a request may ask for")
     max_images_per_request: int = Field(description="most images one POST /caption/batch may carry")
+    max_upload_bytes: int = Field(description="largest image file accepted, in bytes (CAPEEN_MAX_UPLOAD_BYTES)")
     engines: int = Field(description="engines decoding batches side by side, each with its own copy of the model")
 
 

@@ -471,7 +471,7 @@ def test_health_model_and_bandit_routes(client: httpx.Client) -> None:
         "name": "tiny-test", "layers": 4, "exits": [1, 2, 3, 4], "exit_offsets": [0.0, 0.0, 0.0, 0.0],
         "calibrated_threshold": 0.6, "kv_fill": "propagate", "device": "cpu", "devices": ["cpu"],
         "dtype": "float32", "vocab_size": 29, "image_size": 32, "max_tokens": 15, "max_images_per_request": 16,
-        "engines": 1}
+        "max_upload_bytes": UPLOAD_LIMIT, "engines": 1}
     bandit = client.get("/v1/bandit").json()
     assert bandit["policy"] == "cd-ucb"
     thresholds = [arm["threshold"] for arm in bandit["arms"]]
