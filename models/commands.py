@@ -340,8 +340,8 @@ def _exit_settings(args, engine, grid: list[float]) -> list | None:
     exits = _numbers("--exits", args.exits, int)
     offsets = None if args.exit_offsets is None else _numbers("--exit-offsets", args.exit_offsets, float)
     try:
-        exits = engine.decoder.check_exits(exits)
-        offsets = None if offsets is None else engine.decoder.check_offsets(exits, offsets)
+        exits, checked = engine.decoder.check_schedule(exits, offsets)
+        offsets = None if offsets is None else checked
     except ValueError as exc:
         raise UserError(f"--exits/--exit-offsets: {exc}") from None
     kinds = (False, True) if args.simulated_exits else (False,)

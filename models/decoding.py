@@ -169,8 +169,8 @@ class EarlyExitDecoder:
         self.model = model
         self.config = config = model.config
         self.blocks = list(model.decoder.transformer.h)
-        self.exits = self.check_exits(exits)  # the exits consulted by default (a subset of those trained)
-        self.exit_offsets = self.check_offsets(self.exits, exit_offsets)  # added to the threshold at each exit
+        # the exits consulted by default (a subset of those trained), and what each adds to the threshold
+        self.exits, self.exit_offsets = self.check_schedule(exits, exit_offsets)
         self.kv_fill = self.check_kv_fill(kv_fill)
         self.n_layer, self.d, self.n_head = config.n_layer, config.n_embd, config.n_head
         self.timer: SectionTimer | None = None  # set to profile where decode time goes
@@ -211,27 +211,28 @@ class EarlyExitDecoder:
         self.heads[self.n_layer] = (decoder.transformer.ln_f.weight, decoder.transformer.ln_f.bias,
                                     decoder.lm_head.weight)
 
-    def check_exits(self, exits: Sequence[int] | None) -> tuple[int, ...]:
-        """Validate a set of 1-based exit layers to consult; None means every exit the model has."""
-        if exits is None:
-            return tuple(self.config.exit_layers)
-        chosen = tuple(sorted(set(int(e) for e in exits)))
-        unknown = [e for e in chosen if e not in self.config.exit_layers]
+    def check_schedule(self, exits: Sequence[int] | None,
+                       offsets: Sequence[float] | None) -> tuple[tuple[int, ...], tuple[float, ...]]:
+        """Validate 1-based exit layers to consult (None: every exit the model has) and the offset each adds to
+        the threshold (one per exit, in the same order; None: none). Both come back in layer order, each
+        offset still with its own exit, whatever order they were given in."""
+        chosen = tuple(self.config.exit_layers) if exits is None else tuple(int(e) for e in exits)
+        unknown = sorted(set(e for e in chosen if e not in self.config.exit_layers))
         if unknown:
             raise ValueError(f"exit layers {unknown} have no trained head (the model has {self.config.exit_layers})")
-        return chosen
-
-    @staticmethod
-    def check_offsets(exits: tuple[int, ...], offsets: Sequence[float] | None) -> tuple[float, ...]:
-        """Validate per-exit threshold offsets (one per consulted exit); None means none."""
         if offsets is None:
-            return (0.0,) * len(exits)
+            layers = tuple(sorted(set(chosen)))
+            return layers, (0.0,) * len(layers)
         values = tuple(float(o) for o in offsets)
-        if len(values) != len(exits):
-            raise ValueError(f"got {len(values)} exit offsets for {len(exits)} exits {list(exits)}")
+        if len(values) != len(chosen):
+            raise ValueError(f"got {len(values)} exit offsets for {len(chosen)} exits {list(chosen)}")
         if not all(math.isfinite(o) for o in values):
             raise ValueError(f"exit offsets must be finite numbers, got {list(offsets)}")
-        return values
+        repeated = sorted(set(e for e in chosen if chosen.count(e) > 1))
+        if repeated:
+            raise ValueError(f"exit layers {repeated} are given more than once, each with an offset of its own")
+        schedule = sorted(zip(chosen, values))
+        return tuple(layer for layer, _ in schedule), tuple(offset for _, offset in schedule)
 
     @staticmethod
     def check_kv_fill(kv_fill: str) -> str:
@@ -270,12 +271,10 @@ class EarlyExitDecoder:
         """
         if simulate_exits and observe_exits:
             raise ValueError("simulate_exits and observe_exits are exclusive")
-        if exits is None:
-            consulted = self.exits
-            offsets = self.exit_offsets if exit_offsets is None else self.check_offsets(consulted, exit_offsets)
+        if exits is None and exit_offsets is None:
+            consulted, offsets = self.exits, self.exit_offsets
         else:
-            consulted = self.check_exits(exits)
-            offsets = self.check_offsets(consulted, exit_offsets)
+            consulted, offsets = self.check_schedule(self.exits if exits is None else exits, exit_offsets)
         kv_fill = self.kv_fill if kv_fill is None else self.check_kv_fill(kv_fill)
         deferred = kv_fill == "deferred" and not (simulate_exits or observe_exits)
         offset_after = {layer - 1: offset for layer, offset in zip(consulted, offsets)}  # 0-based layer -> offset
@@ -365,7 +364,9 @@ class EarlyExitDecoder:
                         step_conf[r].append(conf_list[i])
                         step_points[r].append(layer + 1)
                         step_preds[r].append(pred_list[i])
-                    if final_layer or (not observe_exits and conf_list[i] >= row_thr[r] + offset):
+                    # a row above 1 evaluates no exit, even where a negative offset would bring its bar below 1
+                    if final_layer or (records_exits[r] and not observe_exits
+                                       and conf_list[i] >= row_thr[r] + offset):
                         next_list[r] = pred_list[i]
                         decided[r] = simulate_exits
                     else:

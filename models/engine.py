@@ -7,6 +7,8 @@ scripts and the service all caption through it.
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,8 +114,12 @@ class CaptionEngine:
             dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) \
                 if half and self.device.type == "cuda" else torch.float32
         self.dtype = dtype
-        self.checkpoint = checkpoint
-        self.model = checkpoint.model.to(self.device, self.dtype).eval()
+        model = checkpoint.model
+        if any(p.device != self.device or p.dtype != self.dtype for p in model.parameters()):
+            # converted in place, the checkpoint's model would change under any other engine built from it
+            model = copy.deepcopy(model)
+        self.model = model.to(self.device, self.dtype).eval()
+        self.checkpoint = dataclasses.replace(checkpoint, model=self.model)  # what this engine decodes with
         if isinstance(self.model.encoder, ConvStemViT):
             self.model.encoder.fold_batchnorm()
         if self.device.type == "cpu":  # the encoder's products are large (every patch of every image)
@@ -175,6 +181,8 @@ class CaptionEngine:
                        exits: tuple[int, ...] | None = None, simulate_exits: bool = False,
                        exit_offsets: tuple[float, ...] | None = None) -> BatchOutput:
         """Caption a batch of preprocessed images, each with its own threshold (`FULL_DEPTH`: every layer)."""
+        if not len(pixel_values):  # the encoder's products have no shape for no image
+            return BatchOutput([])
         start = time.perf_counter()
         with attention_backends(self.device):
             states = self.encode(pixel_values)
@@ -194,6 +202,8 @@ class CaptionEngine:
 
     def caption(self, images: list[Image.Image], thresholds: list[float] | float = FULL_DEPTH,
                 max_tokens: int | None = None) -> BatchOutput:
+        if not images:
+            return BatchOutput([])
         return self.caption_pixels(self.pixels(images), thresholds, max_tokens=max_tokens)
 
     def warmup(self) -> None:

@@ -122,6 +122,38 @@ def test_per_exit_offsets_set_each_exits_threshold(model):
         EarlyExitDecoder(model, exits=[1], exit_offsets=[float("nan")])
 
 
+def test_each_offset_stays_with_its_exit_in_whatever_order_they_are_given(model):
+    # a hand-written thresholds.json or `capeen evaluate --exits 5,1,... --exit-offsets ...` need not be sorted
+    schedule = {5: -0.1, 1: 0.3, 4: 0.0, 2: 0.2, 3: 0.1}
+    torch.manual_seed(1)
+    states = torch.randn(6, 5, model.config.n_embd)
+    shuffled = EarlyExitDecoder(model, exits=list(schedule), exit_offsets=list(schedule.values()))
+    assert (shuffled.exits, shuffled.exit_offsets) == ((1, 2, 3, 4, 5), (0.3, 0.2, 0.1, 0.0, -0.1))
+    passed = EarlyExitDecoder(model).decode(states, 0.7, max_tokens=10, exits=list(schedule),
+                                            exit_offsets=list(schedule.values()))
+    for row, (trace, passed_trace) in enumerate(zip(shuffled.decode(states, 0.7, max_tokens=10), passed)):
+        tokens, exits = reference_decode(model, states[row:row + 1], 0.7, 10, offsets=schedule)
+        assert (trace.token_ids, trace.exit_layers) == (passed_trace.token_ids, passed_trace.exit_layers) \
+            == (tokens, exits)
+    with pytest.raises(ValueError, match=r"exit layers \[3\] are given more than once"):
+        EarlyExitDecoder(model, exits=[3, 1, 3], exit_offsets=[0.1, 0.0, 0.2])
+
+
+@pytest.mark.parametrize("kv_fill, simulate", [("propagate", False), ("deferred", False), ("deferred", True)])
+def test_a_threshold_above_1_runs_every_layer_even_where_a_negative_offset_lowers_the_bar(model, kv_fill, simulate):
+    # thresholds above 1 mean full depth; a schedule's negative offsets must not let such a row leave at an exit
+    # where it recorded nothing (that used to fail the whole batch) when it shares a batch with an early-exit row
+    decoder = EarlyExitDecoder(model, exit_offsets=[-0.5] * 5, kv_fill=kv_fill)
+    torch.manual_seed(2)
+    states = torch.randn(2, 5, model.config.n_embd)
+    mixed = decoder.decode(states, [1.05, 0.6], max_tokens=8, simulate_exits=simulate)
+    alone = [decoder.decode(states[row:row + 1], [t], max_tokens=8, simulate_exits=simulate)[0]
+             for row, t in enumerate([1.05, 0.6])]
+    assert [(t.token_ids, t.exit_layers) for t in mixed] == [(t.token_ids, t.exit_layers) for t in alone]
+    assert set(mixed[0].exit_layers) == {model.config.n_layer}
+    assert set(mixed[1].exit_layers) != {model.config.n_layer}
+
+
 def test_full_depth_runs_every_layer_and_zero_threshold_leaves_at_the_first_exit(model):
     engine = EarlyExitDecoder(model)
     states = torch.randn(2, 5, model.config.n_embd)

@@ -143,6 +143,26 @@ def test_the_engine_folds_the_stems_batchnorm_into_its_convolutions_with_the_sam
     assert torch.allclose(engine.encode(pixels), expected, atol=1e-5)
 
 
+def test_engines_built_from_one_checkpoint_each_keep_their_own_precision_and_take_empty_batches():
+    # a script comparing precisions builds both from one loaded checkpoint: the second must not convert the
+    # first one's model under it
+    torch.manual_seed(0)
+    config = small_config()
+    tokenizer = WordTokenizer([*SPECIALS, *[f"w{i}" for i in range(config.vocab_size - len(SPECIALS))]])
+    checkpoint = Checkpoint(model=CapeenModel(config).eval(), tokenizer=tokenizer, thresholds=Thresholds(0.5))
+    pixels = torch.randn(3, 3, 32, 32)
+    exact = CaptionEngine(checkpoint, device="cpu")
+    before = [r.trace.token_ids for r in exact.caption_pixels(pixels, 0.5, max_tokens=8).results]
+
+    half = CaptionEngine(checkpoint, device="cpu", dtype=torch.bfloat16)
+
+    assert all(p.dtype == torch.float32 for p in checkpoint.model.parameters())
+    assert [r.trace.token_ids for r in exact.caption_pixels(pixels, 0.5, max_tokens=8).results] == before
+    assert len(half.caption_pixels(pixels, 0.5, max_tokens=8).results) == 3
+    assert all(p.dtype == torch.bfloat16 for p in half.checkpoint.model.parameters())
+    assert exact.caption_pixels(pixels[:0], 0.5).results == [] and exact.caption([], 0.5).results == []
+
+
 @pytest.mark.parametrize("overrides, message", [
     (dict(encoder="swin", patch_size=4, swin_depths=[1, 1], swin_heads=[1, 2], swin_window=4, stem_channels=[8]),
      "needs the ViT"),
