@@ -143,10 +143,17 @@ class Server:
                  for name, data in images]
         response = self._send("POST", "/caption/batch", files=files, data=options)
         if response.status_code == 200:
-            return response.json()["results"]
+            try:
+                results = response.json()["results"]
+            except (ValueError, KeyError, TypeError):
+                results = None
+            if not isinstance(results, list) or len(results) != len(images) \
+                    or not all(isinstance(result, dict) for result in results):
+                raise RemoteError(f"{self.url}/caption/batch: answered 200 without a result for each of the "
+                                  f"{len(images)} images sent (a proxy in the way?): {_problem(response)}")
+            return results
         if len(images) == 1:  # over the body limit on its own: its own failure, as the server words it
-            body = response.json()
-            return [{"status": 413, "error": body.get("error", "too_large"), "detail": body.get("detail", "")}]
+            return [{"status": 413, "error": "upload_too_large", "detail": _problem(response).removeprefix("413 ")}]
         return [result for image in images for result in self.caption([image], options)]
 
 

@@ -217,7 +217,7 @@ def test_a_refused_request_is_not_sent_again():
 
 
 def test_a_request_over_the_body_limit_is_sent_again_image_by_image():
-    too_large = httpx.Response(413, json={"error": "too_large", "detail": "image: over 1000 bytes"})
+    too_large = httpx.Response(413, json={"error": "upload_too_large", "detail": "image: over 1000 bytes"})
     server, sent = mock_server([
         too_large,
         httpx.Response(200, json={"results": [{"index": 0, "filename": "a.png", **CAPTION}]}),
@@ -225,8 +225,17 @@ def test_a_request_over_the_body_limit_is_sent_again_image_by_image():
     ])
     results = server.caption([("a.png", b"small"), ("b.png", b"large")], {})
     assert results[0]["caption"] == "a red circle"
-    assert results[1] == {"status": 413, "error": "too_large", "detail": "image: over 1000 bytes"}
+    assert results[1] == {"status": 413, "error": "upload_too_large", "detail": "image: over 1000 bytes"}
     assert [len(request.content) > 0 for request in sent[1:]] == [True] * 3
+
+
+@pytest.mark.parametrize("answer", [httpx.Response(200, text="<html>welcome</html>"),
+                                    httpx.Response(200, json={"results": []}),
+                                    httpx.Response(200, json={"results": "nothing"})])
+def test_a_200_without_a_result_per_image_is_one_line_not_a_crash(answer):
+    server, _ = mock_server([answer])
+    with pytest.raises(RemoteError, match="answered 200 without a result for each of the 1 images"):
+        server.caption([("a.png", b"png")], {})
 
 
 def test_headers_go_with_every_request():
