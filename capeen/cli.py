@@ -8,6 +8,7 @@ files) raise `UserError`, which is printed as one line, never as a traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
@@ -101,8 +102,9 @@ def _add_caption(sub) -> None:
                              "them here: POST /caption/batch, in input order, 503s retried after Retry-After")
     remote.add_argument("--concurrency", type=int, default=2, help="requests in flight (default 2)")
     remote.add_argument("--retries", type=int, default=8,
-                        help="times one request is sent again while the server answers 500, 502, 503 or 504 or "
-                             "cannot be reached, waiting Retry-After or a doubling backoff (default 8)")
+                        help="times one request is sent again while the server answers 500, 502, 504 or 408 or "
+                             "cannot be reached, after a doubling backoff (default 8); 503s and 429s "
+                             "(back-pressure) are waited out apart, up to 10 minutes a request")
     remote.add_argument("--timeout", type=float, default=120.0, help="seconds one request may take (default 120)")
     remote.add_argument("--header", action="append", metavar="'NAME: VALUE'",
                         help="an HTTP header for every request, e.g. a gateway's 'Authorization: Bearer TOKEN' "
@@ -240,6 +242,14 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the reader went away (`capeen caption *.jpg | head -1`): stop quietly, as it asked
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush does not fail again
         return 141  # what a shell reports for a process ended by SIGPIPE
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # a full disk under the output (`capeen caption photos/ > captions.txt`), or under a file written
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"capeen {args.command}: error: {where}{exc.strerror}", file=sys.stderr)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the unwritten output is dropped
+        return 2
 
 
 if __name__ == "__main__":

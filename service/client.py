@@ -7,15 +7,24 @@ the server's `max_images_per_request`), with `--concurrency` requests in flight;
 are sent, so a manifest of millions never sits in memory.
 
 What a bulk job needs from a client, and a loop of `curl` calls does not do:
-- **Back-pressure is honoured.** A 503 (queue full, or the model still loading) is retried after the server's
-  `Retry-After`; a 504 (deadline), a 500 (an engine that failed and is restarted), a gateway's 502 and a
-  connection that fails (a server restarting) after a backoff that doubles up to `MAX_BACKOFF_S`. After
-  `--retries` retries of one request the job stops with one line saying why; the captions printed so far stay.
+- **Back-pressure is waited out.** A 503 (queue full, model loading, draining) or a gateway's 429 is sent
+  again after the server's `Retry-After` (plus up to half of it again, at random, so that requests refused
+  together do not all come back together), for up to `BACKPRESSURE_LIMIT_S`. Each such refusal also halves
+  the number of requests this job keeps in flight, and each answer adds one back, up to `--concurrency`
+  (TCP's additive increase, multiplicative decrease): a job asking more than the queue holds, or sharing
+  the server, settles at what it gets instead of bouncing off the queue.
+- **Failures that may pass are retried**: a 500 (an engine failed and is restarted), 502, 504, 408, a
+  connection refused or cut (a server restarting), after a backoff that doubles from `FIRST_BACKOFF_S` to
+  `MAX_BACKOFF_S`, up to `--retries` times a request. Mistakes that cannot pass (an unknown host name, TLS
+  to a plain-HTTP port) are not retried.
 - **An image the server refuses fails alone.** Its own result says why (413, 415, 422), and it is reported
   like an unreadable file. A file over the server's upload limit is not sent at all. When a whole request is
-  too large for the server's body limit, its images are sent one by one, so that only the oversized one fails.
+  too large for the server's body limit, its images are sent one by one, so that only the oversized one
+  fails; when the server now takes fewer images per request (restarted with another setting), they are sent
+  in smaller requests.
 - A problem with the request itself (a bad option, a token the server refuses) stops the job at once with
-  the server's own words.
+  the server's own words. So does a request still failing after its retries. The captions printed before
+  stay (`--json` still closes its array), in input order.
 
 The JSON fields of a caption are the server's (`caption`, `tokens`, `exit_layers`, `mean_exit_layer`,
 `threshold`, `arm`, `policy`), after `image`: the service does not return per-token confidences.
@@ -24,11 +33,15 @@ The JSON fields of a caption are the server's (`caption`, `tokens`, `exit_layers
 from __future__ import annotations
 
 import mimetypes
+import random
+import re
+import socket
+import ssl
 import sys
 import threading
 from collections import deque
-from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,12 +49,15 @@ import httpx
 
 from capeen.errors import UserError
 
-# statuses worth sending the same request again for: back-pressure, deadlines, a restarting engine or server
-RETRIED_STATUSES = frozenset({500, 502, 503, 504})
+BACKPRESSURE = frozenset({429, 503})  # the server is busy: wait as it says, and send fewer at once
+RETRIED_STATUSES = frozenset({408, 500, 502, 504})  # failures that may pass: a restarting engine or server
 FIRST_BACKOFF_S = 0.5
 MAX_BACKOFF_S = 30.0
+BACKPRESSURE_LIMIT_S = 600.0  # one request refused for longer than this: the server is not coming back
 # the server's answer fields a caption keeps in --json and --jsonl (ImageCaption, less index and filename)
 CAPTION_FIELDS = ("caption", "tokens", "exit_layers", "mean_exit_layer", "threshold", "arm", "policy")
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an HTTP header name (RFC 9110's token)
+_CLIENT_HEADERS = {"content-length", "content-type", "host", "transfer-encoding", "connection"}
 
 
 class RemoteError(Exception):
@@ -56,20 +72,26 @@ class RemoteError(Exception):
 def parse_header(text: str) -> tuple[str, str]:
     """`--header 'Name: value'` (a gateway's token, say) as (name, value)."""
     name, colon, value = text.partition(":")
-    if not colon or not name.strip() or any(c.isspace() for c in name.strip()):
+    name, value = name.strip(), value.strip()
+    if not colon or not _TOKEN.fullmatch(name):
         raise UserError(f"--header {text!r}: expected 'Name: value', e.g. 'Authorization: Bearer TOKEN'")
-    return name.strip(), value.strip()
+    if name.lower() in _CLIENT_HEADERS:
+        raise UserError(f"--header {name}: set by the client itself for each request")
+    if not value.isascii() or not value.isprintable():
+        raise UserError(f"--header {name}: the value must be printable ASCII (a pasted non-breaking space?)")
+    return name, value
 
 
 def _problem(response: httpx.Response) -> str:
-    """A refused request in one line: its status and the service's `detail` (or the start of the body)."""
+    """A refused request in one line: its status and the service's `detail` (or the start of a text body)."""
     try:
         body = response.json()
         detail = body.get("detail") if isinstance(body, dict) else None
     except ValueError:
         detail = None
-    if not isinstance(detail, str):
-        detail = " ".join(response.text.split())[:200] or response.reason_phrase
+    if not isinstance(detail, str):  # a proxy's or another server's answer: its page says no more than this
+        text = "" if "html" in response.headers.get("content-type", "") else " ".join(response.text.split())[:200]
+        detail = text or response.reason_phrase
     return f"{response.status_code} {detail}"
 
 
@@ -80,31 +102,84 @@ def _retry_after(response: httpx.Response) -> float | None:
         return None  # absent, or an HTTP date (the service sends seconds): the backoff decides
 
 
+def _hopeless(exc: httpx.TransportError) -> bool:
+    """A transport failure that no retry mends: a host name that does not resolve, TLS spoken to a port
+    that does not, a request the HTTP library itself refuses to send."""
+    if isinstance(exc, (httpx.LocalProtocolError, httpx.UnsupportedProtocol)):
+        return True
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, (socket.gaierror, ssl.SSLError)):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
+
+
+class _Window:
+    """How many requests may be in flight: halved at each refusal for back-pressure, one more after each
+    answer, between 1 and `limit` (see the module docstring)."""
+
+    def __init__(self, limit: int, stopped: threading.Event) -> None:
+        self.limit = self.size = limit
+        self._busy = 0
+        self._stopped = stopped
+        self._changed = threading.Condition()
+
+    def acquire(self) -> None:
+        with self._changed:
+            while self._busy >= self.size:
+                if self._stopped.is_set():
+                    raise RemoteError("the job stopped")
+                self._changed.wait(0.1)
+            self._busy += 1
+
+    def release(self, answered: bool, refused: bool) -> None:
+        with self._changed:
+            self._busy -= 1
+            if refused:
+                self.size = max(1, self.size // 2)
+            elif answered:
+                self.size = min(self.limit, self.size + 1)
+            self._changed.notify_all()
+
+
 class Server:
     """One capeen service: its limits (from `GET /v1/model`) and a pool of kept-alive connections to it."""
 
     def __init__(self, url: str, *, headers: Iterable[tuple[str, str]] = (), timeout_s: float = 120.0,
-                 retries: int = 8, transport: httpx.BaseTransport | None = None) -> None:
+                 retries: int = 8, concurrency: int = 1, transport: httpx.BaseTransport | None = None) -> None:
         if not url.startswith(("http://", "https://")):
             raise RemoteError(f"--server {url}: give the service's URL, e.g. http://localhost:8000")
         self.url = url.rstrip("/")
         self.retries = retries
-        self._stopped = threading.Event()  # set by close(): no request is sent again after it
-        self.http = httpx.Client(base_url=self.url, headers=list(headers), timeout=timeout_s, transport=transport)
+        self._stopped = threading.Event()  # set by stop(): no request is sent again after it
+        self.window = _Window(concurrency, self._stopped)
+        self._sleep: Callable[[float], bool] = self._stopped.wait  # True: stopped meanwhile
         try:
-            info = self._send("GET", "/v1/model").json()
-            self.model: str = info["name"]
-            self.max_images: int = int(info["max_images_per_request"])
-            self.max_upload_bytes: int | None = info.get("max_upload_bytes")
+            self.http = httpx.Client(base_url=self.url, headers=list(headers), timeout=timeout_s,
+                                     transport=transport)
+        except httpx.InvalidURL as exc:
+            raise RemoteError(f"--server {url}: {exc}") from None
+        try:
+            self._read_limits()
         except RemoteError as exc:
             self.http.close()
             if exc.status == 404:  # another kind of server, or a URL with a path the service does not have
                 raise RemoteError(f"{self.url}: not a capeen service (GET /v1/model answered 404)", 404) from None
             raise
+
+    def _read_limits(self) -> None:
+        try:
+            info = self._send("GET", "/v1/model").json()
+            self.model: str = str(info["name"])
+            self.max_images: int = int(info["max_images_per_request"])
+            upload = info.get("max_upload_bytes")
+            self.max_upload_bytes: int | None = None if upload is None else int(upload)
         except (ValueError, KeyError, TypeError) as exc:
-            self.http.close()
             raise RemoteError(f"{self.url}: not a capeen service (GET /v1/model answered without its fields: "
                               f"{type(exc).__name__})") from None
+        if self.max_images < 1 or (self.max_upload_bytes is not None and self.max_upload_bytes < 1):
+            raise RemoteError(f"{self.url}: GET /v1/model gives limits below 1: {info}")
 
     def stop(self) -> None:
         """Send nothing again: a request waiting to be retried gives up (a request on the wire still ends)."""
@@ -116,30 +191,49 @@ class Server:
 
     def _send(self, method: str, path: str, **request) -> httpx.Response:
         """The answer to one request, sent again while the server is busy or away (module docstring); a
-        refused request raises RemoteError, an answered one (200, or a batch's own 413) is returned."""
-        backoff = FIRST_BACKOFF_S
-        for attempt in range(self.retries + 1):
+        refused request raises RemoteError, an answered one (200, or a batch's own 413 or 422) is returned."""
+        backoff, failures, refused_for = FIRST_BACKOFF_S, 0, 0.0
+        while True:
+            self.window.acquire()
+            response = None
             try:
                 response = self.http.request(method, path, **request)
             except httpx.TransportError as exc:  # refused, reset, timed out: the server may be restarting
-                problem, wait = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__, None
+                problem = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                if _hopeless(exc):
+                    raise RemoteError(f"{self.url}{path}: {problem}") from None
+            finally:
+                status = None if response is None else response.status_code
+                self.window.release(answered=status not in RETRIED_STATUSES | BACKPRESSURE | {None},
+                                    refused=status in BACKPRESSURE)
+            if status in BACKPRESSURE:
+                # back-pressure is not a failure: it is waited out for as long as the server keeps answering
+                wait = _retry_after(response)
+                wait = (backoff if wait is None else wait) * random.uniform(1.0, 1.5)
+                refused_for += wait
+                if refused_for > BACKPRESSURE_LIMIT_S:
+                    raise RemoteError(f"{self.url}{path}: {_problem(response)} (still refused after "
+                                      f"{BACKPRESSURE_LIMIT_S:.0f} s)", status)
+            elif status is None or status in RETRIED_STATUSES:
+                if response is not None:
+                    problem = _problem(response)
+                if failures == self.retries:
+                    tries = "retry" if self.retries == 1 else "retries"
+                    raise RemoteError(f"{self.url}{path}: {problem} (given up after {self.retries} {tries})", status)
+                failures += 1
+                wait = _retry_after(response) if response is not None else None
+                wait = backoff if wait is None else wait
+            elif status == 200 or (path == "/caption/batch" and status in (413, 422)):
+                return response
             else:
-                if response.status_code not in RETRIED_STATUSES:
-                    if response.status_code == 200 or (response.status_code == 413 and path == "/caption/batch"):
-                        return response
-                    raise RemoteError(f"{self.url}{path}: {_problem(response)}", response.status_code)
-                problem, wait = _problem(response), _retry_after(response)
-            if attempt == self.retries:
-                tries = "retry" if self.retries == 1 else "retries"
-                raise RemoteError(f"{self.url}{path}: {problem} (given up after {self.retries} {tries})")
-            if self._stopped.wait(backoff if wait is None else wait):
-                raise RemoteError(f"{self.url}{path}: {problem} (the job stopped)")
+                raise RemoteError(f"{self.url}{path}: {_problem(response)}", status)
+            if self._sleep(wait):
+                raise RemoteError(f"{self.url}{path}: the job stopped")
             backoff = min(MAX_BACKOFF_S, 2 * backoff)
-        raise AssertionError("unreachable")
 
     def caption(self, images: list[tuple[str, bytes]], options: dict[str, str]) -> list[dict]:
         """One result per image, in order: the server's ImageCaption or ImageFailure fields."""
-        files = [("image", (name, data, mimetypes.guess_type(name)[0] or "application/octet-stream"))
+        files = [("image", (_sendable(name), data, mimetypes.guess_type(name)[0] or "application/octet-stream"))
                  for name, data in images]
         response = self._send("POST", "/caption/batch", files=files, data=options)
         if response.status_code == 200:
@@ -152,9 +246,37 @@ class Server:
                 raise RemoteError(f"{self.url}/caption/batch: answered 200 without a result for each of the "
                                   f"{len(images)} images sent (a proxy in the way?): {_problem(response)}")
             return results
+        if response.status_code == 422:  # too many images now? (a server restarted with a lower limit)
+            self._read_limits()
+            if len(images) <= self.max_images:
+                raise RemoteError(f"{self.url}/caption/batch: {_problem(response)}", 422)
+            return [result for start in range(0, len(images), self.max_images)
+                    for result in self.caption(images[start:start + self.max_images], options)]
         if len(images) == 1:  # over the body limit on its own: its own failure, as the server words it
             return [{"status": 413, "error": "upload_too_large", "detail": _problem(response).removeprefix("413 ")}]
         return [result for image in images for result in self.caption([image], options)]
+
+
+def _sendable(name: str) -> str:
+    """A file name that HTTP can carry: one the file system gave as bytes that are not UTF-8 keeps the rest
+    (the service only echoes it; the output names the file by its path)."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def _in_background(function: Callable, *args) -> Future:
+    """`function(*args)` on a daemon thread: a request on the wire never keeps a stopped job (Ctrl-C, a closed
+    pipe, an error) from exiting, as a pool's threads would until the request's timeout."""
+    future: Future = Future()
+
+    def run() -> None:
+        if future.set_running_or_notify_cancel():
+            try:
+                future.set_result(function(*args))
+            except BaseException as exc:  # handed to the main thread, which reads every future in order
+                future.set_exception(exc)
+
+    threading.Thread(target=run, name="capeen-remote", daemon=True).start()
+    return future
 
 
 @dataclass
@@ -175,8 +297,8 @@ def caption_remote(args, found: Iterator, output) -> int:
         raise UserError(f"--concurrency must be at least 1, got {args.concurrency}")
     if args.retries < 0:
         raise UserError(f"--retries must be 0 or more, got {args.retries}")
-    if not args.timeout > 0:
-        raise UserError(f"--timeout must be a positive number of seconds, got {args.timeout}")
+    if not 0 < args.timeout <= 86_400:  # nan fails both; a day is more than any request needs
+        raise UserError(f"--timeout must be a positive number of seconds, at most 86400, got {args.timeout}")
     headers = [parse_header(text) for text in args.header or ()]
     options = {"mode": args.mode}
     if args.threshold is not None:
@@ -184,10 +306,10 @@ def caption_remote(args, found: Iterator, output) -> int:
     if args.max_tokens is not None:
         options["max_tokens"] = str(args.max_tokens)
     try:
-        server = Server(args.server, headers=headers, timeout_s=args.timeout, retries=args.retries)
+        server = Server(args.server, headers=headers, timeout_s=args.timeout, retries=args.retries,
+                        concurrency=args.concurrency)
     except RemoteError as exc:
         raise UserError(str(exc)) from None
-    per_request = max(1, min(args.batch_size, server.max_images))
     # a server that does not say its limit still gets no file larger than a local run would read
     upload_limit = server.max_upload_bytes or MAX_FILE_BYTES
     failures = 0
@@ -212,10 +334,8 @@ def caption_remote(args, found: Iterator, output) -> int:
                 detail = str(result.get("detail") or result.get("error") or "refused by the server")
                 failed(path, f"{path}: {detail.removeprefix('image: ')}")
 
-    pool = ThreadPoolExecutor(args.concurrency, thread_name_prefix="capeen-remote")
     in_flight: deque[_Chunk] = deque()
     chunk = _Chunk()
-    finished = False
     try:
         for item in found:  # an image file's path, or why a folder or list could not be read
             try:
@@ -229,8 +349,8 @@ def caption_remote(args, found: Iterator, output) -> int:
             else:
                 chunk.images.append((item.name, data))
                 chunk.entries.append((item, len(chunk.images) - 1))
-            if len(chunk.images) == per_request:
-                chunk.results = pool.submit(server.caption, chunk.images, options)
+            if len(chunk.images) >= min(args.batch_size, server.max_images):  # the server's may change
+                chunk.results = _in_background(server.caption, chunk.images, options)
                 in_flight.append(chunk)
                 chunk = _Chunk()
             while in_flight and (len(in_flight) >= args.concurrency or in_flight[0].results.done()):
@@ -239,16 +359,17 @@ def caption_remote(args, found: Iterator, output) -> int:
                 emit(chunk)  # (a folder of broken files must not pile up)
                 chunk = _Chunk()
         if chunk.images:
-            chunk.results = pool.submit(server.caption, chunk.images, options)
+            chunk.results = _in_background(server.caption, chunk.images, options)
         in_flight.append(chunk)
         while in_flight:
             emit(in_flight.popleft())
-        finished = True
     except RemoteError as exc:
+        output.close()  # what was captioned stays readable: --json closes its array
         raise UserError(str(exc)) from None
-    finally:  # a stopped job (an error, Ctrl-C, a closed pipe) sends nothing more and waits for no answer
+    finally:  # a stopped job (an error, Ctrl-C, a closed pipe) sends nothing more
         server.stop()
-        pool.shutdown(wait=finished, cancel_futures=True)
-        server.close()
+    # closed only when nothing is in flight: closing waits for the requests on the wire, which a stopped job
+    # leaves to their daemon threads
+    server.close()
     output.close()
     return 1 if failures else 0

@@ -804,6 +804,20 @@ def test_a_reader_that_stops_early_gets_no_traceback(tiny_checkpoint, images):
     proc.stdout.close()  # as head does once it has its line
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 141 and b"Traceback" not in err, err.decode()
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_a_full_disk_under_the_output_is_one_line(tiny_checkpoint, images):
+    """`capeen caption photos/ > captions.txt` on a disk that fills up: what failed, in one line, exit 2."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run([sys.executable, "-m", "capeen", "caption", str(images["a.png"]), "--checkpoint",
+                               str(tiny_checkpoint), "--device", "cpu"], stdout=full, stderr=subprocess.PIPE,
+                              text=True, env=env, cwd=REPO, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr == "capeen caption: error: No space left on device\n"
+
+
 def test_python_m_capeen_caption_as_a_subprocess(tiny_checkpoint, images):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     proc = subprocess.run(

@@ -4,7 +4,9 @@ uvicorn server; back-pressure waited out; the retry rules of `service.client.Ser
 from __future__ import annotations
 
 import json
+import os
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -130,6 +132,10 @@ def free_port() -> int:
     (["--server", "{server}", "--header", "no colon"], ["--header 'no colon'", "Name: value"]),
     (["--server", "{server}", "--concurrency", "0"], ["--concurrency must be at least 1"]),
     (["--server", "{server}", "--timeout", "nan"], ["--timeout must be a positive number"]),
+    (["--server", "{server}", "--timeout", "inf"], ["--timeout must be a positive number"]),
+    (["--server", "http://127.0.0.1:80x"], ["--server http://127.0.0.1:80x", "port"]),
+    (["--server", "{server}", "--header", "X-Token: a\u00a0b"], ["--header X-Token", "printable ASCII"]),
+    (["--server", "{server}", "--header", "Content-Length: 5"], ["--header Content-Length", "client itself"]),
     (["--server", "{server}", "--threshold", "1.5"], ["/caption/batch: 422", "threshold"]),
 ])
 def test_bad_remote_options_exit_2_with_one_line(capsys, server, folder, argv, fragments):
@@ -148,58 +154,115 @@ def test_a_server_that_goes_away_ends_the_job_with_one_line_after_the_captions_i
     with running_server(settings, SlowEngine(tiny_engine, 0.05)) as going:
         stopper = threading.Timer(0.5, going.stop)  # as SIGTERM does: the requests in flight are answered
         stopper.start()
-        rc, out, err = run(capsys, "caption", "--files-from", listed, "--server", going.url, "--jsonl",
+        rc, out, err = run(capsys, "caption", "--files-from", listed, "--server", going.url, "--json",
                            "--batch-size", 1, "--concurrency", 1, "--retries", 1)
         stopper.join()
     assert rc == 2
-    printed = [json.loads(line)["image"] for line in out.splitlines()]
+    printed = [item["image"] for item in json.loads(out)]  # still one JSON array, closed
     assert 0 < len(printed) < len(paths) and printed == [str(path) for path in paths[: len(printed)]]
     assert_one_line_error(err, "/caption/batch", "given up after 1 retry")
 
 
 # ----- the retry rules, on a mock transport --------------------------------------------------------------------
-MODEL = {"name": "m", "max_images_per_request": 4, "max_upload_bytes": 1000}
 CAPTION = {"caption": "a red circle", "tokens": ["a", "red", "circle"], "exit_layers": [1, 2, 1],
            "mean_exit_layer": 1.5, "threshold": 0.7, "arm": None, "policy": None}
 
 
-class Waits:
-    """Stands in for the server's stop event: records each wait instead of sleeping it."""
-
-    def __init__(self) -> None:
-        self.seconds: list[float] = []
-
-    def wait(self, seconds: float) -> bool:
-        self.seconds.append(seconds)
-        return False
-
-    def set(self) -> None:
-        pass
-
-
-def mock_server(answers: list[httpx.Response], retries: int = 8, **kwargs) -> tuple[Server, list[httpx.Request]]:
-    """A `Server` whose GET /v1/model is answered with MODEL and whose other requests get `answers` in turn."""
+def mock_server(answers: list, retries: int = 8, limits: dict | None = None, record_waits: bool = True,
+                **kwargs) -> tuple[Server, list[httpx.Request]]:
+    """A `Server` whose GET /v1/model is answered with `limits` (read at each call) and whose other requests get
+    `answers` in turn (an exception is raised); with `record_waits`, its waits are recorded, not slept."""
+    limits = limits if limits is not None else {"name": "m", "max_images_per_request": 4, "max_upload_bytes": 1000}
     sent: list[httpx.Request] = []
 
     def handle(request: httpx.Request) -> httpx.Response:
         sent.append(request)
-        return httpx.Response(200, json=MODEL) if request.url.path == "/v1/model" else answers.pop(0)
+        if request.url.path == "/v1/model":
+            return httpx.Response(200, json=limits)
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
 
     server = Server("http://capeen.test", retries=retries, transport=httpx.MockTransport(handle), **kwargs)
-    server._stopped = Waits()
+    if record_waits:
+        server.waits = []
+        server._sleep = lambda seconds: server.waits.append(seconds) or False
     return server, sent
 
 
-def test_retry_after_is_honoured_and_other_failures_back_off():
+def ok(count: int = 1) -> httpx.Response:
+    return httpx.Response(200, json={"results": [{"index": i, "filename": "x.png", **CAPTION} for i in range(count)]})
+
+
+def test_failures_that_may_pass_are_retried_after_retry_after_or_a_doubling_backoff():
     server, sent = mock_server([
         httpx.Response(503, headers={"Retry-After": "2"}, json={"error": "queue_full", "detail": "full"}),
         httpx.Response(502, text="bad gateway"),
-        httpx.Response(504, json={"error": "deadline", "detail": "late"}),
-        httpx.Response(200, json={"results": [{"index": 0, "filename": "a.png", **CAPTION}]}),
+        httpx.Response(504, json={"error": "timeout", "detail": "late"}),
+        httpx.ConnectError("[Errno 111] Connection refused"),
+        ok(),
     ])
     assert server.caption([("a.png", b"png")], {"mode": "fixed"})[0]["caption"] == "a red circle"
-    assert server._stopped.seconds == [2.0, 1.0, 2.0]  # Retry-After, then the backoff doubling from 0.5 s
-    assert [request.url.path for request in sent] == ["/v1/model"] + ["/caption/batch"] * 4
+    # Retry-After with up to half again at random, then the backoff doubling from 0.5 s
+    assert 2.0 <= server.waits[0] <= 3.0 and server.waits[1:] == [1.0, 2.0, 4.0]
+    assert [request.url.path for request in sent] == ["/v1/model"] + ["/caption/batch"] * 5
+
+
+def test_back_pressure_is_waited_out_without_using_up_the_retries_and_narrows_what_is_in_flight():
+    busy = httpx.Response(503, headers={"Retry-After": "1"}, json={"error": "queue_full", "detail": "full"})
+    server, _ = mock_server([busy, busy, httpx.Response(429, text="slow down"), ok(), ok()], retries=0,
+                            concurrency=8)
+    assert server.caption([("a.png", b"png")], {})[0]["caption"] == "a red circle"
+    assert server.window.size == 2  # 8, halved at each of three refusals to 1, then one more for the answer
+    server.caption([("a.png", b"png")], {})
+    assert server.window.size == 3
+
+
+def test_back_pressure_that_never_ends_gives_up_after_its_limit(monkeypatch):
+    monkeypatch.setattr("service.client.BACKPRESSURE_LIMIT_S", 5.0)
+    busy = httpx.Response(503, headers={"Retry-After": "2"}, json={"error": "queue_full", "detail": "full"})
+    server, _ = mock_server([busy] * 10)
+    with pytest.raises(RemoteError, match="503 full .still refused after 5 s."):
+        server.caption([("a.png", b"png")], {})
+    assert 1 <= len(server.waits) <= 2 and sum(server.waits) <= 5.0  # waits of 2 to 3 s, until 5 s would pass
+
+
+@pytest.mark.parametrize("cause, hopeless", [(socket.gaierror(-2, "Name or service not known"), True),
+                                             (ssl.SSLError(1, "WRONG_VERSION_NUMBER"), True),
+                                             (ConnectionRefusedError(111, "Connection refused"), False)])
+def test_a_connection_that_cannot_succeed_is_not_retried(cause, hopeless):
+    error = httpx.ConnectError(str(cause))
+    error.__cause__ = cause
+    server, sent = mock_server([error, ok()])
+    if hopeless:
+        with pytest.raises(RemoteError, match="ConnectError"):
+            server.caption([("a.png", b"png")], {})
+        assert (len(sent), server.waits) == (2, [])
+    else:
+        assert server.caption([("a.png", b"png")], {})[0]["caption"] == "a red circle"
+
+
+def test_a_server_now_taking_fewer_images_per_request_gets_smaller_requests():
+    limits = {"name": "m", "max_images_per_request": 4, "max_upload_bytes": 1000}
+    too_many = httpx.Response(422, json={"error": "invalid_request", "detail": "3 images in one request; at most 2"})
+    server, sent = mock_server([too_many, ok(2), ok(1)], limits=limits)
+    limits["max_images_per_request"] = 2  # the server restarted with CAPEEN_MAX_IMAGES_PER_REQUEST=2
+    results = server.caption([("a.png", b"a"), ("b.png", b"b"), ("c.png", b"c")], {})
+    assert len(results) == 3 and server.max_images == 2
+    assert [request.url.path for request in sent] == ["/v1/model", "/caption/batch", "/v1/model",
+                                                      "/caption/batch", "/caption/batch"]
+    bad_option = httpx.Response(422, json={"error": "invalid_request", "detail": "threshold: too high"})
+    server, _ = mock_server([bad_option])
+    with pytest.raises(RemoteError, match="422 threshold: too high"):
+        server.caption([("a.png", b"a")], {})
+
+
+def test_a_file_name_that_is_not_utf8_is_sent_all_the_same():
+    server, sent = mock_server([ok()])
+    name = os.fsdecode(b"caf\xe9.png")  # a Latin-1 name, as the file system gives it
+    server.caption([(name, b"png")], {})
+    assert b'filename="caf\xef\xbf\xbd.png"' in sent[1].content
 
 
 def test_a_server_still_failing_after_the_retries_is_one_line_naming_its_last_answer():
@@ -254,8 +317,7 @@ def test_a_server_of_another_kind_is_named_as_such():
 
 
 def test_a_stopped_job_gives_up_its_retries_at_once():
-    server, _ = mock_server([httpx.Response(503, headers={"Retry-After": "30"}, json={})] * 10)
-    server._stopped = threading.Event()
+    server, _ = mock_server([httpx.Response(503, headers={"Retry-After": "30"}, json={})] * 10, record_waits=False)
     failure: list[BaseException] = []
 
     def caption() -> None:
