@@ -310,8 +310,6 @@ def caption_remote(args, found: Iterator, output) -> int:
                         concurrency=args.concurrency)
     except RemoteError as exc:
         raise UserError(str(exc)) from None
-    # a server that does not say its limit still gets no file larger than a local run would read
-    upload_limit = server.max_upload_bytes or MAX_FILE_BYTES
     failures = 0
 
     def failed(path: Path, problem: str) -> None:
@@ -338,14 +336,17 @@ def caption_remote(args, found: Iterator, output) -> int:
     chunk = _Chunk()
     try:
         for item in found:  # an image file's path, or why a folder or list could not be read
-            try:
-                if isinstance(item, ImageError):
-                    raise item
-                data = read_image_file(item, upload_limit)
-            except ImageError as exc:  # named in its place, after the images before it
-                problem = str(exc) if exc.kind != "too_large" or isinstance(item, ImageError) else \
-                    f"{item}: larger than the server's upload limit of {upload_limit} bytes (CAPEEN_MAX_UPLOAD_BYTES)"
-                chunk.entries.append((getattr(exc, "path", None) or item, problem))
+            problem = str(item) if isinstance(item, ImageError) else None
+            if problem is None:
+                # a server that does not say its limit still gets no file larger than a local run would read
+                limit = server.max_upload_bytes or MAX_FILE_BYTES
+                try:
+                    data = read_image_file(item, limit)
+                except ImageError as exc:
+                    problem = str(exc) if exc.kind != "too_large" or server.max_upload_bytes is None else \
+                        f"{item}: larger than the server's upload limit of {limit} bytes (CAPEEN_MAX_UPLOAD_BYTES)"
+            if problem is not None:  # named in its place, after the images before it
+                chunk.entries.append((getattr(item, "path", None) or item, problem))
             else:
                 chunk.images.append((item.name, data))
                 chunk.entries.append((item, len(chunk.images) - 1))
