@@ -51,6 +51,20 @@ from models.model import CapeenModel
 FULL_DEPTH = math.inf  # a threshold no confidence reaches: every layer runs
 
 
+def _row_thresholds(thresholds, batch: int) -> list[float]:
+    """One threshold per row, from one for all (a number, or a 0-d tensor or array) or one per row (a
+    sequence, tensor or array). NaN is refused: it would compare false with every confidence and decode at
+    full depth, reported as a threshold."""
+    if isinstance(thresholds, torch.Tensor) or hasattr(thresholds, "ndim"):  # torch or numpy
+        thresholds = thresholds.flatten().tolist() if thresholds.ndim else thresholds.item()
+    values = [float(t) for t in thresholds] if isinstance(thresholds, (list, tuple)) else [float(thresholds)] * batch
+    if len(values) != batch:
+        raise ValueError(f"got {len(values)} thresholds for {batch} images")
+    if any(math.isnan(t) for t in values):
+        raise ValueError(f"thresholds must be numbers, got {values}")
+    return values
+
+
 @dataclass
 class DecodeTrace:
     """What happened to one caption: its tokens and, per token, the exits evaluated on the way."""
@@ -284,12 +298,7 @@ class EarlyExitDecoder:
         if max_tokens is None:
             max_tokens = cfg.n_positions - 1
         max_tokens = max(1, min(max_tokens, cfg.n_positions - 1))
-        if isinstance(thresholds, torch.Tensor):
-            thresholds = thresholds.flatten().tolist()
-        thresholds_list = [float(t) for t in thresholds] if isinstance(thresholds, (list, tuple)) \
-            else [float(thresholds)] * batch
-        if len(thresholds_list) != batch:
-            raise ValueError(f"got {len(thresholds_list)} thresholds for {batch} images")
+        thresholds_list = _row_thresholds(thresholds, batch)
         L, H, hd = self.n_layer, self.n_head, self.d // self.n_head
 
         # cross-attention keys/values of every layer, in one product: (L, 2, B, H, P, hd)

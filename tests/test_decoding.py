@@ -154,6 +154,20 @@ def test_a_threshold_above_1_runs_every_layer_even_where_a_negative_offset_lower
     assert set(mixed[1].exit_layers) != {model.config.n_layer}
 
 
+def test_thresholds_come_as_numbers_lists_arrays_or_tensors_and_nan_is_refused(model):
+    decoder = EarlyExitDecoder(model)
+    torch.manual_seed(1)
+    states = torch.randn(3, 5, model.config.n_embd)
+    expected = [t.token_ids for t in decoder.decode(states, [0.5, 0.5, 0.5], max_tokens=10)]
+    for thresholds in (0.5, np.float64(0.5), np.array(0.5), np.full(3, 0.5), torch.tensor(0.5, dtype=torch.float64),
+                       torch.full((3,), 0.5, dtype=torch.float64), (0.5, 0.5, 0.5)):
+        assert [t.token_ids for t in decoder.decode(states, thresholds, max_tokens=10)] == expected, thresholds
+    with pytest.raises(ValueError, match="got 2 thresholds for 3 images"):
+        decoder.decode(states, np.full(2, 0.5))
+    with pytest.raises(ValueError, match="thresholds must be numbers"):
+        decoder.decode(states, [0.5, float("nan"), 0.5])
+
+
 def test_full_depth_runs_every_layer_and_zero_threshold_leaves_at_the_first_exit(model):
     engine = EarlyExitDecoder(model)
     states = torch.randn(2, 5, model.config.n_embd)
