@@ -28,6 +28,7 @@ from tests.test_service import (  # noqa: F401  (the tiny_engine fixture)
     running_server,
     tiny_engine_fixture,
 )
+from tests.test_service_load import StartedEngine
 
 UPLOAD_LIMIT = 64 * 1024
 MAX_IMAGES = 3
@@ -151,8 +152,14 @@ def test_a_server_that_goes_away_ends_the_job_with_one_line_after_the_captions_i
     listed = tmp_path / "list.txt"
     listed.write_text("\n".join(map(str, paths)) + "\n")
     settings = Settings(max_batch_size=1, log_level="warning")
-    with running_server(settings, SlowEngine(tiny_engine, 0.05)) as going:
-        stopper = threading.Timer(0.5, going.stop)  # as SIGTERM does: the requests in flight are answered
+    engine = StartedEngine(tiny_engine, 0.05)
+    with running_server(settings, engine) as going:
+        def stop_once_captioning() -> None:  # as SIGTERM does: the requests in flight are answered
+            assert engine.started.wait(60)
+            time.sleep(0.3)
+            going.stop()
+
+        stopper = threading.Thread(target=stop_once_captioning)
         stopper.start()
         rc, out, err = run(capsys, "caption", "--files-from", listed, "--server", going.url, "--json",
                            "--batch-size", 1, "--concurrency", 1, "--retries", 1)
