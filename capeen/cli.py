@@ -100,16 +100,16 @@ def _add_caption(sub) -> None:
     remote.add_argument("--server", metavar="URL",
                         help="send the images to this service (e.g. http://gpu-host:8000) instead of captioning "
                              "them here: POST /caption/batch, in input order, 503s retried after Retry-After")
-    remote.add_argument("--concurrency", type=int, default=2, help="requests in flight (default 2)")
-    remote.add_argument("--retries", type=int, default=8,
+    remote.add_argument("--concurrency", type=int, help="requests in flight (default 2)")
+    remote.add_argument("--retries", type=int,
                         help="times one request is sent again while the server answers 500, 502, 504 or 408 or "
                              "cannot be reached, after a doubling backoff (default 8); 503s and 429s "
                              "(back-pressure) are waited out apart, up to 10 minutes a request")
-    remote.add_argument("--timeout", type=float, default=120.0, help="seconds one request may take (default 120)")
+    remote.add_argument("--timeout", type=float, help="seconds one request may take (default 120)")
     remote.add_argument("--header", action="append", metavar="'NAME: VALUE'",
                         help="an HTTP header for every request, e.g. a gateway's 'Authorization: Bearer TOKEN' "
                              "(repeatable)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--device", help="auto (the default), cpu or cuda")
     add_half(p)
     form = p.add_mutually_exclusive_group()
     form.add_argument("--json", action="store_true", help="print JSON: caption, tokens, exit_layers, confidences")

@@ -92,6 +92,7 @@ def caption_main(args) -> int:
 
         return caption_remote(args, find_images(itertools.chain(args.images, listed)), output)
     args.threads = 1 if args.threads is None else args.threads
+    args.device = args.device or "auto"
     args.workers = min(4, os.cpu_count() or 1) if args.workers is None else args.workers
     if args.workers < 0:
         raise UserError(f"--workers must be 0 or more, got {args.workers}")
@@ -141,15 +142,16 @@ def caption_main(args) -> int:
     return 1 if failures else 0
 
 
-# options of `capeen caption` that only a local model has, and those that only --server has, with their defaults
-_LOCAL_ONLY = {"checkpoint": None, "device": "auto", "half": False, "kv_fill": None, "threads": None, "workers": None}
-_SERVER_ONLY = {"concurrency": 2, "retries": 8, "timeout": 120.0, "header": None}
+# options of `capeen caption` that only a local model has, and those that only --server has: none has an
+# argparse default (their defaults are applied where they are used), so that one given is one set
+_LOCAL_ONLY = ("checkpoint", "device", "half", "kv_fill", "threads", "workers")
+_SERVER_ONLY = ("concurrency", "retries", "timeout", "header")
 
 
 def _check_where(args) -> None:
     """Refuse the options that mean nothing where the captions are made (here, or on `--server`)."""
-    def given(defaults: dict) -> list[str]:
-        return ["--" + name.replace("_", "-") for name, default in defaults.items() if getattr(args, name) != default]
+    def given(names: tuple[str, ...]) -> list[str]:
+        return ["--" + name.replace("_", "-") for name in names if getattr(args, name) not in (None, False)]
 
     if args.server is not None:
         if given(_LOCAL_ONLY):

@@ -53,6 +53,7 @@ BACKPRESSURE = frozenset({429, 503})  # the server is busy: wait as it says, and
 RETRIED_STATUSES = frozenset({408, 500, 502, 504})  # failures that may pass: a restarting engine or server
 FIRST_BACKOFF_S = 0.5
 MAX_BACKOFF_S = 30.0
+DEFAULT_CONCURRENCY, DEFAULT_RETRIES, DEFAULT_TIMEOUT_S = 2, 8, 120.0  # --concurrency, --retries, --timeout
 BACKPRESSURE_LIMIT_S = 600.0  # one request refused for longer than this: the server is not coming back
 # the server's answer fields a caption keeps in --json and --jsonl (ImageCaption, less index and filename)
 CAPTION_FIELDS = ("caption", "tokens", "exit_layers", "mean_exit_layer", "threshold", "arm", "policy")
@@ -293,6 +294,9 @@ def caption_remote(args, found: Iterator, output) -> int:
     1 when some image could not be captioned."""
     from models.images import MAX_FILE_BYTES, ImageError, read_image_file
 
+    args.concurrency = DEFAULT_CONCURRENCY if args.concurrency is None else args.concurrency
+    args.retries = DEFAULT_RETRIES if args.retries is None else args.retries
+    args.timeout = DEFAULT_TIMEOUT_S if args.timeout is None else args.timeout
     if args.concurrency < 1:
         raise UserError(f"--concurrency must be at least 1, got {args.concurrency}")
     if args.retries < 0:
