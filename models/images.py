@@ -23,6 +23,15 @@ KINDS = ("empty", "not_image", "truncated", "too_large", "unsupported", "unreada
 _WHITE = (255, 255, 255)
 # what a folder given to `capeen caption` is searched for (a named file is tried whatever its name)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+# What Pillow may open, by its format names: the formats documented, and nothing else. Some of Pillow's other
+# plugins decode pixels while they open a file (ICO decodes the PNG inside it), before the pixel limit is checked.
+# (JPEG opens a camera's MPO file too.)
+FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+FORMATS_NAMED = "JPEG, PNG, WebP, BMP, GIF or TIFF"
+# libjpeg decodes every scan of a progressive JPEG in full: a file of a few hundred kB that repeats its last scan
+# thousands of times costs minutes of CPU. Encoders write about 10 scans (libjpeg's progressive script), so more
+# than this is refused, as libjpeg-turbo's `djpeg -maxscans` lets one refuse it.
+MAX_JPEG_SCANS = 100
 # Signatures of the common formats: a file that starts like one but that Pillow cannot identify is broken (cut
 # before its first pixel chunk, say), not some other kind of file.
 _SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
@@ -74,13 +83,13 @@ def _open(data: bytes, name: str, max_pixels: int) -> Image.Image:
         with warnings.catch_warnings():
             # Pillow warns (and errors at twice its own limit) on decompression bombs: both mean too large.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=FORMATS)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageError("too_large", f"{name}: too many pixels (decompression bomb guard)") from None
     except UnidentifiedImageError:
         if data.startswith(_SIGNATURES) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP"):
             raise ImageError("truncated", f"{name}: truncated or corrupt image header") from None
-        raise ImageError("not_image", f"{name}: not a recognised image format") from None
+        raise ImageError("not_image", f"{name}: not an image in a supported format ({FORMATS_NAMED})") from None
     except Exception as exc:  # a header Pillow recognises but cannot parse
         raise ImageError("truncated", f"{name}: corrupt image header ({_reason(exc)})") from None
     width, height = image.size
@@ -91,6 +100,18 @@ def _open(data: bytes, name: str, max_pixels: int) -> Image.Image:
             "too_large", f"{name}: {width}x{height} is {width * height} pixels, more than the limit of {max_pixels}"
         )
     return image
+
+
+def _check_jpeg_scans(data: bytes, name: str) -> None:
+    """Refuse a JPEG with more than MAX_JPEG_SCANS scans before decoding it.
+
+    Each scan starts with an SOS marker, the bytes FF DA. Inside a scan's coded data an FF byte is always followed
+    by 00 or a restart marker, so FF DA is found there never, and in metadata (an EXIF thumbnail's own scan) only
+    a few times: the count is an upper bound of the scans, never under it."""
+    scans = data.count(b"\xff\xda")
+    if scans > MAX_JPEG_SCANS:
+        raise ImageError("unsupported", f"{name}: a JPEG of {scans} scans; at most {MAX_JPEG_SCANS} are decoded "
+                                        "(encoders write about 10, and each costs a full pass over the image)")
 
 
 def _reason(exc: BaseException) -> str:
@@ -134,6 +155,8 @@ def _scaled_to_8bit(image: Image.Image) -> Image.Image:
     values = np.array(image, dtype=np.float32)
     if image.mode.startswith("I;16"):
         low, high = 0.0, 65535.0
+    elif image.mode == "I" and values.size and values.min() >= 0 and values.max() <= 255:
+        low, high = 0.0, 255.0  # 8-bit data stored as 32-bit integers
     elif image.mode == "I" and values.size and values.min() >= 0 and values.max() <= 65535:
         low, high = 0.0, 65535.0  # 16-bit PNG/TIFF data widened to 32 bits by Pillow
     elif image.mode == "F" and values.size and values.min() >= 0 and values.max() <= 1:
@@ -194,6 +217,8 @@ def load_image(
     if not data:
         raise ImageError("empty", f"{name}: empty (0 bytes)")
     image = _open(data, name, max_pixels)
+    if isinstance(image, JpegImageFile):  # MPO too
+        _check_jpeg_scans(data, name)
     if min_size is not None and isinstance(image, JpegImageFile):  # MPO too: a phone photo with its preview
         image.draft(image.mode, (min_size, min_size))
     _decode(image, name)

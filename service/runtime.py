@@ -155,9 +155,10 @@ def start_runtime(settings: Settings, registry: CollectorRegistry, engines: Sequ
     """Load (unless given) and warm the engines, restore the bandit and start the batcher; needs a running loop."""
     torch.set_num_threads(settings.torch_threads)
     kernels.set_onednn(settings.onednn)
-    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < settings.max_pixels:
-        # Pillow's own decompression-bomb guard would otherwise cap CAPEEN_MAX_PIXELS at its default
-        Image.MAX_IMAGE_PIXELS = settings.max_pixels
+    # Pillow's own decompression-bomb guard, at the same limit: it also holds where a plugin decodes pixels while
+    # opening a file, before models.images checks the header's size (and at its default, it would cap a higher
+    # CAPEEN_MAX_PIXELS)
+    Image.MAX_IMAGE_PIXELS = settings.max_pixels
     engines = list(engines) or load_engines(settings)
     for engine in engines:
         engine.warmup()

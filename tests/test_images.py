@@ -232,3 +232,39 @@ def test_corrupt_pixel_data() -> None:
     start = data.index(b"IDAT") + 8
     data[start : start + 20] = b"\xff" * 20  # garbage in the compressed stream
     assert _kind_of(bytes(data)).kind == "truncated"
+
+
+def test_mode_i_holding_eight_bit_values_keeps_its_grey_levels() -> None:
+    """32-bit integer pixels whose values are 0..255 (an 8-bit picture converted to I) are not taken for 16-bit
+    data, which would make the picture black."""
+    image = Image.fromarray(np.array([[0, 64, 128, 255]], dtype=np.uint8)).convert("I")
+    out = load_image(_encode(image, "TIFF"))
+    assert [out.getpixel((x, 0))[0] for x in range(4)] == [0, 64, 128, 255]
+
+
+@pytest.mark.parametrize("fmt", ["ICO", "PPM", "TGA", "PCX"])
+def test_formats_outside_the_documented_ones_are_not_opened(fmt: str) -> None:
+    """Pillow can read many more formats, and some decode the whole file while reading its header (ICO decodes
+    the PNG inside it), before the pixel limit is checked: only JPEG, PNG, WebP, BMP, GIF and TIFF are opened."""
+    error = _kind_of(_encode(Image.new("RGB", (64, 64), (200, 10, 10)), fmt))
+    assert error.kind == "not_image" and "JPEG, PNG, WebP, BMP, GIF or TIFF" in str(error)
+
+
+def _progressive_jpeg_with_scans_repeated(copies: int) -> bytes:
+    """A progressive JPEG whose last scan is repeated `copies` more times: valid, and each copy costs libjpeg a
+    full pass over the image."""
+    rng = np.random.default_rng(0)
+    data = _encode(Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)), "JPEG", progressive=True)
+    last_scan = data[data.rindex(b"\xff\xda"):-2]  # up to the end-of-image marker
+    return data[:-2] + last_scan * copies + data[-2:]
+
+
+def test_a_progressive_jpeg_decodes_and_one_of_too_many_scans_is_refused_before_decoding() -> None:
+    plain = _progressive_jpeg_with_scans_repeated(0)
+    assert 5 < plain.count(b"\xff\xda") < 20  # Pillow's (libjpeg's) progressive script
+    assert load_image(plain).size == (256, 256)
+    assert load_image(_progressive_jpeg_with_scans_repeated(80)).size == (256, 256)  # odd, but within the limit
+    start = time.perf_counter()
+    error = _kind_of(_progressive_jpeg_with_scans_repeated(2000))
+    assert error.kind == "unsupported" and "scans" in str(error)
+    assert time.perf_counter() - start < 0.5  # refused from its markers, not after 2000 passes

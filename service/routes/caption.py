@@ -121,12 +121,21 @@ async def _pixels(request: Request, runtime: Runtime, upload: UploadFile) -> tor
     """An uploaded image as the engine's pixels; a ServiceError (413, 415 or 422) names what is wrong with it, and
     a 499 says that the client left before its turn came."""
     settings = runtime.settings
-    async with runtime.decode_slots:  # its bytes too: a batch's uploads are not all in memory at once
+    # slow images ahead (a decode cannot be stopped) must not keep a request waiting past its deadline
+    remaining = settings.request_timeout_s - (time.perf_counter() - request.state.started)
+    try:
+        await asyncio.wait_for(runtime.decode_slots.acquire(), timeout=max(remaining, 0.0))
+    except asyncio.TimeoutError:
+        raise ServiceError(504, "timeout", "the request's deadline passed while its image waited for its turn to be "
+                                           "decoded") from None
+    try:  # its bytes too: a batch's uploads are not all in memory at once
         if await request.is_disconnected():  # nobody would read the caption: no decoding for it
             raise ServiceError(499, "client_closed", "the client closed the connection before its image was decoded")
         data = await read_upload(upload, settings.max_upload_bytes)
         return await run_in_threadpool(image_pixels, runtime.engine, data, settings.max_pixels,
                                        settings.jpeg_scaled_decode)
+    finally:
+        runtime.decode_slots.release()
 
 
 async def _captions(request: Request, runtime: Runtime, pixels: list[torch.Tensor], fixed: float | None,
@@ -207,7 +216,7 @@ async def caption_batch(
         try:
             return await _pixels(request, runtime, upload)
         except ServiceError as exc:
-            if exc.status_code == 499:  # the request's end, not this image's problem
+            if exc.status_code in (499, 504):  # the request's end (client gone, deadline), not this image's problem
                 raise
             return ImageFailure(index=index, filename=upload.filename, status=exc.status_code, error=exc.error,
                                 detail=str(exc.detail))
