@@ -83,7 +83,9 @@ def _reject_constant(name: str) -> float:
 
 def load_or_new(path: str | os.PathLike[str], factory: Callable[[], Policy]) -> LoadResult:
     """A policy from `factory()`, restored from the snapshot at `path` if there is a usable one."""
-    target = Path(path)
+    # a link is followed, as `write_json_atomic` follows it: a bad snapshot is moved aside in the folder it is
+    # in (a mounted volume, say), and the link stays where it is, to receive the next snapshot
+    target = Path(os.path.realpath(path))
     policy = factory()
     _remove_leftover_temporaries(target)
     if not target.exists():
@@ -112,9 +114,9 @@ def load_or_new(path: str | os.PathLike[str], factory: Callable[[], Policy]) -> 
 
 def _remove_leftover_temporaries(target: Path) -> None:
     """Delete the temporary files of writes that a kill interrupted (`write_json_atomic` names them
-    `.<name>.*.tmp` beside the file it replaces); called at start, when no write is under way."""
-    real = Path(os.path.realpath(target))
-    for leftover in real.parent.glob(f".{real.name}.*.tmp"):
+    `.<name>.*.tmp` beside the file it replaces, `target` with links resolved); called at start, when no write
+    is under way."""
+    for leftover in target.parent.glob(f".{target.name}.*.tmp"):
         try:
             leftover.unlink()
         except OSError as exc:

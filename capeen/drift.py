@@ -46,7 +46,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from capeen.errors import UserError, check_output
+from capeen import outputs
+from capeen.errors import UserError
+from capeen.outputs import check_output
 from capeen.options import add_half, add_image_dir, add_kv_fill
 
 # numpy, torch, matplotlib and the model code are imported inside the functions that need them, so that
@@ -689,9 +691,10 @@ def bench_drift_main(args) -> int:
                        progress=not args.quiet, **options)
     print(format_table(report))
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        outputs.write_text("--json", args.json, json.dumps(report, indent=2) + "\n")
         print(f"wrote {args.json}")
     if args.plot:
-        plot_thresholds(report, Path(args.plot))
+        with outputs.replacing("--plot", args.plot) as temporary:
+            plot_thresholds(report, temporary)
         print(f"wrote {args.plot}")
     return 0

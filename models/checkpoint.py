@@ -17,6 +17,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from capeen.outputs import new_file_mode
 from models.decoding import KV_FILLS
 from models.interrupts import signals_deferred
 from models.model import CapeenConfig, CapeenModel
@@ -92,17 +93,9 @@ def _staging_path(path: Path) -> Path:
     return Path(name)
 
 
-def _readable_mode() -> int:
-    """The mode a plain new file gets (0644 under the usual umask), not mkstemp's 0600: a checkpoint copied into
-    a container is read by another user than the one who wrote it."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
 def _commit(staged: dict[Path, Path]) -> None:
     """Rename each staged file over its target, with Ctrl-C and SIGTERM held back until all are in place."""
-    mode = _readable_mode()
+    mode = new_file_mode()
     for temporary in staged.values():
         os.chmod(temporary, mode)
     with signals_deferred():

@@ -16,7 +16,9 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from capeen.errors import UserError, check_output, first_line, output_file_problem
+from capeen import outputs
+from capeen.errors import UserError, first_line
+from capeen.outputs import check_output, output_file_problem
 
 
 def _parse_overrides(text: str | None) -> dict:
@@ -458,10 +460,11 @@ def evaluate_main(args) -> int:
             reports.append(report)
             _print_report(report)
     if args.json:
-        Path(args.json).write_text(json.dumps(reports, indent=2) + "\n")
+        outputs.write_text("--json", args.json, json.dumps(reports, indent=2) + "\n")
         print(f"wrote {args.json}")
     if args.plot:
-        plot_sweeps(reports, Path(args.plot))
+        with outputs.replacing("--plot", args.plot) as temporary:
+            plot_sweeps(reports, temporary)
         print(f"wrote {args.plot}")
     return 0
 
@@ -611,6 +614,6 @@ def bench_main(args) -> int:
                   f"{row['mkl_us']:9.1f}  oneDNN {row['onednn_us']:9.1f}  ({row['mkl_us'] / row['onednn_us']:.2f}x) "
                   f"-> {row['picked']}")
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        outputs.write_text("--json", args.json, json.dumps(results, indent=2) + "\n")
         print(f"wrote {args.json}")
     return 0

@@ -93,8 +93,8 @@ def _child_main(conn: Connection, options_json: str) -> None:
     kernels.set_onednn(options.onednn)
     try:
         device = placed_device(options.device, options.index)
-        if device.startswith("cuda"):  # what asks the current GPU (bf16 support, for --half) asks this one
-            torch.cuda.set_device(device)
+        if device.startswith("cuda:"):  # what asks the current GPU (bf16 support, for --half) asks this one
+            torch.cuda.set_device(device)  # (a bare "cuda", without a GPU: the engine says so in words)
         engine = CaptionEngine.from_checkpoint(options.checkpoint, device=device, half=options.half,
                                                kv_fill=options.kv_fill)
         engine.warmup()

@@ -15,7 +15,7 @@ from pydantic import Field, SecretStr, ValidationError, ValidatorFunctionWrapHan
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from bandit import DEFAULT_MU, POLICIES, parse_grid
-from capeen.errors import output_file_problem
+from capeen.outputs import output_file_problem
 
 MiB = 1024 * 1024
 
@@ -138,6 +138,11 @@ class Settings(BaseSettings):
         # an empty token (`CAPEEN_ADMIN_TOKEN=` from an unset shell variable) would lock the reset route for good
         if value is not None and not value.get_secret_value().strip():
             raise ValueError("is set but empty; give a token, or unset it to leave POST /v1/bandit/reset open")
+        # so would one that no client can send as it is: HTTP trims a header's spaces, and clients and servers
+        # disagree on the encoding of other characters than ASCII
+        if value is not None and not all("!" <= char <= "~" for char in value.get_secret_value()):
+            raise ValueError("may hold only visible ASCII characters (letters, digits, punctuation), no spaces or "
+                             "other characters: an Authorization header could not carry it reliably")
         return value
 
     @field_validator("bandit_thresholds")

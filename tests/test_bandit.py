@@ -490,6 +490,23 @@ def test_a_snapshot_path_that_is_a_link_updates_the_file_it_points_to(tmp_path):
     assert sorted(p.name for p in volume.iterdir()) == ["bandit.json"]
 
 
+def test_a_bad_snapshot_behind_a_link_is_set_aside_in_its_own_folder_and_the_link_kept(tmp_path):
+    """Moving the link aside instead would leave the bad file in the volume, to be found again at every start,
+    and send every later snapshot beside the link, out of the volume."""
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    real, link = volume / "bandit.json", tmp_path / "bandit.json"
+    real.write_text("{not json")
+    link.symlink_to(real)
+    result = load_or_new(link, policy)
+    assert not result.restored and result.set_aside is not None and result.set_aside.parent == volume
+    assert result.set_aside.read_text() == "{not json"
+    assert link.is_symlink() and not real.exists()
+    write_json_atomic(link, result.policy.snapshot())
+    assert link.is_symlink() and load_or_new(link, policy).restored
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bandit.json", "volume"]
+
+
 def test_atomic_write_leaves_old_file_and_no_temporary_on_failure(tmp_path, monkeypatch):
     path = tmp_path / "bandit.json"
     write_json_atomic(path, {"v": 1})

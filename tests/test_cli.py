@@ -6,12 +6,14 @@ and every expected failure is ONE line on stderr, never a traceback.
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -454,6 +456,42 @@ def test_evaluate_flickr30k_with_its_image_folder_elsewhere(capsys, tiny_checkpo
     assert_one_line_error(err, str(tmp_path / "no-such-folder"), "image folder not found")
 
 
+def test_a_report_that_cannot_be_written_leaves_the_earlier_one_whole(capsys, tiny_checkpoint, tmp_path, monkeypatch):
+    """A full disk while `--json` and `--plot` are written: one line naming the file, last week's report and plot
+    as they were, and no temporary file left beside them."""
+    import capeen.outputs
+
+    fixtures = REPO / "tests" / "fixtures"
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    report, plot = reports / "report.json", reports / "sweep.png"
+    report.write_text('{"last": "week"}\n')
+    plot.write_bytes(b"last week's plot")
+    caption_file = shutil.copy(fixtures / "karpathy_flickr_tiny.json", tmp_path)  # its pixel cache goes beside it
+    evaluate = ["evaluate", "--checkpoint", tiny_checkpoint, "--data", caption_file,
+                "--image-dir", fixtures / "flickr30k_images", "--mode", "sweep", "--thresholds", "0.5"]
+
+    def full_disk(descriptor):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(capeen.outputs.os, "fsync", full_disk)
+        rc, _, err = run(capsys, *evaluate, "--json", report)
+        assert rc == 2
+        assert "Traceback" not in err  # the progress bars, then the one line
+        assert screen(err)[-1] == f"capeen evaluate: error: --json {report}: cannot write it: No space left on device"
+        rc, _, err = run(capsys, *evaluate, "--plot", plot)
+        assert rc == 2
+        assert "Traceback" not in err
+        assert screen(err)[-1] == f"capeen evaluate: error: --plot {plot}: cannot write it: No space left on device"
+    assert report.read_text() == '{"last": "week"}\n' and plot.read_bytes() == b"last week's plot"
+    assert sorted(path.name for path in reports.iterdir()) == ["report.json", "sweep.png"]
+    rc, _, err = run(capsys, *evaluate, "--json", report, "--plot", plot)  # and with room, both are replaced
+    assert rc == 0, err
+    assert json.loads(report.read_text())[0]["images"] == 1 and plot.read_bytes().startswith(b"\x89PNG")
+    assert sorted(path.name for path in reports.iterdir()) == ["report.json", "sweep.png"]
+
+
 @pytest.mark.parametrize("quality", ["2", "0", "-0.5"])
 def test_calibrate_bad_quality(capsys, tiny_checkpoint, data, quality):
     rc, out, err = run(capsys, "calibrate", "--checkpoint", tiny_checkpoint, "--data", data, "--quality", quality)
@@ -537,7 +575,7 @@ def test_calibrate_leaves_thresholds_json_when_full_depth_scores_zero(capsys, ti
 
 def test_calibrate_refuses_what_it_cannot_measure_or_write_before_decoding(capsys, tiny_checkpoint, data, tmp_path,
                                                                         monkeypatch):
-    import capeen.errors
+    import capeen.outputs
     import models.calibration
     from models.checkpoint import Checkpoint, Thresholds, load_checkpoint, save_checkpoint
     from models.model import CapeenModel
@@ -554,9 +592,14 @@ def test_calibrate_refuses_what_it_cannot_measure_or_write_before_decoding(capsy
     assert_one_line_error(err, "calibration needs at least 2 images, got 1")
 
     mounted = shutil.copytree(tiny_checkpoint, tmp_path / "read-only")  # an installed default, say
-    real_access = os.access
-    monkeypatch.setattr(capeen.errors.os, "access",
-                        lambda path, mode: False if Path(path) == mounted else real_access(path, mode))
+    real_mkstemp = tempfile.mkstemp
+
+    def mkstemp(*args, dir=None, **kwargs):  # the tests run as root, whom no folder's mode stops
+        if Path(dir) == mounted:
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real_mkstemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(capeen.outputs.tempfile, "mkstemp", mkstemp)
     rc, _, err = run(capsys, *base, "--checkpoint", mounted)
     assert rc == 2
     assert_one_line_error(err, f"folder {mounted} is not writable", "calibrate a copy")

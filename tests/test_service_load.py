@@ -193,6 +193,39 @@ def test_uploads_are_decoded_at_most_decode_concurrency_at_once(tiny_engine, mon
     assert most == slots
 
 
+@pytest.mark.parametrize("path", ["/caption", "/caption/batch"])
+def test_a_request_waiting_for_a_decode_slot_gets_504_at_its_deadline(tiny_engine, monkeypatch, path) -> None:
+    """A decode cannot be stopped once it runs: an image that takes long (a slow or hostile one) holds its slot
+    however long it takes. The requests behind it must get their 504 at their own deadline, not when it ends."""
+    import service.routes.caption as route
+
+    route_image_pixels = route.image_pixels
+    slow_started = threading.Event()
+
+    def image_pixels(*args):
+        if not slow_started.is_set():
+            slow_started.set()
+            time.sleep(4.0)
+        return route_image_pixels(*args)
+
+    monkeypatch.setattr(route, "image_pixels", image_pixels)
+    settings = Settings(decode_concurrency=1, request_timeout_s=1.0, log_level="warning")
+    with running_server(settings, tiny_engine) as server, httpx.Client(base_url=server.url, timeout=30) as http:
+        slow = threading.Thread(target=http.post, args=("/caption",), kwargs={"files": upload(encode(noise_image(0)))})
+        slow.start()
+        assert slow_started.wait(10)
+        started = time.monotonic()
+        image = upload(encode(noise_image(1)))
+        reply = http.post(path, files=image if path == "/caption" else [*image.items()] * 2)
+        waited = time.monotonic() - started
+        slow.join(30)
+        assert_error(reply, 504, "timeout")
+        assert "waited for its turn to be decoded" in reply.json()["detail"]
+        assert waited < 3.0, f"answered after {waited:.1f} s, when the slow decode ended, not at the deadline"
+        # and the slot is free again once the slow decode is done
+        assert http.post("/caption", files=upload(encode(noise_image(2)))).status_code == 200
+
+
 def test_a_client_gone_while_its_image_was_decoded_costs_no_engine_time(tiny_engine, monkeypatch) -> None:
     import service.routes.caption as route
 
@@ -487,17 +520,31 @@ def _serve(*args: str, **env: str) -> subprocess.CompletedProcess:
         ((), {"CAPEEN_BANDIT_STATE": "/no/such/folder/bandit.json"}, "folder /no/such/folder does not exist"),
         ((), {"CAPEEN_BANDIT_STATE": "/tmp"}, "is a directory"),
         ((), {"CAPEEN_BANDIT_STATE": ""}, "CAPEEN_BANDIT_STATE: empty: give the snapshot's file path"),
+        ((), {"CAPEEN_BANDIT_STATE": "/tmp/" + "b" * 300 + ".json"}, "File name too long"),
+        # root may write anywhere by os.access's word, but not there: the check creates a file
+        ((), {"CAPEEN_BANDIT_STATE": "/proc/bandit.json"}, "so the snapshot could not be written"),
         ((), {"CAPEEN_ADMIN_TOKEN": " "}, "CAPEEN_ADMIN_TOKEN: is set but empty"),
+        ((), {"CAPEEN_ADMIN_TOKEN": " change-me"}, "CAPEEN_ADMIN_TOKEN: may hold only visible ASCII characters"),
+        ((), {"CAPEEN_ADMIN_TOKEN": "pässwörd"}, "CAPEEN_ADMIN_TOKEN: may hold only visible ASCII characters"),
     ],
     ids=["bad-checkpoint", "bad-port", "bad-policy", "bad-grid", "bad-kv-fill", "no-engine", "engines-in-process",
          "bad-onednn", "infinite-timeout", "nan-price", "state-in-missing-folder", "state-is-a-folder",
-         "empty-state-path", "blank-admin-token"],
+         "empty-state-path", "state-name-too-long", "state-in-unwritable-folder", "blank-admin-token",
+         "admin-token-with-spaces", "admin-token-not-ascii"],
 )
 def test_serve_reports_bad_configuration_in_one_line(args, env, says) -> None:
     done = _serve(*args, **env)
     assert done.returncode == 2, done.stderr
     assert done.stderr.count("\n") == 1 and done.stderr.startswith("capeen serve: error:"), done.stderr
     assert says in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this host has CUDA")
+@pytest.mark.parametrize("engine_process", ["true", "false"])
+def test_serve_on_cuda_without_cuda_says_so_in_one_line(tiny_checkpoint, engine_process) -> None:
+    done = _serve("--checkpoint", str(tiny_checkpoint), "--device", "cuda", CAPEEN_ENGINE_PROCESS=engine_process)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "CUDA was asked for but is not available on this machine" in done.stderr
 
 
 def test_serve_reports_a_port_in_use_in_one_line_before_loading_the_model() -> None:
