@@ -40,7 +40,7 @@ from bandit.policies import (
     parse_grid,
     make_policy,
 )
-from bandit.reward import DEFAULT_MU, ExitLayout, TraceLike, arm_rewards, layers_computed, request_reward
+from bandit.reward import DEFAULT_MU, MAX_MU, ExitLayout, TraceLike, arm_rewards, layers_computed, request_reward
 from bandit.store import LoadResult, SnapshotError, load_or_new, write_json_atomic
 
 __all__ = [
@@ -53,6 +53,7 @@ __all__ = [
     "DEFAULT_GAMMA",
     "DEFAULT_MIN_STD",
     "DEFAULT_MU",
+    "MAX_MU",
     "DEFAULT_WINDOW",
     "POLICIES",
     "RANGE_EXPLORATION",

@@ -52,6 +52,7 @@ from typing import Any, Protocol
 import numpy as np
 
 DEFAULT_MU = 0.1
+MAX_MU = 100.0  # a price beyond it makes every reward the price alone, and larger ones overflow
 """Compute price: the full decoder is worth 0.1 confidence (see the module docstring)."""
 
 # Stands in for exits a token never reached. It exceeds every threshold (thresholds lie in [0, 1]), so the

@@ -142,7 +142,7 @@ def _add_model_source(p, default_split: str) -> None:
     p.add_argument("--split", default=default_split)
     p.add_argument("--limit", type=int, help="use only the first N images of the split")
     p.add_argument("--batch-size", type=int, default=1, help="images decoded together (1: per-caption latency)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     add_half(p)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is fastest for this decoder)")
     add_kv_fill(p)

@@ -58,6 +58,7 @@ POLICY_NAMES = ("fixed", "ucb1", "sw-ucb", "d-ucb", "cd-ucb")
 DRIFT_AWARE = ("sw-ucb", "d-ucb", "cd-ucb")
 DEFAULT_PHASES = "none,noise:40,blur:2,none"
 DEFAULT_PHASE_LENGTH = 300
+MAX_PHASE_LENGTH = 100_000  # requests; each decodes an image, and the stream is held in memory
 DONE_WHEN_PCT = 95.0
 
 
@@ -589,7 +590,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="image order and noise (default 0)")
     p.add_argument("--json", help="write the full report to this JSON file")
     p.add_argument("--plot", help="write a PNG of the threshold chosen over the stream")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     add_half(p)
     add_kv_fill(p)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is fastest for this decoder)")
@@ -598,11 +599,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _parse_args(args) -> dict[str, Any]:
     from bandit import (DEFAULT_CHANGE_THRESHOLD, DEFAULT_CHANGE_WINDOW, DEFAULT_EXPLORE_EVERY, DEFAULT_MIN_STD,
-                        DEFAULT_MU, DEFAULT_WINDOW, default_exploration, parse_grid)
+                        DEFAULT_MU, DEFAULT_WINDOW, MAX_MU, default_exploration, parse_grid)
     from models.evaluation import Distortion
 
-    if args.phase_length < 1:
-        raise UserError(f"--phase-length must be at least 1, got {args.phase_length}")
+    if not 1 <= args.phase_length <= MAX_PHASE_LENGTH:
+        raise UserError(f"--phase-length must lie in [1, {MAX_PHASE_LENGTH}], got {args.phase_length}")
     if args.threads < 1:
         raise UserError(f"--threads must be at least 1, got {args.threads}")
     if args.seed < 0:
@@ -624,8 +625,8 @@ def _parse_args(args) -> dict[str, Any]:
     if len(set(policies)) != len(policies):
         raise UserError(f"--policies lists a policy twice: {args.policies!r}")
     mu = DEFAULT_MU if args.mu is None else args.mu
-    if not (math.isfinite(mu) and mu >= 0):
-        raise UserError(f"--mu must be a finite number >= 0, got {args.mu}")
+    if not 0 <= mu <= MAX_MU:  # NaN fails too
+        raise UserError(f"--mu must lie in [0, {MAX_MU:g}] (as CAPEEN_BANDIT_MU), got {args.mu}")
     window = max(1, min(DEFAULT_WINDOW, args.phase_length // 2)) if args.window is None else args.window
     if window < 1:
         raise UserError(f"--window must be at least 1, got {args.window}")
@@ -677,7 +678,7 @@ def bench_drift_main(args) -> int:
     try:
         engine = CaptionEngine.from_checkpoint(args.checkpoint, device=args.device, half=args.half,
                                                kv_fill=args.kv_fill)
-    except (CheckpointError, ValueError, RuntimeError, OSError) as exc:  # RuntimeError: torch's bad --device
+    except (CheckpointError, ValueError, RuntimeError, OSError) as exc:
         raise UserError(str(exc)) from None
     fixed_threshold = args.threshold if args.threshold is not None else engine.calibrated_threshold
     if fixed_threshold is None:

@@ -166,6 +166,7 @@ def head_cost(engine: CaptionEngine, position: int = 12, repeats: int = 2000) ->
     against one exit check (LayerNorm + projection to the vocabulary + max softmax), and against what one
     position catching up adds to a layer call (kv_fill="deferred")."""
     cfg, dec = engine.config, engine.decoder
+    position = min(position, cfg.n_positions - 1)  # a model made for short captions has fewer
     hd = cfg.n_embd // cfg.n_head
     patches = cfg.encoder_tokens
     kw = dict(device=engine.device, dtype=engine.dtype)

@@ -17,6 +17,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from capeen.errors import first_line
 from capeen.outputs import new_file_mode
 from models.decoding import KV_FILLS
 from models.interrupts import signals_deferred
@@ -66,6 +67,9 @@ class Thresholds:
             if not numbers or exits is None or len(offsets) != len(exits):
                 raise ValueError(f'"exit_offsets" must be a list of numbers, one per entry of "exit_layers", '
                                  f'got {offsets!r}')
+            repeated = sorted({e for e in exits if exits.count(e) > 1})
+            if repeated:  # which offset would hold?
+                raise ValueError(f'"exit_layers" lists {repeated} more than once, each with an offset of its own')
         kv_fill = data.get("kv_fill", "propagate")
         if kv_fill not in KV_FILLS:
             raise ValueError(f'"kv_fill" must be one of {", ".join(KV_FILLS)}, got {kv_fill!r}')
@@ -163,13 +167,20 @@ def first_non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
 
 def load_checkpoint(directory: Path | str | None = None, device: str | torch.device = "cpu") -> Checkpoint:
     """Load a checkpoint directory (default: the shipped one) onto `device`, in eval mode."""
+    if directory is not None and not str(directory).strip():  # Path("") is the current folder
+        raise CheckpointError("the checkpoint directory is an empty path (a variable left unset?)")
     directory = Path(directory) if directory is not None else DEFAULT_CHECKPOINT
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: checkpoint directory not found")
 
     config_data = _read_json(directory / CONFIG_FILE)
+    if not isinstance(config_data.get("model"), dict):
+        hugging_face = "model_type" in config_data or "architectures" in config_data
+        raise CheckpointError(f"{directory / CONFIG_FILE}: no \"model\" object, so not a capeen checkpoint"
+                              + (" (a Hugging Face model's config: capeen loads checkpoints it wrote itself)"
+                                 if hugging_face else ""))
     try:
-        config = CapeenConfig.from_dict(config_data.get("model", {}))
+        config = CapeenConfig.from_dict(config_data["model"])
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{directory / CONFIG_FILE}: bad model config ({exc})") from None
     meta = {k: v for k, v in config_data.items() if k != "model"}
@@ -203,7 +214,11 @@ def load_checkpoint(directory: Path | str | None = None, device: str | torch.dev
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{weights_path}: unreadable safetensors file ({exc})") from None
 
-    model = CapeenModel(config)
+    try:
+        model = CapeenModel(config)
+    except (RuntimeError, MemoryError) as exc:  # a config of a model too large for this machine's memory
+        raise CheckpointError(f"{directory / CONFIG_FILE}: cannot build the model it describes "
+                              f"({first_line(exc)})") from None
     expected = {k: v.shape for k, v in model.state_dict().items() if k != "decoder.lm_head.weight"}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))

@@ -9,6 +9,7 @@ import argparse
 import itertools
 import json
 import os
+import shutil
 import sys
 import textwrap
 from collections import deque
@@ -17,7 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from capeen import outputs
-from capeen.errors import UserError, first_line
+from capeen.errors import UserError
 from capeen.outputs import check_output, output_file_problem
 
 
@@ -71,9 +72,6 @@ def _engine(args):
                                              kv_fill=getattr(args, "kv_fill", None))
     except (CheckpointError, ValueError) as exc:
         raise UserError(str(exc)) from None
-    except RuntimeError as exc:  # torch's words for a device string it cannot parse
-        raise UserError(f"--device {args.device}: not a device torch knows (auto, cpu, cuda or cuda:N): "
-                        f"{first_line(exc)}") from None
 
 
 def caption_main(args) -> int:
@@ -289,7 +287,9 @@ class _CaptionOutput:
 def _set_threads(args) -> None:
     import torch
 
-    torch.set_num_threads(max(1, args.threads))
+    if args.threads < 1:
+        raise UserError(f"--threads must be at least 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
 
 
 def _eval_set(args, engine, split: str):
@@ -429,6 +429,8 @@ def evaluate_main(args) -> int:
     check_output("--json", args.json)
     check_output("--plot", args.plot, plot=True)
     _refuse_options_the_mode_ignores(args)
+    if args.meteor and shutil.which("java") is None:  # the report would lack the column without a word
+        raise UserError("--meteor needs Java, in which pycocoevalcap runs METEOR, and there is no java on PATH")
     sweep_grid = _thresholds(args.thresholds) if args.mode == "sweep" else []
     engines = [_engine(args)] + [_engine(argparse.Namespace(checkpoint=c, device=args.device, half=args.half,
                                                                   kv_fill=args.kv_fill))
@@ -472,7 +474,7 @@ def evaluate_main(args) -> int:
 def _refuse_options_the_mode_ignores(args) -> None:
     """An option that a mode would not use is an error: the report would otherwise look like it answered it."""
     ignored = {"full": [("--threshold", args.threshold), ("--thresholds", args.thresholds), ("--exits", args.exits),
-                        ("--exit-offsets", args.exit_offsets)],
+                        ("--exit-offsets", args.exit_offsets), ("--simulated-exits", args.simulated_exits or None)],
                "fixed": [("--thresholds", args.thresholds)],
                "sweep": [("--threshold", args.threshold)]}[args.mode]
     given = [option for option, value in ignored if value is not None]
@@ -545,7 +547,13 @@ def bench_main(args) -> int:
         raise UserError(f"--batch-sizes must be comma-separated integers, got {args.batch_sizes!r}") from None
     if any(b < 1 for b in sizes):
         raise UserError("--batch-sizes must be positive")
+    if len(set(sizes)) != len(sizes):
+        raise UserError(f"--batch-sizes lists a size twice: {args.batch_sizes}")
     data = _eval_set(args, engine, args.split)
+    needed = 3 * max(sizes)  # measure()'s least: two warm-up batches and one measured
+    if len(data) < needed:  # now, not after the smaller batch sizes were measured
+        raise UserError(f"batch size {max(sizes)} needs at least {needed} images (2 warm-up batches and one "
+                        f"measured), and the {args.split} split has {len(data)} images")
     method_list = methods(engine, threshold, compare_kernels=args.compare_kernels)
     results = {"device": str(engine.device), "dtype": str(engine.dtype).replace("torch.", ""),
                "threads": args.threads, "threshold": threshold, "checkpoint": engine.name, "runs": []}

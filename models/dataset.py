@@ -16,6 +16,11 @@ from typing import Any
 
 from models.scene import COLOURS, SHAPES, SIZES
 
+# The pixel cache that models.training_data keeps beside a data set's JSON: one file per split and image size,
+# named by a hash of what the pixels depend on (a temporary one also by the pid of the process writing it).
+PIXEL_CACHE_FOLDER = "cache"
+PIXEL_CACHE_FILE = re.compile(r"\w+-\d+px-[0-9a-f]{12}(\.\d+\.tmp)?\.npy")
+
 SPLITS: tuple[str, ...] = ("train", "val", "test", "restval")
 # Letters and digits, keeping inner apostrophes ("man's"): Karpathy's tokens have no punctuation.
 _TOKEN = re.compile(r"[^\W_]+(?:'[^\W_]+)*")
@@ -84,6 +89,8 @@ def _string_field(entry: dict, key: str, where: str, required: bool) -> str | No
         return None
     if not isinstance(value, str) or not value:
         raise DatasetError(f"{where}: \"{key}\" is not a non-empty string")
+    if "\0" in value:  # no file name holds one: the OS would refuse it without naming the entry
+        raise DatasetError(f"{where}: \"{key}\" holds a NUL character")
     return value
 
 

@@ -20,6 +20,7 @@ import multiprocessing
 import os
 import re
 import shutil
+import signal
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +30,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from capeen.errors import UserError
+from models.dataset import PIXEL_CACHE_FILE, PIXEL_CACHE_FOLDER
 from models.interrupts import signals_deferred
 from models.scene import (
     BACKGROUND_WORDS,
@@ -45,6 +47,7 @@ from models.scene import (
 DATASET_NAME = "capeen-shapes"
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 MIN_IMAGE_SIZE = 32
+MAX_IMAGE_SIZE = 4096  # models see 96 px; each worker draws a whole image in memory, 4 bytes a pixel
 BACKGROUNDS: tuple[str, ...] = tuple(BACKGROUND_WORDS)
 
 # Pixel constants are given for a 96 px image and scaled with the image size.
@@ -390,7 +393,8 @@ def _results(tasks: list[tuple], workers: int) -> Iterator[tuple[list[dict], str
         yield from map(_draw_and_save, tasks)
         return
     chunk = max(1, min(256, len(tasks) // (workers * 8)))
-    with multiprocessing.Pool(workers) as pool:
+    # workers ignore Ctrl-C: the parent stops them, and each would print its own KeyboardInterrupt traceback
+    with multiprocessing.Pool(workers, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN)) as pool:
         yield from pool.imap(_draw_and_save, tasks, chunksize=chunk)
 
 
@@ -400,8 +404,8 @@ def _check_arguments(counts: dict[str, int], seed: int, image_size: int, workers
             raise UserError(f"--n-{split} must be >= 0, got {n}")
     if seed < 0:
         raise UserError(f"--seed must be >= 0, got {seed}")
-    if image_size < MIN_IMAGE_SIZE:
-        raise UserError(f"--image-size must be >= {MIN_IMAGE_SIZE}, got {image_size}")
+    if not MIN_IMAGE_SIZE <= image_size <= MAX_IMAGE_SIZE:
+        raise UserError(f"--image-size must lie in [{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}], got {image_size}")
     if workers < 0:
         raise UserError(f"--workers must be >= 0 (0: one per core), got {workers}")
 
@@ -414,6 +418,8 @@ def _is_ours(entry: Path) -> bool:
         return True  # the staging folder of a generation that was killed before it could remove it
     if entry.name == "images" and entry.is_dir():
         return all(_IMAGE_NAME.fullmatch(p.name) for p in entry.iterdir())
+    if entry.name == PIXEL_CACHE_FOLDER and entry.is_dir() and not entry.is_symlink():  # what a command decoded
+        return all(PIXEL_CACHE_FILE.fullmatch(p.name) for p in entry.iterdir())
     if entry.name == "dataset.json" and entry.is_file():
         try:
             with entry.open(encoding="utf-8") as f:
@@ -427,8 +433,10 @@ def _is_ours(entry: Path) -> bool:
 def _check_output(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} exists and is not a directory")
-    if out.is_dir() and not all(_is_ours(entry) for entry in out.iterdir()):
-        raise UserError(f"{out} is not empty and holds something other than a {DATASET_NAME} data set")
+    foreign = next((entry for entry in sorted(out.iterdir()) if not _is_ours(entry)), None) if out.is_dir() else None
+    if foreign is not None:
+        raise UserError(f"{out} is not empty and holds something other than a {DATASET_NAME} data set "
+                        f"({foreign.name}): give an empty or new folder")
 
 
 def _entry(imgid: int, sentid: int, split: str, index: int, result: tuple[list[dict], str, list[str]]) -> dict:
@@ -474,7 +482,8 @@ def _swap_in(staging: Path, out: Path) -> None:
     moved: list[str] = []
     with signals_deferred():
         try:
-            for name in ("dataset.json", "dataset.json.tmp", "images"):
+            # the old pixel cache too: its names no longer match the new data set, so it would only take room
+            for name in ("dataset.json", "dataset.json.tmp", "images", PIXEL_CACHE_FOLDER):
                 if (out / name).exists() or (out / name).is_symlink():
                     os.replace(out / name, old / name)
                     moved.append(name)

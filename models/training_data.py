@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from capeen.errors import first_line
-from models.dataset import DatasetError, load_karpathy, records_for_split
+from models.dataset import PIXEL_CACHE_FOLDER, DatasetError, load_karpathy, records_for_split
 from models.images import ImageError, load_image
 from models.preprocess import image_to_uint8
 from models.tokenizer import WordTokenizer
@@ -114,7 +114,7 @@ def _cache_path(json_path: Path, split: str, size: int, records: list) -> Path:
     if missing:
         shown = ", ".join(str(path) for path in missing[:3]) + (", ..." if len(missing) > 3 else "")
         raise DatasetError(f"{len(missing)} of the {len(records)} images of split {split!r} not found: {shown}")
-    return json_path.parent / "cache" / f"{split}-{size}px-{digest.hexdigest()[:12]}.npy"
+    return json_path.parent / PIXEL_CACHE_FOLDER / f"{split}-{size}px-{digest.hexdigest()[:12]}.npy"
 
 
 def _decode_all(records: list, size: int, split: str) -> np.ndarray:

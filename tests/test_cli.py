@@ -760,15 +760,23 @@ def test_bench_with_too_few_images_for_a_batch_size_is_one_line(capsys, tiny_che
 
 
 @pytest.mark.parametrize("argv, fragment", [
-    (["caption", "{a}", "--device", "gpu0"], "--device gpu0: not a device"),
+    (["caption", "{a}", "--device", "gpu0"], "--device gpu0: use auto, cpu, cuda or cuda:N"),
+    (["caption", "{a}", "--device", "meta"], "--device meta: use auto, cpu, cuda or cuda:N"),
     (["evaluate", "--data", "{data}", "--json", "/no/such/folder/report.json"],
      "folder /no/such/folder does not exist"),
     (["evaluate", "--data", "{data}", "--plot", "{tmp}/sweep.png"], "--plot needs --mode sweep"),
     (["evaluate", "--data", "{data}", "--mode", "sweep", "--plot", "{tmp}"], "is a directory"),
     (["bench", "--data", "{data}", "--json", "/no/such/folder/bench.json"], "folder /no/such/folder does not exist"),
     (["bench", "--data", "{data}", "--images", "-1"], "--images must be at least 1"),
-], ids=["unknown-device", "evaluate-json-nowhere", "plot-without-sweep", "plot-into-a-folder", "bench-json-nowhere",
-        "negative-images"])
+    (["bench", "--data", "{data}", "--batch-sizes", "1,1"], "--batch-sizes lists a size twice"),
+    # the largest batch is checked against the split before the smaller ones are measured, not after
+    (["bench", "--data", "{data}", "--batch-sizes", "1,1000"], "batch size 1000 needs at least 3000 images"),
+    (["evaluate", "--data", "{data}", "--threads", "-5"], "--threads must be at least 1"),
+    (["evaluate", "--data", "{data}", "--mode", "full", "--simulated-exits"],
+     "--simulated-exits cannot be used with --mode full"),
+], ids=["unknown-device", "torch-device-not-ours", "evaluate-json-nowhere", "plot-without-sweep", "plot-into-a-folder",
+        "bench-json-nowhere", "negative-images", "repeated-batch-size", "batch-larger-than-the-split",
+        "negative-threads", "simulated-exits-at-full-depth"])
 def test_bad_output_and_device_options_are_refused_before_any_work(capsys, tiny_checkpoint, images, data, tmp_path,
                                                                     monkeypatch, argv, fragment):
     import models.evaluation
@@ -777,6 +785,7 @@ def test_bad_output_and_device_options_are_refused_before_any_work(capsys, tiny_
         raise AssertionError("the evaluation ran before the options were checked")
 
     monkeypatch.setattr(models.evaluation, "evaluate_thresholds", no_work)
+    monkeypatch.setattr("models.bench.measure", no_work)
     values = {"a": images["a.png"], "data": data, "tmp": tmp_path}
     rc, out, err = run(capsys, *[part.format(**values) for part in argv], "--checkpoint", tiny_checkpoint)
     assert rc == 2
@@ -825,6 +834,32 @@ def test_impossible_model_config_values_are_one_line(capsys, tiny_checkpoint, im
     rc, out, err = run(capsys, "caption", images["a.png"], "--checkpoint", directory)
     assert rc == 2 and out == ""
     assert_one_line_error(err, "capeen caption: error:", fragment)
+
+
+def test_evaluate_meteor_without_java_is_refused_not_left_out(capsys, tiny_checkpoint, data, monkeypatch):
+    monkeypatch.setattr("models.commands.shutil.which", lambda name: None)
+    rc, out, err = run(capsys, "evaluate", "--data", data, "--checkpoint", tiny_checkpoint, "--meteor")
+    assert rc == 2 and out == ""
+    assert_one_line_error(err, "--meteor needs Java")
+
+
+def test_bench_and_calibrate_run_on_a_model_made_for_short_captions(capsys, data, tmp_path):
+    """A model of 8 positions: the cost of a layer step was measured at position 12 of the KV cache."""
+    from models.bench import head_cost
+    from models.checkpoint import Checkpoint, Thresholds, load_checkpoint, save_checkpoint
+    from models.engine import CaptionEngine
+    from models.model import CapeenModel
+    from tests.conftest import tiny_config
+
+    tokenizer = load_checkpoint(make_tiny_checkpoint(tmp_path / "tiny")).tokenizer
+    short = save_checkpoint(Checkpoint(model=CapeenModel(tiny_config(len(tokenizer), n_positions=8)).eval(),
+                                       tokenizer=tokenizer, thresholds=Thresholds(threshold=0.6),
+                                       meta={"name": "short"}), tmp_path / "short")
+    costs = head_cost(CaptionEngine.from_checkpoint(short, device="cpu"), repeats=5)
+    assert all(value > 0 for value in costs.values())
+    rc, _, err = run(capsys, "calibrate", "--checkpoint", short, "--data", data, "--thresholds", "0.5",
+                     "--no-schedules", "--device", "cpu")
+    assert rc in (0, 1) and "Traceback" not in err  # 1: no setting qualified, which a random model may find
 
 
 def test_an_endless_file_is_refused_not_read_into_memory(capsys, tiny_checkpoint, images, monkeypatch):

@@ -99,6 +99,7 @@ def test_raw_only_sentences_are_tokenized_and_tokens_lowercased(tmp_path: Path) 
         ({"images": [_entry(sentences=[])]}, 'images[0]: "sentences" is not a non-empty list'),
         ({"images": [_entry(filename=None)]}, 'images[0]: missing "filename"'),
         ({"images": [_entry(filename=3)]}, 'images[0]: "filename" is not a non-empty string'),
+        ({"images": [_entry(filename="a\0.png")]}, 'images[0]: "filename" holds a NUL character'),
         ({"images": [_entry(split="dev")]}, "images[0]: unknown split 'dev'"),
         ({"images": [_entry(split=None)]}, 'images[0]: missing "split"'),
         ({"images": ["a.png"]}, "images[0]: expected an object, got str"),

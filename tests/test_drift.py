@@ -181,6 +181,7 @@ def test_same_stream_is_reproducible():
     ("--policies", "ucb1,ucb1"), ("--min-std", "-0.1"), ("--exploration", "nan"), ("--grid", "0.3,abc"),
     ("--grid", "0.3,1.5"), ("--change-window", "5"), ("--change-window", "2"), ("--change-threshold", "0"),
     ("--change-threshold", "inf"), ("--explore-every", "-1"), ("--phases", "none,,blur:2"),
+    ("--mu", "1e308"), ("--mu", "nan"), ("--phase-length", "1000000000"),
 ])
 def test_bad_options_are_user_errors(tiny_data, checkpoint, flag, value):
     args = _args("--checkpoint", str(checkpoint), "--data", str(tiny_data), flag, value)

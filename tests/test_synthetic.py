@@ -235,7 +235,7 @@ def test_a_stopped_first_generation_leaves_nothing_and_a_killed_ones_leftovers_a
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"n_train": -1}, {"n_val": -2}, {"image_size": 31}, {"seed": -1}, {"workers": -1}],
+    [{"n_train": -1}, {"n_val": -2}, {"image_size": 31}, {"image_size": 20000}, {"seed": -1}, {"workers": -1}],
 )
 def test_bad_arguments_are_user_errors(tmp_path: Path, kwargs: dict) -> None:
     args = {"n_train": 1, "n_val": 0, "n_test": 0, "seed": 0} | kwargs
@@ -243,9 +243,24 @@ def test_bad_arguments_are_user_errors(tmp_path: Path, kwargs: dict) -> None:
         generate_dataset(tmp_path / "out", **args)
 
 
+def test_regenerating_a_data_set_that_was_used_replaces_its_pixel_cache_too(tmp_path: Path) -> None:
+    """Every command that reads the data set leaves a pixel cache beside it; it was taken for somebody's files."""
+    from models.training_data import split_pixels
+
+    generate_dataset(tmp_path, 4, 1, 1, seed=0, image_size=32, workers=1)
+    split_pixels(tmp_path, "train", 32)
+    assert [p.suffix for p in (tmp_path / "cache").iterdir()] == [".npy"]
+    generate_dataset(tmp_path, 2, 1, 0, seed=1, image_size=32, workers=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dataset.json", "images"]
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "notes.txt").write_text("mine, in a folder of that name")
+    with pytest.raises(UserError, match=r"not empty .*\(cache\)"):
+        generate_dataset(tmp_path, 2, 1, 0, seed=1, image_size=32, workers=1)
+
+
 def test_refuses_a_directory_holding_something_else(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(UserError, match="not empty"):
+    with pytest.raises(UserError, match=r"not empty .*\(notes\.txt\)"):
         generate_dataset(tmp_path, 1, 0, 0, seed=0)
     other = tmp_path / "other"
     other.mkdir()

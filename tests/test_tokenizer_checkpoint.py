@@ -285,6 +285,9 @@ BROKEN = {
     "config.json invalid JSON": (_write(CONFIG_FILE, b'{"model": {'), CONFIG_FILE),
     "config.json not UTF-8": (_write(CONFIG_FILE, b"\xff\xfe\x00{"), CONFIG_FILE),
     "config.json a list": (_write(CONFIG_FILE, b"[1, 2]"), CONFIG_FILE),
+    # a folder that is not a capeen checkpoint was taken for one of the default config, and vocab.json blamed
+    "config.json without a model": (_write(CONFIG_FILE, b"{}"), CONFIG_FILE),
+    "a Hugging Face config.json": (_write(CONFIG_FILE, b'{"model_type": "vision-encoder-decoder"}'), CONFIG_FILE),
     "unknown config key": (_edit_json(CONFIG_FILE, lambda c: c["model"].update(n_layers=4)), CONFIG_FILE),
     "exit layer beyond the decoder": (_edit_json(CONFIG_FILE, lambda c: c["model"].update(exit_layers=[1, 9])),
                                       CONFIG_FILE),
@@ -312,6 +315,9 @@ BROKEN = {
     "unknown kv_fill": (_write(THRESHOLDS_FILE, b'{"threshold": 0.5, "kv_fill": "exact"}'), THRESHOLDS_FILE),
     "exit offsets without exits": (_write(THRESHOLDS_FILE, b'{"threshold": 0.5, "exit_offsets": [0.1]}'),
                                    THRESHOLDS_FILE),
+    "an exit given twice with offsets": (
+        _write(THRESHOLDS_FILE, b'{"threshold": 0.5, "exit_layers": [1, 1], "exit_offsets": [0, 0.1]}'),
+        THRESHOLDS_FILE),
     "exit offset a string": (
         _write(THRESHOLDS_FILE, b'{"threshold": 0.5, "exit_layers": [1], "exit_offsets": ["0.1"]}'), THRESHOLDS_FILE),
 }
@@ -333,6 +339,20 @@ def test_missing_directory_is_checkpoint_error_naming_it(tmp_path):
     with pytest.raises(CheckpointError) as info:
         load_checkpoint(tmp_path / "nowhere")
     assert str(tmp_path / "nowhere") in str(info.value) and "\n" not in str(info.value)
+
+
+def test_an_empty_path_is_not_taken_for_the_current_folder():
+    with pytest.raises(CheckpointError, match="empty path"):
+        load_checkpoint("")
+
+
+def test_a_model_too_large_to_build_is_a_checkpoint_error_naming_its_config(tiny_checkpoint, monkeypatch):
+    def out_of_memory(config):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr("models.checkpoint.CapeenModel", out_of_memory)
+    with pytest.raises(CheckpointError, match=r"config\.json: cannot build the model it describes \(\[enforce"):
+        load_checkpoint(tiny_checkpoint)
 
 
 def test_a_file_instead_of_a_directory_is_checkpoint_error(tmp_path):
