@@ -52,8 +52,8 @@ from typing import Any, Protocol
 import numpy as np
 
 DEFAULT_MU = 0.1
-MAX_MU = 100.0  # a price beyond it makes every reward the price alone, and larger ones overflow
 """Compute price: the full decoder is worth 0.1 confidence (see the module docstring)."""
+MAX_MU = 100.0  # beyond it every reward is the price alone, and far beyond, rewards overflow
 
 # Stands in for exits a token never reached. It exceeds every threshold (thresholds lie in [0, 1]), so the
 # first exit meeting a threshold is found among the evaluated exits or lands on a padded one (= unknown).

@@ -1,5 +1,5 @@
-"""The files that commands write besides their printed output (`--json`, `--plot`, the bandit's snapshot): checked
-before the work whose result they hold, and written whole or not at all."""
+"""The files that commands write besides their printed output (`--json`, `--plot`): checked before the work whose
+result they hold (the bandit snapshot's path too, at the service's start), and written whole or not at all."""
 
 from __future__ import annotations
 

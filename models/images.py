@@ -217,10 +217,10 @@ def load_image(
     if not data:
         raise ImageError("empty", f"{name}: empty (0 bytes)")
     image = _open(data, name, max_pixels)
-    if isinstance(image, JpegImageFile):  # MPO too
+    if isinstance(image, JpegImageFile):  # MPO too: a phone photo with its preview
         _check_jpeg_scans(data, name)
-    if min_size is not None and isinstance(image, JpegImageFile):  # MPO too: a phone photo with its preview
-        image.draft(image.mode, (min_size, min_size))
+        if min_size is not None:
+            image.draft(image.mode, (min_size, min_size))
     _decode(image, name)
     rgb = _to_rgb(_upright(image), name)
     rgb.load()

@@ -68,8 +68,8 @@ class Settings(BaseSettings):
     bandit_save_interval_s: float = Field(60.0, gt=0, le=86_400, description="while the service runs, the bandit "
                                           "snapshot is written this often when something was learnt (and at "
                                           "shutdown, and after a reset): what a crash or a kill can lose")
-    bandit_mu: float = Field(DEFAULT_MU, ge=0, le=MAX_MU, description="the bandit's price of running the whole decoder, "
-                             "in units of confidence")
+    bandit_mu: float = Field(DEFAULT_MU, ge=0, le=MAX_MU, description="the bandit's price of running the whole "
+                             "decoder, in units of confidence")
     bandit_thresholds: str | None = Field(None, description="the bandit's arms, comma-separated thresholds in "
                                           "[0, 1]; the calibrated one is always added. Unset: 0.5, 0.55, ..., "
                                           "0.95, 0.99; a lower floor lets the bandit trade more quality for speed")

@@ -118,8 +118,8 @@ def _checked_options(runtime: Runtime, options: CaptionOptions) -> tuple[float |
 
 
 async def _pixels(request: Request, runtime: Runtime, upload: UploadFile) -> torch.Tensor:
-    """An uploaded image as the engine's pixels; a ServiceError (413, 415 or 422) names what is wrong with it, and
-    a 499 says that the client left before its turn came."""
+    """An uploaded image as the engine's pixels; a ServiceError (413, 415 or 422) names what is wrong with it, a
+    499 says that the client left before its turn came, and a 504 that the request's deadline passed first."""
     settings = runtime.settings
     # slow images ahead (a decode cannot be stopped) must not keep a request waiting past its deadline
     remaining = settings.request_timeout_s - (time.perf_counter() - request.state.started)
