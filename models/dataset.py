@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from models.scene import COLOURS, SHAPES, SIZES
 # named by a hash of what the pixels depend on (a temporary one also by the pid of the process writing it).
 PIXEL_CACHE_FOLDER = "cache"
 PIXEL_CACHE_FILE = re.compile(r"\w+-\d+px-[0-9a-f]{12}(\.\d+\.tmp)?\.npy")
+MAX_CAPTION_FILE_BYTES = 4 * 2**30  # read whole into memory; COCO's Karpathy file is 0.15 GiB
 
 SPLITS: tuple[str, ...] = ("train", "val", "test", "restval")
 # Letters and digits, keeping inner apostrophes ("man's"): Karpathy's tokens have no punctuation.
@@ -48,6 +50,13 @@ def tokenize(text: str) -> list[str]:
 
 def _read_json(path: Path) -> Any:
     try:
+        # /dev/zero, a FIFO or a mistaken 100 GB file would be read into memory whole
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):
+            raise DatasetError(f"{path}: not a regular file")
+        if info.st_size > MAX_CAPTION_FILE_BYTES:
+            raise DatasetError(f"{path}: {info.st_size / 2**30:.1f} GiB, more than a caption file is read "
+                               f"({MAX_CAPTION_FILE_BYTES // 2**30} GiB)")
         text = path.read_text(encoding="utf-8-sig")  # a byte-order mark, as some editors write, is not an error
     except FileNotFoundError:
         raise DatasetError(f"{path}: no such file") from None

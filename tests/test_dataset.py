@@ -128,6 +128,18 @@ def test_malformed_files_give_one_line(tmp_path: Path, data, message: str) -> No
     assert text.startswith(f"{path}: ") and message in text, text
 
 
+def test_a_device_or_a_huge_file_is_not_read_into_memory(tmp_path: Path, monkeypatch) -> None:
+    import models.dataset
+
+    with pytest.raises(DatasetError, match="/dev/zero: not a regular file"):
+        load_karpathy("/dev/zero")
+    big = tmp_path / "dataset.json"
+    big.write_text('{"images": []}' + " " * 2000)
+    monkeypatch.setattr(models.dataset, "MAX_CAPTION_FILE_BYTES", 1000)
+    with pytest.raises(DatasetError, match="more than a caption file is read"):
+        load_karpathy(big)
+
+
 def test_missing_and_binary_files(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="no such file"):
         load_karpathy(tmp_path / "nope.json")
