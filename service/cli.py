@@ -1,7 +1,8 @@
 """`capeen serve`: flags over `CAPEEN_*` settings, the checkpoint loaded up front, then one uvicorn process.
 
 The model is loaded before uvicorn starts so that a bad checkpoint or an unavailable device is one line on
-stderr and exit status 2 (`UserError`), not a lifespan traceback. One uvicorn process only: the batcher is
+stderr and exit status 2 (`UserError`), not a lifespan traceback; meanwhile service.loading answers probes
+on the port. One uvicorn process only: the batcher is
 what shares the model between concurrent requests, and more processes would each hold a copy and fight for
 it. The model itself runs in a child process of that one (service.engine_process, unless
 CAPEEN_ENGINE_PROCESS=false), or in several (CAPEEN_ENGINES), each with its own copy of the model.
@@ -42,19 +43,24 @@ def load_settings(args: argparse.Namespace) -> Settings:
         raise UserError(f"bad setting: {problems}") from None
 
 
-def _check_listen_address(host: str, port: int) -> None:
-    """Bind the address once, as uvicorn will, so that a port in use or an unknown host is one line now."""
+def _listening_socket(host: str, port: int, backlog: int = 2048) -> socket.socket:
+    """The service's listening socket, bound now, so that a port in use or an unknown host is one line before the
+    model loads. It is held from then on: first by service.loading's responder, then by uvicorn, so that no
+    connection is refused or dropped when one hands it to the other (2048: uvicorn's own backlog)."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
         raise UserError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
     family, kind, proto, _, address = infos[0]
-    with socket.socket(family, kind, proto) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
-        try:
-            probe.bind(address)
-        except OSError as exc:
-            raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    listener = socket.socket(family, kind, proto)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+        listener.bind(address)
+        listener.listen(backlog)
+    except OSError as exc:
+        listener.close()
+        raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return listener
 
 
 def _loopback(host: str) -> bool:
@@ -67,26 +73,44 @@ def _loopback(host: str) -> bool:
 
 def serve_main(args: argparse.Namespace) -> int:
     settings = load_settings(args)  # before importing torch: a bad setting is reported at once
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    listener = _listening_socket(settings.host, settings.port)
+    try:
+        from service.loading import answering_while_loading
 
-    import uvicorn
+        with answering_while_loading(listener):  # probes get /healthz 200 and /readyz 503 meanwhile
+            app = _loaded_app(settings)
+        import uvicorn
 
+        from service.connections import http_protocol
+
+        config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                                http=http_protocol(settings.header_timeout_s),
+                                timeout_graceful_shutdown=int(settings.request_timeout_s + _SHUTDOWN_GRACE_S))
+        server = uvicorn.Server(config)
+        try:
+            server.run(sockets=[listener])
+        except KeyboardInterrupt:  # Ctrl-C after a graceful shutdown: uvicorn raises it again once done
+            pass
+    finally:
+        listener.close()
+    if not server.started:  # the app's start-up failed; uvicorn has logged why (as uvicorn.run exits)
+        return 3
+    return 0
+
+
+def _loaded_app(settings: Settings):
+    """The app, with its engines loaded and warmed: a bad checkpoint or device is a UserError."""
     from models.checkpoint import CheckpointError
     from service.app import create_app
-    from service.connections import http_protocol
     from service.engine_process import EngineStartError
     from service.runtime import load_engines
 
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    _check_listen_address(settings.host, settings.port)  # before the model loads: that takes a while
     if settings.admin_token is None and not _loopback(settings.host):
         logging.getLogger("service").warning(
             "listening on %s without CAPEEN_ADMIN_TOKEN: anyone who reaches the port can reset what the bandit "
             "learnt (POST /v1/bandit/reset)", settings.host)
     try:
-        engines = load_engines(settings)
+        return create_app(settings, load_engines(settings))
     except (CheckpointError, ValueError, EngineStartError) as exc:
         raise UserError(str(exc)) from None
-    uvicorn.run(create_app(settings, engines), host=settings.host, port=settings.port, log_level=settings.log_level,
-                http=http_protocol(settings.header_timeout_s),
-                timeout_graceful_shutdown=int(settings.request_timeout_s + _SHUTDOWN_GRACE_S))
-    return 0

@@ -8,6 +8,7 @@ import asyncio
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -545,6 +546,50 @@ def test_serve_on_cuda_without_cuda_says_so_in_one_line(tiny_checkpoint, engine_
     done = _serve("--checkpoint", str(tiny_checkpoint), "--device", "cuda", CAPEEN_ENGINE_PROCESS=engine_process)
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
     assert "CUDA was asked for but is not available on this machine" in done.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_serve_answers_probes_while_the_model_loads_and_drops_nothing_at_the_hand_over(tiny_checkpoint) -> None:
+    """`capeen serve` loads the model before uvicorn starts: meanwhile /healthz is 200 and the rest 503 not_ready,
+    as the app answers before it is ready, and the port passes to uvicorn without refusing a connection."""
+    port = _free_port()
+    capeen = Path(sys.executable).with_name("capeen")
+    server = subprocess.Popen([str(capeen), "serve", "--port", str(port), "--checkpoint", str(tiny_checkpoint)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1", "CAPEEN_LOG_LEVEL": "warning"})
+    answers: list[tuple[int, int, str | None, dict]] = []
+    failures_after_the_first_answer: list[str] = []
+    try:
+        deadline = time.monotonic() + 120
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
+            while time.monotonic() < deadline:
+                try:
+                    ready, alive = http.get("/readyz"), http.get("/healthz")
+                except httpx.TransportError as exc:
+                    if answers:
+                        failures_after_the_first_answer.append(repr(exc))
+                    assert server.poll() is None, server.stderr.read()
+                    time.sleep(0.01)
+                    continue
+                answers.append((ready.status_code, alive.status_code, ready.headers.get("retry-after"), ready.json()))
+                if ready.status_code == 200:
+                    break
+            assert http.post("/caption", files=upload(encode(noise_image(0)))).status_code == 200
+    finally:
+        server.send_signal(signal.SIGINT)
+        _, stderr = server.communicate(timeout=60)
+    assert answers and answers[-1][:2] == (200, 200), answers[-3:]
+    loading = answers[:-1]
+    assert loading, "the first answer came from the ready service: the load was not observed"
+    assert all(answer == (503, 200, "1", {"error": "not_ready", "detail": "the model is still loading"})
+               for answer in loading), loading[:3]
+    assert failures_after_the_first_answer == []
+    assert server.returncode == 0 and "Traceback" not in stderr, stderr
 
 
 def test_serve_reports_a_port_in_use_in_one_line_before_loading_the_model() -> None:

@@ -12,13 +12,13 @@ from service.schemas import Status
 router = APIRouter(tags=["operations"])
 
 
-@router.get("/healthz", response_model=Status, summary="the process is alive and serving HTTP")
+@router.get("/healthz", response_model=Status, summary="the process is alive (answers while the model loads too)")
 async def healthz() -> Status:
     return Status(status="ok")
 
 
 @router.get("/readyz", response_model=Status, responses=error_responses(503),
-            summary="the model is loaded and warmed and requests are taken (503 while shutting down)")
+            summary="the model is loaded and warmed and requests are taken (503 before, and while shutting down)")
 async def readyz(runtime: RuntimeDep) -> Status:
     return Status(status="ready")
 
