@@ -4,6 +4,7 @@ result they hold (the bandit snapshot's path too, at the service's start), and w
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,20 +20,22 @@ def output_file_problem(path: Path) -> str | None:
     file, a name too long), else None.
 
     The folder is tried with a real file, created and removed at once: `os.access` says yes to root in any
-    folder, a read-only mount or /sys included. Its name is that of `bandit.store.write_json_atomic`'s
-    temporary files, which a start-up clears if a kill left one."""
-    folder = path.parent
+    folder, a read-only mount or /sys included."""
     try:
+        path = Path(os.path.realpath(path))  # a link is written through (`replacing`)
         if path.is_dir():
             return "is a directory, not a file"
+        folder = path.parent
         if not folder.is_dir():
             return f"folder {folder} does not exist"
         if path.exists() and not os.access(path, os.W_OK):
             return "exists and is read-only"
+        if path.exists() and not path.is_file():  # /dev/stdout, a named pipe: written in place
+            return None
     except OSError as exc:  # a name too long, a folder on the way that cannot be searched
         return exc.strerror or str(exc)
     try:
-        handle, probe = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+        handle, probe = tempfile.mkstemp(dir=folder, prefix=".capeen-", suffix=".tmp")
     except PermissionError:
         return f"folder {folder} is not writable"
     except OSError as exc:  # a name too long, a read-only file system, a full disk...
@@ -55,27 +58,45 @@ def check_output(option: str, path: str | None, plot: bool = False) -> None:
 
 @contextmanager
 def replacing(option: str, path: str | Path) -> Iterator[Path]:
-    """A temporary file beside `path` to write to; it is renamed over `path` once the block has written it
-    whole, and removed if anything fails, so that an earlier file at `path` (last week's report) stays as it
-    was. Its name keeps `path`'s suffix, from which matplotlib takes a plot's format. A failure to write is a
-    UserError naming `option` and the file."""
-    path = Path(path)
+    """A file to write `path`'s new content to. For a regular file (or a new one) it is a temporary file beside
+    it, renamed over it once the block has written it whole, and removed if anything fails, so that an earlier
+    file (last week's report) stays as it was; it keeps that file's permissions, and `path`'s suffix, from which
+    matplotlib takes a plot's format. A link is followed: the file it points to is replaced, and the link stays.
+    Anything else (/dev/stdout, a named pipe) is written in place. A failure to write is a UserError naming
+    `option` and the file."""
+    target = Path(os.path.realpath(path))
     try:
-        handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
+        existing = target.stat()
+    except FileNotFoundError:
+        existing = None
     except OSError as exc:
         raise UserError(f"{option} {path}: cannot write it: {exc.strerror or exc}") from None
-    os.close(handle)
+    if existing is not None and not stat.S_ISREG(existing.st_mode):
+        with _reported(option, path):
+            yield target
+        return
+    with _reported(option, path):
+        # a short name: `path`'s own may already be near the file system's limit
+        handle, name = tempfile.mkstemp(dir=target.parent, prefix=".capeen-", suffix=f".tmp{target.suffix}")
+        os.close(handle)
     temporary = Path(name)
     try:
-        yield temporary
-        with temporary.open("rb") as written:
-            os.fsync(written.fileno())
-        temporary.chmod(new_file_mode())
-        os.replace(temporary, path)
-    except OSError as exc:
-        raise UserError(f"{option} {path}: cannot write it: {exc.strerror or exc}") from None
+        with _reported(option, path):
+            yield temporary
+            with temporary.open("rb") as written:
+                os.fsync(written.fileno())
+            temporary.chmod(new_file_mode() if existing is None else stat.S_IMODE(existing.st_mode))
+            os.replace(temporary, target)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+@contextmanager
+def _reported(option: str, path: str | Path) -> Iterator[None]:
+    try:
+        yield
+    except OSError as exc:
+        raise UserError(f"{option} {path}: cannot write it: {exc.strerror or exc}") from None
 
 
 def write_text(option: str, path: str | Path, text: str) -> None:

@@ -18,7 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from capeen import outputs
-from capeen.errors import UserError
+from capeen.errors import UserError, first_line
 from capeen.outputs import check_output, output_file_problem
 
 
@@ -72,6 +72,8 @@ def _engine(args):
                                              kv_fill=getattr(args, "kv_fill", None))
     except (CheckpointError, ValueError) as exc:
         raise UserError(str(exc)) from None
+    except RuntimeError as exc:  # the device's own failure: a GPU out of memory, busy or broken
+        raise UserError(f"cannot put the model on --device {args.device}: {first_line(exc)}") from None
 
 
 def caption_main(args) -> int:

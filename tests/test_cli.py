@@ -11,6 +11,7 @@ import io
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -834,6 +835,38 @@ def test_impossible_model_config_values_are_one_line(capsys, tiny_checkpoint, im
     rc, out, err = run(capsys, "caption", images["a.png"], "--checkpoint", directory)
     assert rc == 2 and out == ""
     assert_one_line_error(err, "capeen caption: error:", fragment)
+
+
+def test_a_report_is_written_through_a_link_with_its_permissions_and_in_place_into_a_pipe(tmp_path) -> None:
+    """The report is written beside its file and renamed over it; that must not replace a link with a file, make
+    a private report readable by all, or replace a named pipe (or /dev/stdout) with a file."""
+    import threading
+
+    from capeen import outputs
+
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    report, link = volume / "report.json", tmp_path / "report.json"
+    report.write_text("old")
+    report.chmod(0o600)
+    link.symlink_to(report)
+    outputs.write_text("--json", link, "new\n")
+    assert link.is_symlink() and report.read_text() == "new\n" and (report.stat().st_mode & 0o777) == 0o600
+    assert sorted(p.name for p in volume.iterdir()) == ["report.json"]
+
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    received: list[str] = []
+    reader = threading.Thread(target=lambda: received.append(pipe.read_text()))
+    reader.start()
+    assert outputs.output_file_problem(pipe) is None
+    outputs.write_text("--json", pipe, "through the pipe\n")
+    reader.join(10)
+    assert received == ["through the pipe\n"] and stat.S_ISFIFO(pipe.stat().st_mode)
+    long_name = tmp_path / ("r" * 250)  # a valid name, near the limit: no longer once a temporary's suffix is added
+    assert outputs.output_file_problem(long_name) is None
+    outputs.write_text("--json", long_name, "{}")
+    assert long_name.read_text() == "{}"
 
 
 def test_evaluate_meteor_without_java_is_refused_not_left_out(capsys, tiny_checkpoint, data, monkeypatch):

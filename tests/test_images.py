@@ -259,6 +259,23 @@ def _progressive_jpeg_with_scans_repeated(copies: int) -> bytes:
     return data[:-2] + last_scan * copies + data[-2:]
 
 
+def test_what_follows_a_jpeg_or_sits_in_its_metadata_is_not_counted_as_scans() -> None:
+    """A phone's motion photo appends a video after the picture, whose bytes may hold FF DA many times over."""
+    photo = _encode(Image.new("RGB", (64, 48), (10, 200, 30)), "JPEG")
+    assert load_image(photo + b"ftypmp4" + b"\xff\xda\x00\x08" * 5000).size == (64, 48)
+    comment = b"\xff\xfe" + (2 + 4 * 500).to_bytes(2, "big") + b"\xff\xda\x00\x08" * 500  # a COM segment
+    assert load_image(photo[:2] + comment + photo[2:]).size == (64, 48)
+
+
+def test_a_progressive_jpeg_is_refused_when_its_scans_would_pass_over_too_many_pixels(monkeypatch) -> None:
+    import models.images
+
+    data = _progressive_jpeg_with_scans_repeated(0)  # about 10 scans of 256x256 pixels
+    monkeypatch.setattr(models.images, "MAX_JPEG_SCAN_PIXELS", 256 * 256 * 5)
+    error = _kind_of(data)
+    assert error.kind == "unsupported" and "scans over 256x256 pixels" in str(error)
+
+
 def test_a_progressive_jpeg_decodes_and_one_of_too_many_scans_is_refused_before_decoding() -> None:
     plain = _progressive_jpeg_with_scans_repeated(0)
     assert 5 < plain.count(b"\xff\xda") < 20  # Pillow's (libjpeg's) progressive script
