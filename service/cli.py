@@ -43,24 +43,35 @@ def load_settings(args: argparse.Namespace) -> Settings:
         raise UserError(f"bad setting: {problems}") from None
 
 
-def _listening_socket(host: str, port: int, backlog: int = 2048) -> socket.socket:
-    """The service's listening socket, bound now, so that a port in use or an unknown host is one line before the
-    model loads. It is held from then on: first by service.loading's responder, then by uvicorn, so that no
-    connection is refused or dropped when one hands it to the other (2048: uvicorn's own backlog)."""
+def _listening_sockets(host: str, port: int, backlog: int = 2048) -> list[socket.socket]:
+    """The service's listening sockets, one per address `host` resolves to (as asyncio, and so uvicorn, would
+    listen), bound now, so that a port in use or an unknown host is one line before the model loads. They are
+    held from then on: first by service.loading's responder, then by uvicorn, so that no connection is refused
+    or dropped when one hands them to the other (2048: uvicorn's own backlog)."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
         raise UserError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-    family, kind, proto, _, address = infos[0]
-    listener = socket.socket(family, kind, proto)
+    listeners: list[socket.socket] = []
     try:
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
-        listener.bind(address)
-        listener.listen(backlog)
+        for family, kind, proto, _, address in dict.fromkeys(infos):  # each address once
+            listener = socket.socket(family, kind, proto)
+            listeners.append(listener)
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+            if family == socket.AF_INET6:  # as asyncio does: `::` is IPv6 only, IPv4 has its own socket
+                listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            listener.bind(address)
+            listener.listen(backlog)
     except OSError as exc:
-        listener.close()
+        for listener in listeners:
+            listener.close()
         raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    return listener
+    return listeners
+
+
+def _url(listener: socket.socket) -> str:
+    host, port = listener.getsockname()[:2]
+    return f"http://[{host}]:{port}" if listener.family == socket.AF_INET6 else f"http://{host}:{port}"
 
 
 def _loopback(host: str) -> bool:
@@ -74,11 +85,11 @@ def _loopback(host: str) -> bool:
 def serve_main(args: argparse.Namespace) -> int:
     settings = load_settings(args)  # before importing torch: a bad setting is reported at once
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    listener = _listening_socket(settings.host, settings.port)
+    listeners = _listening_sockets(settings.host, settings.port)
     try:
         from service.loading import answering_while_loading
 
-        with answering_while_loading(listener):  # probes get /healthz 200 and /readyz 503 meanwhile
+        with answering_while_loading(listeners):  # probes get /healthz 200 and /readyz 503 meanwhile
             app = _loaded_app(settings)
         import uvicorn
 
@@ -88,14 +99,15 @@ def serve_main(args: argparse.Namespace) -> int:
                                 http=http_protocol(settings.header_timeout_s),
                                 timeout_graceful_shutdown=int(settings.request_timeout_s + _SHUTDOWN_GRACE_S))
         server = uvicorn.Server(config)
+        # uvicorn names the address only when it binds it itself
+        logging.getLogger("service").info("serving on %s", ", ".join(_url(listener) for listener in listeners))
         try:
-            server.run(sockets=[listener])
+            server.run(sockets=listeners)
         except KeyboardInterrupt:  # Ctrl-C after a graceful shutdown: uvicorn raises it again once done
             pass
     finally:
-        listener.close()
-    if not server.started:  # the app's start-up failed; uvicorn has logged why (as uvicorn.run exits)
-        return 3
+        for listener in listeners:
+            listener.close()
     return 0
 
 

@@ -11,6 +11,7 @@ or dropped at the hand-over.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import socket
@@ -21,14 +22,19 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 log = logging.getLogger(__name__)
 
-_DRAINED_BODY_BYTES = 1 << 20  # read off before answering, so that a small upload's client sees the 503
+# read off before answering (within the handler's timeout): a client still sending when the connection closes
+# may see it reset instead of reading the 503
+_DRAINED_BODY_BYTES = 64 << 20
 
 
 class _Handler(BaseHTTPRequestHandler):
+    timeout = 5.0  # seconds a connection may take to send its request: an idle one must not hold a thread
+
     def _answer(self) -> None:
         length = self.headers.get("Content-Length", "")
         if length.isdigit() and int(length) <= _DRAINED_BODY_BYTES:
-            self.rfile.read(int(length))
+            with contextlib.suppress(OSError):  # a client too slow for the timeout: answer all the same
+                self.rfile.read(int(length))
         if self.command == "GET" and self.path.split("?", 1)[0] == "/healthz":
             status, body = 200, {"status": "ok"}
         else:
@@ -46,24 +52,35 @@ class _Handler(BaseHTTPRequestHandler):
 
     do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _answer
 
+    def handle(self) -> None:
+        with contextlib.suppress(OSError):  # a client that went away or timed out: nothing to say to it
+            super().handle()
+
     def log_message(self, format: str, *args) -> None:  # noqa: A002 (the base class's name)
         log.debug("while loading: %s", format % args)
 
 
 @contextmanager
-def answering_while_loading(listener: socket.socket) -> Iterator[None]:
-    """Answer on `listener` (bound and listening) for the duration of the block; then stop accepting, and leave
-    the socket open, with the connections that wait in its backlog, for uvicorn."""
-    server_class = type("LoadingServer", (ThreadingHTTPServer,), {"address_family": listener.family,
-                                                                   "daemon_threads": True})
-    server = server_class(listener.getsockname(), _Handler, bind_and_activate=False)
-    server.socket.close()  # the one it made for itself: it serves on the service's own
-    server.socket = listener
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="loading-responder",
-                              daemon=True)
-    thread.start()
+def answering_while_loading(listeners: list[socket.socket]) -> Iterator[None]:
+    """Answer on `listeners` (bound and listening) for the duration of the block; then stop accepting, and leave
+    the sockets open, with the connections that wait in their backlogs, for uvicorn. A connection the responder
+    took and that is still open then is left to its handler's timeout."""
+    servers = []
+    for listener in listeners:
+        server_class = type("LoadingServer", (ThreadingHTTPServer,), {"address_family": listener.family,
+                                                                       "daemon_threads": True})
+        server = server_class(listener.getsockname(), _Handler, bind_and_activate=False)
+        server.socket.close()  # the one it made for itself: it serves on the service's own
+        server.socket = listener
+        servers.append(server)
+    threads = [threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True,
+                                name="loading-responder") for server in servers]
+    for thread in threads:
+        thread.start()
     try:
         yield
     finally:
-        server.shutdown()  # returns once serve_forever has stopped: no connection is accepted after it
-        thread.join()
+        for server in servers:
+            server.shutdown()  # returns once serve_forever has stopped: no connection is accepted after it
+        for thread in threads:
+            thread.join()

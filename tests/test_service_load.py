@@ -600,6 +600,46 @@ def test_serve_answers_probes_while_the_model_loads_and_drops_nothing_at_the_han
     assert server.returncode == 0 and "Traceback" not in stderr, stderr
 
 
+def test_the_loading_responder_answers_drains_uploads_times_out_idle_clients_and_hands_over_its_backlog(
+        monkeypatch) -> None:
+    from service.cli import _listening_sockets
+    from service.loading import _Handler, answering_while_loading
+
+    monkeypatch.setattr(_Handler, "timeout", 0.5)
+    [listener] = _listening_sockets("127.0.0.1", 0)
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    try:
+        with answering_while_loading([listener]), httpx.Client(base_url=url, timeout=10) as http:
+            assert http.get("/healthz").json() == {"status": "ok"}
+            upload_while_loading = http.post("/caption", files=upload(b"\0" * (2 << 20)))  # read, then answered
+            assert_error(upload_while_loading, 503, "not_ready")
+            assert upload_while_loading.headers["retry-after"] == "1"
+            with socket.create_connection(listener.getsockname(), timeout=10) as idle:
+                assert idle.recv(1) == b""  # closed by the responder once its timeout passed, not held forever
+        # after the block, a connection waits in the backlog for whoever serves next (uvicorn)
+        with socket.create_connection(listener.getsockname(), timeout=10) as waiting:
+            accepted, _ = listener.accept()
+            accepted.close()
+            assert waiting.recv(1) == b""
+    finally:
+        listener.close()
+
+
+@pytest.mark.skipif(not socket.has_ipv6, reason="no IPv6")
+def test_serve_listens_on_every_address_of_its_host_and_ipv6_only_on_ipv6() -> None:
+    from service.cli import _listening_sockets
+
+    try:
+        listeners = _listening_sockets("::1", 0)
+    except Exception:  # noqa: BLE001 (a host without an IPv6 loopback)
+        pytest.skip("no ::1 here")
+    try:
+        assert [s.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) for s in listeners] == [1]
+    finally:
+        for listener in listeners:
+            listener.close()
+
+
 def test_serve_reports_a_port_in_use_in_one_line_before_loading_the_model() -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
