@@ -28,10 +28,11 @@ def output_file_problem(path: Path) -> str | None:
         folder = path.parent
         if not folder.is_dir():
             return f"folder {folder} does not exist"
-        if path.exists() and not os.access(path, os.W_OK):
-            return "exists and is read-only"
-        if path.exists() and not path.is_file():  # /dev/stdout, a named pipe: written in place
-            return None
+        if path.exists():
+            if not os.access(path, os.W_OK):
+                return "exists and is read-only"
+            if not path.is_file():  # /dev/stdout, a named pipe: written in place
+                return None
     except OSError as exc:  # a name too long, a folder on the way that cannot be searched
         return exc.strerror or str(exc)
     try:
@@ -65,12 +66,8 @@ def replacing(option: str, path: str | Path) -> Iterator[Path]:
     Anything else (/dev/stdout, a named pipe) is written in place. A failure to write is a UserError naming
     `option` and the file."""
     target = Path(os.path.realpath(path))
-    try:
-        existing = target.stat()
-    except FileNotFoundError:
-        existing = None
-    except OSError as exc:
-        raise UserError(f"{option} {path}: cannot write it: {exc.strerror or exc}") from None
+    with _reported(option, path):
+        existing = target.stat() if target.exists() else None
     if existing is not None and not stat.S_ISREG(existing.st_mode):
         with _reported(option, path):
             yield target

@@ -7,7 +7,6 @@ The field descriptions are the settings table of the README.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Literal
 
@@ -125,9 +124,9 @@ class Settings(BaseSettings):
     @field_validator("bandit_state")
     @classmethod
     def _writable_state_path(cls, value: Path | None) -> Path | None:
-        # checked at start: found out at the first save, it would cost what was learnt; a link is followed,
-        # as the snapshot's writer follows it
-        problem = None if value is None else output_file_problem(Path(os.path.realpath(value)))
+        # checked at start: found out at the first save, it would cost what was learnt (a link is followed, as
+        # the snapshot's writer follows it)
+        problem = None if value is None else output_file_problem(value)
         if problem:
             raise ValueError(f"{value}: {problem}, so the snapshot could not be written")
         return value
