@@ -148,6 +148,11 @@ class Batcher:
     def running(self) -> bool:
         return bool(self._workers) and not any(worker.done() for worker in self._workers) and not self._closing
 
+    @property
+    def closing(self) -> bool:
+        """Shutdown has begun: new requests are refused while the queued ones are decoded."""
+        return self._closing
+
     def depth(self) -> int:
         """Images queued whose caller still waits (what the queue size limits)."""
         return self._waiting

@@ -27,9 +27,13 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 async def get_runtime(request: Request) -> Runtime:
     runtime: Runtime | None = getattr(request.app.state, "runtime", None)
-    if runtime is None or not runtime.ready:
-        raise ServiceError(503, "not_ready", "the model is not loaded and warmed yet, or the service is shutting down",
-                           headers=RETRY_AFTER)
+    if runtime is not None and runtime.batcher.closing:
+        raise ServiceError(503, "shutting_down", "the service is shutting down: it finishes the requests it has "
+                           "queued and takes no new ones", headers=RETRY_AFTER)
+    if runtime is None:
+        raise ServiceError(503, "not_ready", "the model is not loaded and warmed yet", headers=RETRY_AFTER)
+    if not runtime.ready:  # a batch worker has stopped
+        raise ServiceError(503, "not_ready", "the service cannot caption now", headers=RETRY_AFTER)
     return runtime
 
 

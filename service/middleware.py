@@ -58,9 +58,19 @@ class RequestContext:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            route = getattr(scope.get("route"), "path", "unmatched")  # the template: bounded label values
+            route = _route_label(scope)
             self.metrics.requests.labels(route=route, status=str(status)).inc()
             self.metrics.duration.labels(route=route).observe(time.perf_counter() - started)
+
+
+def _route_label(scope: Scope) -> str:
+    """The route's template (bounded label values), or `unmatched` for a path no route serves."""
+    route = scope.get("route")
+    if route is not None:
+        return route.path
+    if scope.get("endpoint") is not None and not scope.get("path_params"):
+        return scope["path"]  # FastAPI's own /openapi.json and /docs: plain routes, whose paths are templates
+    return "unmatched"
 
 
 class BodyLimit:

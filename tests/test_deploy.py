@@ -553,6 +553,10 @@ def test_healthcheck_script():
         assert _healthcheck(env={"CAPEEN_PORT": str(port)}).returncode == 0  # default URL: loopback /readyz
         loading = _healthcheck(f"http://127.0.0.1:{port}/loading")
         assert loading.returncode == 1 and "503" in loading.stdout
+        for timeout in ("5s", "0", "nan"):
+            bad = _healthcheck(env={"CAPEEN_PORT": str(port), "CAPEEN_HEALTHCHECK_TIMEOUT": timeout})
+            assert bad.returncode == 1 and bad.stderr == ""
+            assert bad.stdout.strip() == f"CAPEEN_HEALTHCHECK_TIMEOUT must be a number of seconds above 0, got {timeout!r}"
     finally:
         server.shutdown()
         server.server_close()

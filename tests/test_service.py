@@ -496,6 +496,13 @@ def test_metrics_exposition(client: httpx.Client) -> None:
         assert f"\n{name}" in text, name
     assert metric_value(text, 'capeen_requests_total{route="/caption",status="415"}') >= 1
     assert metric_value(text, 'capeen_errors_total{kind="not_image"}') >= 1
+    for path in ("/openapi.json", "/docs", "/no/such/route"):
+        client.get(path)
+    text = client.get("/metrics").text
+    assert metric_value(text, 'capeen_requests_total{route="/openapi.json",status="200"}') >= 1
+    assert metric_value(text, 'capeen_requests_total{route="/docs",status="200"}') >= 1
+    assert metric_value(text, 'capeen_requests_total{route="unmatched",status="404"}') >= 1
+    assert 'route="unmatched",status="200"' not in text
     tokens = metric_value(text, "capeen_tokens_generated_total")
     assert metric_value(text, "capeen_token_exit_layer_count") == tokens > 0
     assert metric_value(text, 'capeen_token_exit_layer_bucket{le="4.0"}') == tokens

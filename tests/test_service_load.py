@@ -818,3 +818,22 @@ def test_every_setting_is_in_the_readmes_settings_table() -> None:
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     rows = {line.split("|")[1].strip(" `") for line in readme.splitlines() if line.startswith("| `CAPEEN_")}
     assert {f"CAPEEN_{name.upper()}" for name in Settings.model_fields} <= rows
+
+
+def test_readyz_and_captions_say_shutting_down_while_the_service_drains(tiny_engine) -> None:
+    """Once shutdown has begun, a load balancer's probe and a late request both learn why they get 503."""
+    app = create_app(Settings(log_level="warning"), [tiny_engine])
+
+    async def scenario() -> tuple[httpx.Response, ...]:
+        async with app.router.lifespan_context(app):
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://app") as http:
+                before = await http.get("/readyz")
+                await app.state.runtime.batcher.close()
+                return (before, await http.get("/readyz"),
+                        await http.post("/caption", files=upload(encode(noise_image(0)))))
+
+    before, ready, caption = asyncio.run(scenario())
+    assert before.status_code == 200
+    assert_error(ready, 503, "shutting_down")
+    assert ready.headers["retry-after"] == "1"
+    assert_error(caption, 503, "shutting_down")
