@@ -11,11 +11,12 @@ import argparse
 import errno
 import importlib
 import os
+import signal
 import sys
 
 # Defined in its own module so that `python -m capeen.cli` (which loads this file twice) still catches it.
 from capeen.errors import UserError
-from capeen.options import add_half, add_image_dir, add_kv_fill
+from capeen.options import add_checkpoint, add_half, add_image_dir, add_kv_fill
 
 
 def _handler(target: str):
@@ -82,7 +83,7 @@ def _add_caption(sub) -> None:
     p.add_argument("--files-from", metavar="LIST",
                    help="a file naming images or folders, one per line (-: standard input), captioned after those "
                         "given as arguments: a manifest of any length, past the shell's limit on arguments")
-    p.add_argument("--checkpoint", help="checkpoint directory (default: the shipped models/checkpoints/default)")
+    add_checkpoint(p, environment=False)
     p.add_argument("--mode", choices=["full", "fixed", "adaptive"], default="fixed",
                    help="full: every decoder layer; fixed: early exit at --threshold (default); adaptive (with "
                         "--server): the service's bandit picks the threshold")
@@ -135,8 +136,8 @@ def _add_serve(sub) -> None:
     p.set_defaults(func=_handler("service.cli:serve_main"))
 
 
-def _add_model_source(p, default_split: str) -> None:
-    p.add_argument("--checkpoint", help="checkpoint directory (default: the shipped one)")
+def _add_model_source(p, default_split: str, writes: bool = False) -> None:
+    add_checkpoint(p, writes=writes)
     p.add_argument("--data", required=True, help="data set directory (with dataset.json) or a Karpathy JSON file")
     add_image_dir(p)
     p.add_argument("--split", default=default_split)
@@ -150,7 +151,7 @@ def _add_model_source(p, default_split: str) -> None:
 
 def _add_calibrate(sub) -> None:
     p = sub.add_parser("calibrate", help="choose the early-exit threshold on held-out data; writes thresholds.json")
-    _add_model_source(p, "val")
+    _add_model_source(p, "val", writes=True)
     p.add_argument("--quality", type=float, default=0.99, help="keep CIDEr-D >= this fraction of full depth")
     p.add_argument("--confidence", type=float, default=0.95,
                    help="the calibration split is a sample: a setting passes only if the lower bound of its share of "
@@ -236,9 +237,11 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"capeen {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"capeen {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C, or a termination that the command turned into one
+        number = getattr(exc, "signal", signal.SIGINT)
+        print(f"capeen {args.command}: {'interrupted' if number == signal.SIGINT else 'terminated'}",
+              file=sys.stderr)
+        return 128 + number  # what a shell reports for a process that the signal ended
     except BrokenPipeError:  # the reader went away (`capeen caption *.jpg | head -1`): stop quietly, as it asked
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush does not fail again
         return 141  # what a shell reports for a process ended by SIGPIPE

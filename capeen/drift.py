@@ -49,7 +49,7 @@ from typing import Any
 from capeen import outputs
 from capeen.errors import UserError
 from capeen.outputs import check_output
-from capeen.options import add_half, add_image_dir, add_kv_fill
+from capeen.options import add_checkpoint, add_half, add_image_dir, add_kv_fill
 
 # numpy, torch, matplotlib and the model code are imported inside the functions that need them, so that
 # building the `capeen` parser (add_arguments) stays as light as the rest of the CLI.
@@ -551,7 +551,7 @@ def plot_thresholds(report: dict[str, Any], path: Path) -> None:
 
 # ----- command line -------------------------------------------------------------------------------------------
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", help="checkpoint directory (default: the shipped one)")
+    add_checkpoint(p)
     p.add_argument("--data", required=True, help="data set directory (with dataset.json) or a Karpathy JSON file")
     add_image_dir(p)
     p.add_argument("--split", default="test", help="split the stream's images come from (default test)")

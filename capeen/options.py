@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
+
+# the variable `capeen serve` reads its checkpoint from (service.settings); the other commands default to it too
+CHECKPOINT_VARIABLE = "CAPEEN_CHECKPOINT"
 
 # models.decoding.KV_FILLS, spelled out here so that parsing arguments does not import torch
 KV_FILLS = ("propagate", "deferred")
@@ -29,3 +33,19 @@ def add_image_dir(parser: argparse.ArgumentParser) -> None:
                         help="folder the caption file's image paths are relative to (default: the caption file's "
                              "folder); e.g. flickr30k-images/ for dataset_flickr30k.json, or the folder holding "
                              "train2014/ and val2014/ for dataset_coco.json")
+
+
+def add_checkpoint(parser: argparse.ArgumentParser, writes: bool = False, environment: bool = True) -> None:
+    """`--checkpoint`, by default CAPEEN_CHECKPOINT as for `capeen serve`, then the shipped model. A command that
+    `writes` into the checkpoint has no silent default: rewriting the shipped model must be asked for by name.
+    `environment=False` leaves the variable to the command (`capeen caption`, whose `--server` has no local model,
+    tells a `--checkpoint` given from one read from the variable)."""
+    default = os.environ.get(CHECKPOINT_VARIABLE) if environment else None
+    if writes:
+        parser.add_argument("--checkpoint", default=default,
+                            help=f"checkpoint directory to write into ({CHECKPOINT_VARIABLE}; no default: the "
+                                 "shipped one is models/checkpoints/default)")
+    else:
+        parser.add_argument("--checkpoint", default=default,
+                            help=f"checkpoint directory ({CHECKPOINT_VARIABLE}; default: the shipped one, "
+                                 "models/checkpoints/default)")

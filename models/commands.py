@@ -19,6 +19,7 @@ from pathlib import Path
 
 from capeen import outputs
 from capeen.errors import UserError, first_line
+from capeen.options import CHECKPOINT_VARIABLE
 from capeen.outputs import check_output, output_file_problem
 
 
@@ -60,6 +61,11 @@ def train_main(args) -> int:
     except (CheckpointError, DatasetError, ValueError, TypeError) as exc:
         raise UserError(str(exc)) from None
     print(f"wrote checkpoint {path}")
+    if opts.stage == "exits" or opts.exit_aware:  # new weights never keep a threshold measured on others
+        print(f"next: choose its early-exit threshold (it has none yet) with capeen calibrate --checkpoint {path} "
+              f"--data {opts.data}")
+    else:
+        print(f"next: capeen train --stage {'backbone' if opts.stage == 'encoder' else 'exits'} --init {path} ...")
     return 0
 
 
@@ -93,6 +99,7 @@ def caption_main(args) -> int:
         from service.client import caption_remote
 
         return caption_remote(args, find_images(itertools.chain(args.images, listed)), output)
+    args.checkpoint = args.checkpoint if args.checkpoint is not None else os.environ.get(CHECKPOINT_VARIABLE)
     args.threads = 1 if args.threads is None else args.threads
     args.device = args.device or "auto"
     args.workers = min(4, os.cpu_count() or 1) if args.workers is None else args.workers
@@ -365,6 +372,9 @@ def calibrate_main(args) -> int:
     from models.calibration import calibrate
     from models.checkpoint import save_thresholds
 
+    if args.checkpoint is None:  # never the shipped model by default: a forgotten flag would rewrite it
+        raise UserError(f"name the checkpoint whose thresholds.json to rewrite: --checkpoint DIR or "
+                        f"{CHECKPOINT_VARIABLE} (the shipped one is models/checkpoints/default)")
     _set_threads(args)
     if not 0 < args.quality <= 1:
         raise UserError(f"--quality must be in (0, 1], got {args.quality}")
@@ -490,7 +500,7 @@ def _print_report(report: dict) -> None:
           f"batch={report['batch_size']}")
     meteor = "meteor" in full  # computed when asked for and Java is there
     header = ("threshold", "BLEU-4", "CIDEr-D", "ROUGE-L", *(("METEOR",) if meteor else ()), "scene acc",
-              "mean exit", "saved", "ms/caption", "decoder x", "end-to-end x")
+              "mean exit", "saved", "decode ms/caption", "decoder x", "end-to-end x")
     print(" | ".join(header))
     for entry in [full, *report["thresholds"]]:
         setting = "full" if entry["threshold"] is None else f"{entry['threshold']:g}"
@@ -500,7 +510,8 @@ def _print_report(report: dict) -> None:
             f"{setting} simulated" if entry.get("simulated") else setting,
             f"{entry['bleu4']:.3f}", f"{entry['ciderD']:.3f}", f"{entry['rougeL']:.3f}",
             *((f"{entry['meteor']:.3f}",) if meteor else ()),
-            f"{entry.get('scene_accuracy', float('nan')):.3f}", f"{entry['mean_exit_layer']:.2f}",
+            f"{entry['scene_accuracy']:.3f}" if "scene_accuracy" in entry else "-",  # COCO has no scenes
+            f"{entry['mean_exit_layer']:.2f}",
             f"{entry['layers_saved']:.1%}", f"{entry['decode_ms_per_caption']:.2f}",
             f"{entry['decoder_speedup']:.2f}", f"{entry['end_to_end_speedup']:.2f}",
         ]

@@ -1,4 +1,5 @@
-"""Holding Ctrl-C and termination back while a few renames put a finished piece of work in place."""
+"""Holding Ctrl-C and termination back while a few renames put a finished piece of work in place, and turning
+termination into an interruption where there is work to keep."""
 
 from __future__ import annotations
 
@@ -38,3 +39,37 @@ def signals_deferred() -> Iterator[None]:
             signal.signal(number, handler)
         for number in dict.fromkeys(caught):  # each signal once, in the order it came
             signal.raise_signal(number)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised as Ctrl-C is, so that what keeps work on Ctrl-C keeps it on these too."""
+
+    def __init__(self, number: int) -> None:
+        super().__init__(signal.Signals(number).name)
+        self.signal = number
+
+
+TERMINATING = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+@contextlib.contextmanager
+def termination_interrupts() -> Iterator[None]:
+    """Inside the block, SIGTERM (`timeout`, `docker stop`, a batch scheduler's end of time) and SIGHUP (a closed
+    terminal) raise `Terminated` instead of ending the process on the spot. Signals that arrive ignored (`nohup`)
+    stay ignored; outside the main thread nothing changes, as for `signals_deferred`."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(received: int, frame) -> None:
+        raise Terminated(received)
+
+    previous = {}
+    for number in TERMINATING:
+        if signal.getsignal(number) == signal.SIG_DFL:
+            previous[number] = signal.signal(number, terminate)
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)

@@ -54,8 +54,9 @@ class CapeenConfig:
     n_head: int = 4
     n_inner: int = 512
     layer_norm_epsilon: float = 1e-5
-    # 1-based decoder layers followed by an exit head; the last layer always exits through ln_f + lm_head
-    exit_layers: list[int] = field(default_factory=lambda: list(range(1, 12)))
+    # 1-based decoder layers followed by an exit head; the last layer always exits through ln_f + lm_head.
+    # None: after every layer but the last, however many n_layer makes
+    exit_layers: list[int] | None = None
     # special token ids, fixed by models.tokenizer
     pad_token_id: int = 0
     bos_token_id: int = 1
@@ -77,6 +78,8 @@ class CapeenConfig:
         epsilon = self.layer_norm_epsilon
         if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not 0 < epsilon < 1:
             raise ValueError(f"layer_norm_epsilon must be a small positive number, got {epsilon!r}")
+        if self.exit_layers is None:
+            self.exit_layers = list(range(1, self.n_layer))
         if not isinstance(self.exit_layers, (list, tuple)):
             raise ValueError(f"exit_layers must be a list of layer numbers, got {self.exit_layers!r}")
         # true, 2.9 or "2" would silently become some layer: only whole numbers name one

@@ -57,7 +57,7 @@ from models.checkpoint import (
     save_checkpoint,
 )
 from models.dataset import load_karpathy, records_for_split
-from models.interrupts import signals_deferred
+from models.interrupts import signals_deferred, termination_interrupts
 from models.model import CapeenConfig, CapeenModel
 from models.preprocess import normalize
 from models.scene import MAX_OBJECTS, SCENE_TRIPLES, scene_targets
@@ -343,6 +343,12 @@ class Trainer:
         if opts.init is not None:
             ckpt = load_checkpoint(opts.init, device="cpu")
             self.model, self.tokenizer, self.meta = ckpt.model, ckpt.tokenizer, dict(ckpt.meta)
+            trained = [stage.split("-")[0] for stage in self.meta.get("training", {})]
+            if opts.stage == "exits" and trained and "backbone" not in trained:
+                # its decoder is as initialised: exits trained to copy it would learn nothing, silently
+                raise ValueError(f"stage exits freezes the backbone of --init {opts.init}, but its decoder was never "
+                                 f"trained (it records only stage {', '.join(dict.fromkeys(trained))}): train "
+                                 f"--stage backbone --init {opts.init} first")
         else:
             self.tokenizer = build_tokenizer(opts.data)
             overrides = dict(opts.model_overrides or {})
@@ -488,10 +494,10 @@ class Trainer:
         self._train_mode()
         self.started = time.time() - self.elapsed_before  # a resumed run's clock goes on from its state's
         bar = tqdm(total=opts.steps, initial=self.step, desc=f"train {opts.stage}", unit="step")
-        with contextlib.closing(bar):  # an error below is the last line, not followed by the bar's remains
+        with contextlib.closing(bar), termination_interrupts():  # the bar's remains never follow an error
             try:
                 self._steps(bar)
-            except KeyboardInterrupt:
+            except KeyboardInterrupt:  # Ctrl-C, or Terminated
                 self._save_on_interrupt(bar)
                 raise
         return self.export()

@@ -26,6 +26,12 @@ _FLAGS = ("host", "port", "checkpoint", "device", "half", "kv_fill", "engines")
 _SHUTDOWN_GRACE_S = 5.0
 
 
+def _setting_name(loc: tuple, flags: dict[str, object]) -> str:
+    """How the user gave a setting: its flag when one was given, else its variable."""
+    field = ".".join(map(str, loc))
+    return f"--{field.replace('_', '-')}" if field in flags else f"CAPEEN_{field.upper()}"
+
+
 def load_settings(args: argparse.Namespace) -> Settings:
     """Settings from the environment, with the flags that were given on top."""
     from pydantic import ValidationError
@@ -38,8 +44,7 @@ def load_settings(args: argparse.Namespace) -> Settings:
     except ValidationError as exc:
         # a field's error names its variable; one about several settings together names them in its message
         messages = [(e["loc"], e["msg"].removeprefix("Value error, ")) for e in exc.errors()]
-        problems = "; ".join(f"CAPEEN_{'.'.join(map(str, loc)).upper()}: {msg}" if loc else msg
-                             for loc, msg in messages)
+        problems = "; ".join(f"{_setting_name(loc, overrides)}: {msg}" if loc else msg for loc, msg in messages)
         raise UserError(f"bad setting: {problems}") from None
 
 

@@ -43,12 +43,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from capeen.errors import UserError
+from capeen.options import add_checkpoint
 
 CONNECT_ERROR = 0  # status recorded for a request that got no HTTP answer at all
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", help="checkpoint directory (default: the shipped one)")
+    add_checkpoint(parser)
     parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"],
                         help="device of the servers (default cpu, the host the benchmark is specified for)")
     parser.add_argument("--mode", default="fixed", choices=["adaptive", "fixed", "full"],

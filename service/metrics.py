@@ -109,4 +109,14 @@ class ServingMetrics:
         self.layers_full.inc(self.n_layer * len(trace.exit_layers))
 
     def describe_model(self, info: Mapping[str, object]) -> None:
-        self.model.info({key: str(value) for key, value in info.items()})
+        self.model.info({key: _label_value(value) for key, value in info.items()})
+
+
+def _label_value(value: object) -> str:
+    """A label as PromQL users write it: lists comma-separated (`1,2,6,10`), an absent value empty (a label
+    that PromQL treats as not set), not Python's `[1, 2]` and `None`."""
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple)):
+        return ",".join(_label_value(item) for item in value)
+    return str(value)

@@ -192,4 +192,7 @@ def start_runtime(settings: Settings, registry: CollectorRegistry, engines: Sequ
             _save_periodically(bandit, settings.bandit_save_interval_s), name="capeen-bandit-saver")
     log.info("ready: %s on %s (%s), %d engine(s), policy %s", engine.name, engine.device,
              runtime.describe_model()["dtype"], len(engines), settings.policy)
+    if engine.calibrated_threshold is None:  # said once here rather than only in every request's 422
+        log.warning("%s has no calibrated threshold: mode=fixed requests must give a threshold (calibrate it with "
+                    "`capeen calibrate --checkpoint DIR`); modes adaptive and full need none", engine.name)
     return runtime

@@ -160,6 +160,32 @@ def test_caption_plain_output(capsys, tiny_checkpoint, images):
     assert lines[0].startswith(f"{images['a.png']}\t") and lines[1].startswith(f"{images['b.png']}\t")
 
 
+def test_every_command_takes_its_checkpoint_from_capeen_checkpoint_as_serve_does(capsys, tiny_checkpoint, images,
+                                                                                  tmp_path, monkeypatch):
+    rc, named, _ = run(capsys, "caption", images["a.png"], "--checkpoint", tiny_checkpoint, "--device", "cpu")
+    monkeypatch.setenv("CAPEEN_CHECKPOINT", str(tiny_checkpoint))
+    rc_env, from_env, _ = run(capsys, "caption", images["a.png"], "--device", "cpu")
+    assert rc == rc_env == 0 and from_env == named  # the tiny model's caption, not the shipped one's
+    monkeypatch.setenv("CAPEEN_CHECKPOINT", str(tmp_path / "gone"))
+    for command in (["caption", images["a.png"]], ["evaluate", "--data", str(tmp_path)],
+                    ["bench", "--data", str(tmp_path)], ["calibrate", "--data", str(tmp_path)],
+                    ["bench-drift", "--data", str(tmp_path)]):
+        rc, _, err = run(capsys, *command)
+        assert rc == 2
+        assert_one_line_error(err, f"{tmp_path / 'gone'}: checkpoint directory not found")
+    # with --server the captions are the server's: a checkpoint from the environment is no reason to refuse
+    rc, _, err = run(capsys, "caption", images["a.png"], "--server", "http://127.0.0.1:9", "--retries", "0")
+    assert rc == 2 and "--checkpoint" not in err and "127.0.0.1:9" in err
+
+
+def test_calibrate_rewrites_only_a_checkpoint_it_was_given(capsys, tmp_path, monkeypatch):
+    monkeypatch.delenv("CAPEEN_CHECKPOINT", raising=False)
+    rc, _, err = run(capsys, "calibrate", "--data", str(tmp_path))
+    assert rc == 2
+    assert_one_line_error(err, "capeen calibrate: error:", "--checkpoint DIR or CAPEEN_CHECKPOINT",
+                          "models/checkpoints/default")
+
+
 @pytest.mark.parametrize("form", [[], ["--jsonl"]], ids=["text", "jsonl"])
 def test_caption_reads_captions_and_prints_a_batch_at_a_time(capsys, tiny_checkpoint, images, monkeypatch, form):
     # a user captioning a folder of thousands of photos: never all of them decoded in memory at once, and

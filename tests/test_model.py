@@ -220,3 +220,11 @@ def test_half_precision_decodes_every_path_and_agrees_with_float32(dtype, kv_fil
     agree = [h.trace.token_ids == r.trace.token_ids for h, r, t in zip(results, reference, thresholds)
              if t == FULL_DEPTH]
     assert all(agree)
+
+
+def test_a_config_without_exit_layers_puts_an_exit_after_every_layer_but_the_last() -> None:
+    """`capeen train --model-config '{"n_layer": 4}'` (the help's example) must not inherit 12 layers' exits."""
+    assert CapeenConfig(n_layer=4).exit_layers == [1, 2, 3]
+    assert CapeenConfig().exit_layers == list(range(1, 12))
+    assert CapeenConfig(n_layer=4, exit_layers=[]).exit_layers == []
+    assert CapeenConfig.from_dict({"n_layer": 6, "vocab_size": 30}).exit_layers == [1, 2, 3, 4, 5]

@@ -509,6 +509,7 @@ def test_metrics_exposition(client: httpx.Client) -> None:
     computed = metric_value(text, "capeen_decoder_layers_computed_total")
     assert metric_value(text, "capeen_decoder_layers_full_total") == 4 * tokens >= computed > 0
     assert 'capeen_model_info{' in text and 'name="tiny-test"' in text
+    assert 'exits="1,2,3,4"' in text and 'devices="cpu"' in text and 'exit_offsets="0.0,0.0,0.0,0.0"' in text
     # every engine call is timed; the engine's own encode and decode time fits inside the call's wall time
     batches = metric_value(text, "capeen_batch_size_count")
     assert metric_value(text, 'capeen_batch_duration_seconds_count{engine="0"}') == batches >= 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import re
 import signal
@@ -510,6 +511,7 @@ def _serve(*args: str, **env: str) -> subprocess.CompletedProcess:
     [
         (("--checkpoint", "/no/such/checkpoint", "--device", "cpu"), {}, "/no/such/checkpoint"),
         ((), {"CAPEEN_PORT": "eighty"}, "CAPEEN_PORT"),
+        (("--port", "99999"), {}, "bad setting: --port: Input should be less than or equal to 65535"),
         ((), {"CAPEEN_POLICY": "greedy"}, "CAPEEN_POLICY"),
         ((), {"CAPEEN_BANDIT_THRESHOLDS": "0.3,high"}, "CAPEEN_BANDIT_THRESHOLDS"),
         ((), {"CAPEEN_KV_FILL": "exact"}, "CAPEEN_KV_FILL"),
@@ -528,7 +530,7 @@ def _serve(*args: str, **env: str) -> subprocess.CompletedProcess:
         ((), {"CAPEEN_ADMIN_TOKEN": " change-me"}, "CAPEEN_ADMIN_TOKEN: may hold only ASCII letters"),
         ((), {"CAPEEN_ADMIN_TOKEN": "pässwörd"}, "CAPEEN_ADMIN_TOKEN: may hold only ASCII letters"),
     ],
-    ids=["bad-checkpoint", "bad-port", "bad-policy", "bad-grid", "bad-kv-fill", "no-engine", "engines-in-process",
+    ids=["bad-checkpoint", "bad-port", "bad-port-flag", "bad-policy", "bad-grid", "bad-kv-fill", "no-engine", "engines-in-process",
          "bad-onednn", "infinite-timeout", "nan-price", "state-in-missing-folder", "state-is-a-folder",
          "empty-state-path", "state-name-too-long", "state-in-unwritable-folder", "blank-admin-token",
          "admin-token-with-spaces", "admin-token-not-ascii"],
@@ -837,3 +839,28 @@ def test_readyz_and_captions_say_shutting_down_while_the_service_drains(tiny_eng
     assert_error(ready, 503, "shutting_down")
     assert ready.headers["retry-after"] == "1"
     assert_error(caption, 503, "shutting_down")
+
+
+def test_an_uncalibrated_checkpoint_is_said_at_start_and_fixed_mode_asks_for_a_threshold(tiny_checkpoint,
+                                                                                         caplog) -> None:
+    import dataclasses
+
+    from models.checkpoint import Thresholds, load_checkpoint
+    from models.engine import CaptionEngine
+
+    uncalibrated = CaptionEngine(dataclasses.replace(load_checkpoint(tiny_checkpoint), thresholds=Thresholds()))
+    app = create_app(Settings(log_level="warning"), [uncalibrated])
+
+    async def scenario() -> tuple[httpx.Response, ...]:
+        async with app.router.lifespan_context(app):
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://app") as http:
+                image = encode(noise_image(0))
+                return tuple([await http.post("/caption", files=upload(image), data={"mode": mode})
+                              for mode in ("fixed", "adaptive", "full")])
+
+    with caplog.at_level(logging.WARNING, logger="service.runtime"):
+        fixed, adaptive, full = asyncio.run(scenario())
+    warned = [record.getMessage() for record in caplog.records if "no calibrated threshold" in record.getMessage()]
+    assert len(warned) == 1 and "capeen calibrate --checkpoint" in warned[0]
+    assert fixed.status_code == 422 and "calibrate" in fixed.json()["detail"]
+    assert adaptive.status_code == full.status_code == 200

@@ -132,12 +132,14 @@ def test_stage_exits_freezes_backbone_and_trains_exits(backbone, exits_distilled
     _assert_only_exits_changed(_weights(backbone[0]), _weights(exits_distilled))
 
 
-def test_stage_exits_keeps_a_conv_stems_batchnorm_statistics(data, tmp_path):
+def test_stage_exits_keeps_a_conv_stems_batchnorm_statistics(data, tmp_path, capsys):
     stem = {**TINY, "stem_channels": [8], "patch_size": 4}
     assert _train(data, tmp_path / "backbone", tmp_path / "run1", "--stage", "backbone", "--steps", 4,
                   "--warmup", 1, "--eval-every", 4, "--model-config", json.dumps(stem)) == 0
     assert _train(data, tmp_path / "exits", tmp_path / "run2", "--stage", "exits", "--init", tmp_path / "backbone",
                   "--steps", 4, "--lr", "3e-3", "--warmup", 1, "--eval-every", 2) == 0
+    out = capsys.readouterr().out  # new exits have no threshold yet, whatever --out held before
+    assert f"capeen calibrate --checkpoint {tmp_path / 'exits'} --data {data}" in out
     before, after = _weights(tmp_path / "backbone"), _weights(tmp_path / "exits")
     assert "encoder.stem.1.running_mean" in before
     _assert_only_exits_changed(before, after)
@@ -194,9 +196,11 @@ def test_backbone_exit_aware_reports_exit_ce(data, tmp_path):
 
 
 # ----- stage encoder --------------------------------------------------------------------------------------------
-def test_stage_encoder_trains_only_the_encoder_on_scene_objects_and_backbone_starts_from_it(data, tmp_path):
+def test_stage_encoder_trains_only_the_encoder_on_scene_objects_and_backbone_starts_from_it(data, tmp_path,
+                                                                                          capsys):
     assert _train(data, tmp_path / "enc", tmp_path / "run-enc", "--stage", "encoder", "--steps", 30, "--lr", "3e-3",
                   "--warmup", 2, "--eval-every", 10, "--model-config", json.dumps(TINY)) == 0
+    assert f"next: capeen train --stage backbone --init {tmp_path / 'enc'} ..." in capsys.readouterr().out
     history = _meta(tmp_path / "enc")["training"]["encoder"]["history"]
     assert [r["step"] for r in history] == [10, 20, 30]
     assert history[-1]["val_loss"] < history[0]["val_loss"] - 1.0
@@ -214,8 +218,18 @@ def test_stage_encoder_trains_only_the_encoder_on_scene_objects_and_backbone_sta
 
     assert _train(data, tmp_path / "bb", tmp_path / "run-bb", "--stage", "backbone", "--init", tmp_path / "enc",
                   "--steps", 2, "--warmup", 1, "--eval-every", 2) == 0
+    assert f"next: capeen train --stage exits --init {tmp_path / 'bb'} ..." in capsys.readouterr().out
     stages = _meta(tmp_path / "bb")["training"]
     assert list(stages) == ["encoder", "backbone"]
+
+    # the exits of a decoder never trained would learn to copy noise: refused before any data is read
+    capsys.readouterr()
+    assert _train(data, tmp_path / "ex", tmp_path / "run-ex", "--stage", "exits", "--init", tmp_path / "enc",
+                  "--steps", 2) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "its decoder was never trained (it records only stage encoder)" in err
+    assert f"train --stage backbone --init {tmp_path / 'enc'} first" in err
+    assert not (tmp_path / "ex").exists() and not (tmp_path / "run-ex").exists()
 
 
 def test_stage_encoder_needs_scene_objects(tmp_path, capsys):
@@ -300,6 +314,30 @@ def test_resumed_run_equals_uninterrupted_run(data, tmp_path, monkeypatch, capsy
         for key in a:
             assert a[key] == pytest.approx(b[key], abs=1e-6), key
     load_checkpoint(tmp_path / "half")
+
+
+@pytest.mark.parametrize("number", [signal.SIGTERM, signal.SIGHUP])
+def test_termination_keeps_the_steps_taken_as_ctrl_c_does(data, tmp_path, monkeypatch, capsys, number):
+    """`timeout`, `docker stop` or a scheduler's end of time sends SIGTERM: the run state is saved, not lost."""
+    losses = Trainer.batch_losses
+
+    def terminated_during_step_3(self, *args, **kwargs):
+        if self.step == 2:
+            os.kill(os.getpid(), number)
+        return losses(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "batch_losses", terminated_during_step_3)
+    common = ["--stage", "backbone", "--steps", 8, "--eval-every", 4, "--model-config", json.dumps(TINY)]
+    previous = signal.signal(number, signal.SIG_DFL)  # as a terminal starts it (a runner may start us with it ignored)
+    try:
+        assert _train(data, tmp_path / "out", tmp_path / "run", *common) == 128 + number
+        assert signal.getsignal(number) == signal.SIG_DFL  # the command's handler does not outlive it
+    finally:
+        signal.signal(number, previous)
+    err = capsys.readouterr().err
+    assert f"stopped at step 3; the run state in {tmp_path / 'run'} holds step 3" in err
+    assert err.rstrip().endswith("capeen train: terminated")
+    assert json.loads((tmp_path / "run" / "last" / "train_state.json").read_text())["step"] == 3
 
 
 def test_resume_with_nothing_to_resume_is_a_one_line_error(data, tmp_path, capsys):
