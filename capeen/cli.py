@@ -49,6 +49,10 @@ def _add_train(sub) -> None:
     add_image_dir(p)
     p.add_argument("--out", required=True, help="checkpoint directory to write")
     p.add_argument("--init", help="checkpoint to start from (required for --stage exits)")
+    p.add_argument("--encoder-from", metavar="DIR",
+                   help="stages encoder and backbone: start the image encoder from a local Hugging Face ViT or Swin "
+                        "(a folder written by save_pretrained, with model.safetensors), whose config sets the "
+                        "encoder's shape")
     p.add_argument("--run-dir", help="where resumable state goes (default runs/<out name>/<stage>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
     p.add_argument("--steps", type=int, default=2000)

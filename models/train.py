@@ -57,6 +57,7 @@ from models.checkpoint import (
     save_checkpoint,
 )
 from models.dataset import load_karpathy, records_for_split
+from models.hf_import import ENCODER_FIELDS, encoder_overrides, load_encoder
 from models.interrupts import signals_deferred, termination_interrupts
 from models.model import CapeenConfig, CapeenModel
 from models.preprocess import normalize
@@ -78,6 +79,7 @@ class TrainOptions:
     out: Path
     run_dir: Path
     init: Path | None = None  # checkpoint to start from (required for stage "exits")
+    encoder_from: Path | None = None  # a local Hugging Face ViT or Swin to start the encoder from (models.hf_import)
     steps: int = 2000
     batch_size: int = 32  # images per step
     captions_per_image: int = 5
@@ -108,8 +110,9 @@ TOKENIZER_FIXED = ("vocab_size", "pad_token_id", "bos_token_id", "eos_token_id")
 # that no single set of options describes. --steps may grow (that is how a run is extended); --eval-every,
 # --val-images, --device, --name and where the data lies do not change the weights.
 RUN_OPTIONS = {
-    "encoder": ("init", "model_overrides", "batch_size", "lr", "weight_decay", "warmup", "seed"),
-    "backbone": ("init", "model_overrides", "batch_size", "captions_per_image", "lr", "weight_decay", "warmup",
+    "encoder": ("init", "encoder_from", "model_overrides", "batch_size", "lr", "weight_decay", "warmup", "seed"),
+    "backbone": ("init", "encoder_from", "model_overrides", "batch_size", "captions_per_image", "lr", "weight_decay",
+                 "warmup",
                  "seed", "exit_aware", "aux_weight"),
     "exits": ("init", "batch_size", "captions_per_image", "lr", "weight_decay", "warmup", "seed", "alpha",
               "temperature", "ce_only", "keep_exits"),
@@ -126,9 +129,11 @@ def _flag(name: str) -> str:
 
 
 def _run_options(opts: TrainOptions) -> dict:
-    """The options that shape the run's weights, as JSON values (an --init as an absolute path)."""
+    """The options that shape the run's weights, as JSON values (--init and --encoder-from as absolute paths)."""
     values = {name: getattr(opts, name) for name in RUN_OPTIONS[opts.stage]}
-    values["init"] = str(Path(opts.init).resolve()) if opts.init is not None else None
+    for name in ("init", "encoder_from"):
+        if name in values:
+            values[name] = str(Path(values[name]).resolve()) if values[name] is not None else None
     if "model_overrides" in values:
         values["model_overrides"] = dict(opts.model_overrides or {})
     return values
@@ -181,6 +186,16 @@ def check_options(opts: TrainOptions) -> None:
     if opts.init is not None and opts.model_overrides:
         raise ValueError("--model-config cannot be used with --init: the model's shape comes from the --init "
                          "checkpoint")
+    if opts.encoder_from is not None:
+        if opts.init is not None:
+            raise ValueError("--encoder-from starts a new model's encoder; --init continues a checkpoint, encoder "
+                             "included: give one of them")
+        if opts.stage == "exits":
+            raise ValueError("--encoder-from starts a new model; stage exits continues a trained backbone (--init)")
+        encoder_fields = [key for key in opts.model_overrides or {} if key in ENCODER_FIELDS]
+        if encoder_fields:
+            raise ValueError(f"--model-config cannot set {', '.join(encoder_fields)}: the --encoder-from encoder's "
+                             f"config fixes them")
     fixed = [key for key in TOKENIZER_FIXED if key in (opts.model_overrides or {})]
     if fixed:
         raise ValueError(f"--model-config cannot set {', '.join(fixed)}: the tokenizer fixes "
@@ -352,11 +367,15 @@ class Trainer:
         else:
             self.tokenizer = build_tokenizer(opts.data)
             overrides = dict(opts.model_overrides or {})
+            if opts.encoder_from is not None:
+                overrides.update(encoder_overrides(opts.encoder_from))
             try:
                 config = CapeenConfig.from_dict({**overrides, "vocab_size": len(self.tokenizer)})
             except ValueError as exc:
                 raise ValueError(f"--model-config: {exc}") from None
             self.model = CapeenModel(config)
+            if opts.encoder_from is not None:
+                load_encoder(self.model, opts.encoder_from)
             self.meta = {}
         self.config = self.model.config
         if not self.config.exit_layers:

@@ -15,6 +15,7 @@ import os
 import pickle
 import shutil
 import signal
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -779,3 +780,91 @@ def test_an_extended_run_records_its_steps_and_its_clock_goes_on(data, tmp_path,
     before, after = (record["elapsed_s"] for record in extended["history"])
     # the same readings of the clock in both parts: only a clock counted on from the saved one gets further
     assert after > before == first["history"][0]["elapsed_s"]
+
+
+# ----- a local Hugging Face encoder (--encoder-from) -------------------------------------------------------------
+DECODER_ONLY = {key: value for key, value in TINY.items() if key in ("n_positions", "n_embd", "n_layer", "n_head",
+                                                                     "n_inner", "exit_layers")}
+
+
+def _hf_vit(directory: Path, **changes):
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(1)
+    config = ViTConfig(image_size=32, patch_size=8, hidden_size=48, num_hidden_layers=1, num_attention_heads=2,
+                       intermediate_size=96, num_labels=3, **changes)
+    model = ViTForImageClassification(config).eval()
+    model.save_pretrained(directory)  # safetensors, as transformers writes by default
+    return model
+
+
+def test_encoder_from_a_local_hugging_face_vit_starts_from_its_weights(data, tmp_path, capsys):
+    from models.checkpoint import load_checkpoint
+
+    hf = _hf_vit(tmp_path / "vit")
+    (tmp_path / "vit" / "preprocessor_config.json").write_text(
+        json.dumps({"image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}))
+    # --lr 0: the checkpoint holds the starting weights, so they can be compared with the folder's
+    assert _train(data, tmp_path / "out", tmp_path / "run", "--stage", "backbone", "--encoder-from", tmp_path / "vit",
+                  "--steps", 1, "--lr", 0, "--warmup", 0, "--eval-every", 1,
+                  "--model-config", json.dumps(DECODER_ONLY)) == 0
+    err = capsys.readouterr().err
+    assert "normalised with mean [0.485, 0.456, 0.406]" in err  # said, not silently fed other pixels
+
+    model = load_checkpoint(tmp_path / "out").model
+    config = model.config
+    assert (config.encoder, config.image_size, config.patch_size, config.encoder_hidden, config.encoder_layers,
+            config.encoder_heads, config.encoder_intermediate) == ("vit", 32, 8, 48, 1, 2, 96)
+    assert model.enc_to_dec_proj is not None  # 48 wide into a 32-wide decoder
+    pixels = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        theirs = hf.vit(pixel_values=pixels).last_hidden_state
+        ours = model.encoder(pixel_values=pixels).last_hidden_state
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+    assert _meta(tmp_path / "out")["training"]["backbone"]["encoder_from"] == str(tmp_path / "vit")
+
+
+def test_encoder_from_a_local_hugging_face_swin_builds_the_same_network():
+    from transformers import SwinConfig, SwinModel
+
+    from models.hf_import import encoder_overrides, load_encoder
+    from models.model import CapeenConfig, CapeenModel
+
+    with tempfile.TemporaryDirectory() as folder:
+        torch.manual_seed(2)
+        hf = SwinModel(SwinConfig(image_size=32, patch_size=4, embed_dim=8, depths=[1, 1], num_heads=[1, 2],
+                                  window_size=4, mlp_ratio=2.0)).eval()
+        hf.save_pretrained(folder)
+        fields = encoder_overrides(Path(folder))
+        assert fields["encoder_hidden"] == 16 and fields["encoder_intermediate"] == 32
+        model = CapeenModel(CapeenConfig.from_dict({**DECODER_ONLY, **fields, "vocab_size": 20})).eval()
+        load_encoder(model, Path(folder))
+    pixels = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.encoder(pixel_values=pixels).last_hidden_state,
+                                   hf(pixel_values=pixels).last_hidden_state, rtol=0, atol=1e-5)
+
+
+def test_encoder_from_refuses_what_it_cannot_start_from_in_one_line(data, tmp_path, capsys):
+    from transformers import GPT2Config, GPT2Model
+
+    GPT2Model(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=30)).save_pretrained(tmp_path / "gpt2")
+    _hf_vit(tmp_path / "no-bias", qkv_bias=False)
+    _hf_vit(tmp_path / "pickled")
+    (tmp_path / "pickled" / "model.safetensors").rename(tmp_path / "pickled" / "pytorch_model.bin")
+    _hf_vit(tmp_path / "vit")
+    cases = [
+        (["--encoder-from", tmp_path / "gpt2"], "a gpt2 checkpoint; --encoder-from takes a ViT or a Swin"),
+        (["--encoder-from", tmp_path / "no-bias"], "qkv_bias is False; capeen builds vit encoders with True only"),
+        (["--encoder-from", tmp_path / "pickled"], "pytorch_model.bin is a pickle, which capeen does not load"),
+        (["--encoder-from", tmp_path / "missing"], "not a folder"),
+        (["--encoder-from", tmp_path / "vit", "--model-config", json.dumps({"encoder_hidden": 64})],
+         "--model-config cannot set encoder_hidden: the --encoder-from encoder's config fixes them"),
+        (["--encoder-from", tmp_path / "vit", "--init", tmp_path / "vit"], "give one of them"),
+    ]
+    for extra, says in cases:
+        capsys.readouterr()
+        assert _train(data, tmp_path / "out", tmp_path / "run", "--stage", "backbone", "--steps", 1, *extra) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and says in err, (says, err)
+    assert not (tmp_path / "out").exists()

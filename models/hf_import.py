@@ -1,0 +1,155 @@
+"""A local Hugging Face image encoder (ViT or Swin) as the start of a CAPEEN model's encoder.
+
+`capeen train --stage encoder|backbone --encoder-from DIR` reads a folder that `save_pretrained` wrote (a
+checkpoint of `ViTModel`, `ViTForImageClassification`, `SwinModel`, ...): `config.json` and `model.safetensors`
+(or its shards). Nothing is downloaded and nothing is unpickled: a folder with only `pytorch_model.bin` is
+refused. The encoder's architecture becomes the model's (the encoder fields of `CapeenConfig`), so that the
+checkpoint written after training rebuilds the same network; a setting `CapeenConfig` cannot express (another
+activation, no query bias, another LayerNorm epsilon) is refused rather than silently changed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+from capeen.errors import first_line
+from models.model import CapeenModel
+
+# the CapeenConfig fields an imported encoder decides
+ENCODER_FIELDS = ("encoder", "image_size", "patch_size", "encoder_hidden", "encoder_layers", "encoder_heads",
+                  "encoder_intermediate", "swin_depths", "swin_heads", "swin_window", "stem_channels")
+# settings of the Hugging Face config that CapeenConfig leaves at transformers' defaults: they must match
+_FIXED = {"vit": ("hidden_act", "layer_norm_eps", "qkv_bias", "num_channels"),
+          "swin": ("hidden_act", "layer_norm_eps", "qkv_bias", "num_channels", "use_absolute_embeddings")}
+# weights of the encoder that captioning leaves out
+_UNUSED = ("pooler.",)
+# capeen's pixels (models.preprocess): mean 0.5 and std 0.5 in every channel
+PIXEL_MEAN = PIXEL_STD = 0.5
+
+
+class EncoderImportError(ValueError):
+    """A folder that is not a local Hugging Face ViT or Swin capeen can start from; the message says why."""
+
+
+def _json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise EncoderImportError(f"{path}: missing (--encoder-from takes a folder written by save_pretrained)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise EncoderImportError(f"{path}: unreadable: {exc}") from None
+    if not isinstance(data, dict):
+        raise EncoderImportError(f"{path}: not a JSON object")
+    return data
+
+
+def hf_config(directory: Path) -> dict:
+    """The folder's `config.json`, checked to be a ViT's or a Swin's."""
+    if not directory.is_dir():
+        raise EncoderImportError(f"{directory}: not a folder (--encoder-from takes a folder written by save_pretrained)")
+    config = _json(directory / "config.json")
+    kind = config.get("model_type")
+    if kind not in _FIXED:
+        raise EncoderImportError(f"{directory}: a {kind or 'model without model_type'} checkpoint; --encoder-from "
+                                 f"takes a ViT or a Swin image encoder")
+    return config
+
+
+def _number(config: dict, key: str, directory: Path, kind: type = int):
+    value = config.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+        raise EncoderImportError(f"{directory / 'config.json'}: {key} must be a number, got {value!r}")
+    return kind(value)
+
+
+def encoder_overrides(directory: Path) -> dict:
+    """The `CapeenConfig` encoder fields that rebuild the folder's encoder."""
+    config = hf_config(directory)
+    kind = config["model_type"]
+    fields = {"encoder": kind, "image_size": _number(config, "image_size", directory),
+              "patch_size": _number(config, "patch_size", directory), "stem_channels": []}
+    if kind == "vit":
+        fields.update(encoder_hidden=_number(config, "hidden_size", directory),
+                      encoder_layers=_number(config, "num_hidden_layers", directory),
+                      encoder_heads=_number(config, "num_attention_heads", directory),
+                      encoder_intermediate=_number(config, "intermediate_size", directory))
+        return fields
+    depths, heads = config.get("depths"), config.get("num_heads")
+    if not (isinstance(depths, list) and isinstance(heads, list) and depths and len(depths) == len(heads)):
+        raise EncoderImportError(f"{directory / 'config.json'}: depths and num_heads must be lists of one number "
+                                 f"per stage, got {depths!r} and {heads!r}")
+    hidden = _number(config, "embed_dim", directory) * 2 ** (len(depths) - 1)
+    intermediate = _number(config, "mlp_ratio", directory, float) * hidden
+    if not math.isclose(intermediate, round(intermediate)):
+        raise EncoderImportError(f"{directory / 'config.json'}: mlp_ratio {config['mlp_ratio']} gives a MLP width of "
+                                 f"{intermediate:g}, not a whole number")
+    fields.update(encoder_hidden=hidden, swin_depths=depths, swin_heads=heads,
+                  swin_window=_number(config, "window_size", directory), encoder_intermediate=round(intermediate))
+    return fields
+
+
+def _pretrained(directory: Path, kind: str) -> torch.nn.Module:
+    """The folder's encoder, loaded by transformers itself (which knows every layout its versions wrote), from
+    local safetensors only; pooler, classifier and other heads are left out."""
+    import transformers
+
+    if not (directory / "model.safetensors").is_file() and not (directory / "model.safetensors.index.json").is_file():
+        pickled = sorted(p.name for p in directory.glob("*.bin"))
+        raise EncoderImportError(f"{directory}: no model.safetensors" + (
+            f" ({', '.join(pickled)} is a pickle, which capeen does not load: convert it with "
+            f"save_pretrained(..., safe_serialization=True))" if pickled else ""))
+    model_class = {"vit": transformers.ViTModel, "swin": transformers.SwinModel}[kind]
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # its notes on the heads left out would read as errors here
+    transformers.logging.disable_progress_bar()
+    try:
+        model, info = model_class.from_pretrained(directory, local_files_only=True, use_safetensors=True,
+                                                  add_pooling_layer=False, output_loading_info=True)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise EncoderImportError(f"{directory}: transformers cannot load it: {first_line(exc)}") from None
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+        transformers.logging.enable_progress_bar()
+    missing = [key for key in info.get("missing_keys", ()) if not key.startswith(_UNUSED)]
+    if missing or info.get("mismatched_keys"):
+        raise EncoderImportError(f"{directory}: its weights are not a whole {kind} encoder: missing "
+                                 f"{sorted(missing)[:5]}, of another shape {list(info.get('mismatched_keys', ()))[:5]}")
+    return model
+
+
+def _normalisation_note(directory: Path) -> str | None:
+    """A warning when the encoder was trained on images normalised otherwise than capeen's."""
+    path = directory / "preprocessor_config.json"
+    if not path.is_file():
+        return None
+    config = _json(path)
+    mean, std = config.get("image_mean"), config.get("image_std")
+    values = [v for v in (mean or []) + (std or []) if isinstance(v, (int, float))]
+    if values and all(math.isclose(v, PIXEL_MEAN, abs_tol=1e-3) for v in values):
+        return None
+    return (f"capeen: {directory} was trained on pixels normalised with mean {mean} and std {std}; capeen feeds it "
+            f"mean {PIXEL_MEAN} and std {PIXEL_STD}, which fine-tuning has to adapt to")
+
+
+def load_encoder(model: CapeenModel, directory: Path) -> None:
+    """Put the folder's encoder weights into `model`, built from `encoder_overrides(directory)`."""
+    config = hf_config(directory)
+    kind = config["model_type"]
+    ours = model.encoder.config.to_dict()
+    for key in _FIXED[kind]:
+        if key in config and config[key] != ours[key]:
+            raise EncoderImportError(f"{directory / 'config.json'}: {key} is {config[key]!r}; capeen builds "
+                                     f"{kind} encoders with {ours[key]!r} only")
+    pretrained = _pretrained(directory, kind)
+    try:
+        model.encoder.load_state_dict(pretrained.state_dict(), strict=True)
+    except RuntimeError as exc:  # another transformers layout than the one capeen builds
+        raise EncoderImportError(f"{directory}: its weights do not fit capeen's {kind} encoder: "
+                                 f"{' '.join(str(exc).split())[:300]}") from None
+    note = _normalisation_note(directory)
+    if note:
+        print(note, file=sys.stderr)
