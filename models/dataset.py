@@ -18,9 +18,10 @@ from typing import Any
 from models.scene import COLOURS, SHAPES, SIZES
 
 # The pixel cache that models.training_data keeps beside a data set's JSON: one file per split and image size,
-# named by a hash of what the pixels depend on (a temporary one also by the pid of the process writing it).
+# named by its caption file and a hash of what the pixels depend on (a temporary one also by the pid of the
+# process writing it; caches of before the caption file was named have no name key).
 PIXEL_CACHE_FOLDER = "cache"
-PIXEL_CACHE_FILE = re.compile(r"\w+-\d+px-[0-9a-f]{12}(\.\d+\.tmp)?\.npy")
+PIXEL_CACHE_FILE = re.compile(r"\w+-\d+px-(?:[0-9a-f]{8}-)?[0-9a-f]{12}(\.\d+\.tmp)?\.npy")
 MAX_CAPTION_FILE_BYTES = 4 * 2**30  # read whole into memory; COCO's Karpathy file is 0.15 GiB
 
 SPLITS: tuple[str, ...] = ("train", "val", "test", "restval")

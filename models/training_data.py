@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import os
 import sys
 from collections import Counter
@@ -114,7 +115,14 @@ def _cache_path(json_path: Path, split: str, size: int, records: list) -> Path:
     if missing:
         shown = ", ".join(str(path) for path in missing[:3]) + (", ..." if len(missing) > 3 else "")
         raise DatasetError(f"{len(missing)} of the {len(records)} images of split {split!r} not found: {shown}")
-    return json_path.parent / PIXEL_CACHE_FOLDER / f"{split}-{size}px-{digest.hexdigest()[:12]}.npy"
+    name = f"{split}-{size}px-{_source_key(json_path)}-{digest.hexdigest()[:12]}.npy"
+    return json_path.parent / PIXEL_CACHE_FOLDER / name
+
+
+def _source_key(json_path: Path) -> str:
+    """Which caption file of its folder a cache belongs to: two in one folder (COCO's and a subset of it) keep
+    a cache each instead of replacing each other's as stale."""
+    return hashlib.sha1(json_path.name.encode()).hexdigest()[:8]
 
 
 def _decode_all(records: list, size: int, split: str) -> np.ndarray:
@@ -150,9 +158,14 @@ def pixel_cache(json_path: Path, split: str, size: int, records: list, cache: Pa
 
 
 def _remove_stale_caches(cache: Path, split: str, size: int) -> None:
-    """Earlier versions of the split's pixels, and temporaries whose writer is gone (killed while it wrote:
-    a SIGKILL or an out-of-memory kill runs no clean-up)."""
-    for stale in cache.parent.glob(f"{split}-{size}px-*.npy"):
+    """Earlier versions of the split's pixels from the same caption file, caches named before they named their
+    caption file, and temporaries whose writer is gone (killed while it wrote: a SIGKILL or an out-of-memory kill
+    runs no clean-up)."""
+    source = cache.name.split("-")[2]
+    unnamed = f"{split}-{size}px-{'[0-9a-f]' * 12}"
+    stale_ones = itertools.chain(cache.parent.glob(f"{split}-{size}px-{source}-*.npy"),
+                                 cache.parent.glob(f"{unnamed}.npy"), cache.parent.glob(f"{unnamed}.*.tmp.npy"))
+    for stale in stale_ones:
         if stale == cache:
             continue
         if stale.name.endswith(".tmp.npy"):

@@ -380,3 +380,27 @@ def test_a_quick_look_reads_only_its_images_from_the_cache(tmp_path: Path, monke
     records, few = split_pixels(json_path, "train", 32, limit=2)
     assert len(records) == 2 and torch.equal(few, every[:2]) and few.numpy().flags.writeable
     assert loads == ["r"]  # through a memory map, not the whole file into memory
+
+
+def test_two_caption_files_in_one_folder_keep_a_pixel_cache_each(tmp_path: Path, monkeypatch) -> None:
+    """COCO's caption file and a subset of it side by side: each run used to delete the other's cache as stale."""
+    import models.training_data
+
+    json_path = generate_dataset(tmp_path, 3, 1, 0, seed=0, image_size=32, workers=1)
+    subset = tmp_path / "subset.json"
+    subset.write_text(json_path.read_text())
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    before_names = cache / "train-32px-0123456789ab.npy"  # a cache of before caches named their caption file
+    before_names.write_bytes(b"old")
+    split_pixels(json_path, "train", 32)
+    split_pixels(subset, "train", 32)
+    assert len(list(cache.glob("train-32px-*.npy"))) == 2 and not before_names.exists()
+    assert all(models.dataset.PIXEL_CACHE_FILE.fullmatch(path.name) for path in cache.iterdir())
+
+    def decoded_again(*args, **kwargs):
+        raise AssertionError("a cache was decoded again")
+
+    monkeypatch.setattr(models.training_data, "_decode_all", decoded_again)
+    for caption_file in (json_path, subset, json_path):
+        split_pixels(caption_file, "train", 32)
