@@ -9,6 +9,7 @@ import argparse
 import itertools
 import json
 import os
+import shlex
 import shutil
 import sys
 import textwrap
@@ -63,10 +64,12 @@ def train_main(args) -> int:
         raise UserError(str(exc)) from None
     print(f"wrote checkpoint {path}")
     if opts.stage == "exits" or opts.exit_aware:  # new weights never keep a threshold measured on others
-        print(f"next: choose its early-exit threshold (it has none yet) with capeen calibrate --checkpoint {path} "
-              f"--data {opts.data}")
+        where = ["--data", str(opts.data)] + (["--image-dir", str(opts.image_dir)] if opts.image_dir else [])
+        print("next: choose its early-exit threshold (it has none yet) with "
+              + shlex.join(["capeen", "calibrate", "--checkpoint", str(path), *where]))
     else:
-        print(f"next: capeen train --stage {'backbone' if opts.stage == 'encoder' else 'exits'} --init {path} ...")
+        following = "backbone" if opts.stage == "encoder" else "exits"
+        print(f"next: {shlex.join(['capeen', 'train', '--stage', following, '--init', str(path)])} ...")
     return 0
 
 

@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+
 from capeen.errors import first_line
 from models.model import CapeenModel
 
@@ -61,7 +63,8 @@ def hf_config(directory: Path) -> dict:
 
 def _number(config: dict, key: str, directory: Path, kind: type = int):
     value = config.get(key)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or (kind is int and value != int(value)):
         raise EncoderImportError(f"{directory / 'config.json'}: {key} must be a number, got {value!r}")
     return kind(value)
 
@@ -70,6 +73,8 @@ def encoder_overrides(directory: Path) -> dict:
     """The `CapeenConfig` encoder fields that rebuild the folder's encoder."""
     config = hf_config(directory)
     kind = config["model_type"]
+    _check_safetensors(directory)  # before a model is built from the config: that may take seconds and gigabytes
+    _check_buildable(directory, config)
     fields = {"encoder": kind, "image_size": _number(config, "image_size", directory),
               "patch_size": _number(config, "patch_size", directory), "stem_channels": []}
     if kind == "vit":
@@ -92,16 +97,32 @@ def encoder_overrides(directory: Path) -> dict:
     return fields
 
 
-def _pretrained(directory: Path, kind: str) -> torch.nn.Module:
-    """The folder's encoder, loaded by transformers itself (which knows every layout its versions wrote), from
-    local safetensors only; pooler, classifier and other heads are left out."""
-    import transformers
-
+def _check_safetensors(directory: Path) -> None:
     if not (directory / "model.safetensors").is_file() and not (directory / "model.safetensors.index.json").is_file():
         pickled = sorted(p.name for p in directory.glob("*.bin"))
         raise EncoderImportError(f"{directory}: no model.safetensors" + (
             f" ({', '.join(pickled)} is a pickle, which capeen does not load: convert it with "
             f"save_pretrained(..., safe_serialization=True))" if pickled else ""))
+
+
+def _check_buildable(directory: Path, config: dict) -> None:
+    """Refuse the settings capeen's encoders are not built with (they keep transformers' defaults)."""
+    import transformers
+
+    kind = config["model_type"]
+    defaults = {"vit": transformers.ViTConfig, "swin": transformers.SwinConfig}[kind]().to_dict()
+    for key in _FIXED[kind]:
+        if key in config and config[key] != defaults[key]:
+            raise EncoderImportError(f"{directory / 'config.json'}: {key} is {config[key]!r}; capeen builds "
+                                     f"{kind} encoders with {defaults[key]!r} only")
+
+
+def _pretrained(directory: Path, kind: str) -> torch.nn.Module:
+    """The folder's encoder, loaded by transformers itself (which knows every layout its versions wrote), from
+    local safetensors only; pooler, classifier and other heads are left out."""
+    import transformers
+
+    _check_safetensors(directory)
     model_class = {"vit": transformers.ViTModel, "swin": transformers.SwinModel}[kind]
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # its notes on the heads left out would read as errors here
@@ -109,7 +130,7 @@ def _pretrained(directory: Path, kind: str) -> torch.nn.Module:
     try:
         model, info = model_class.from_pretrained(directory, local_files_only=True, use_safetensors=True,
                                                   add_pooling_layer=False, output_loading_info=True)
-    except (OSError, ValueError, RuntimeError) as exc:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:  # a damaged file, among others
         raise EncoderImportError(f"{directory}: transformers cannot load it: {first_line(exc)}") from None
     finally:
         transformers.logging.set_verbosity(verbosity)
@@ -128,7 +149,8 @@ def _normalisation_note(directory: Path) -> str | None:
         return None
     config = _json(path)
     mean, std = config.get("image_mean"), config.get("image_std")
-    values = [v for v in (mean or []) + (std or []) if isinstance(v, (int, float))]
+    values = [v for part in (mean, std) for v in (part if isinstance(part, list) else [part])
+              if isinstance(v, (int, float))]
     if values and all(math.isclose(v, PIXEL_MEAN, abs_tol=1e-3) for v in values):
         return None
     return (f"capeen: {directory} was trained on pixels normalised with mean {mean} and std {std}; capeen feeds it "
@@ -139,11 +161,7 @@ def load_encoder(model: CapeenModel, directory: Path) -> None:
     """Put the folder's encoder weights into `model`, built from `encoder_overrides(directory)`."""
     config = hf_config(directory)
     kind = config["model_type"]
-    ours = model.encoder.config.to_dict()
-    for key in _FIXED[kind]:
-        if key in config and config[key] != ours[key]:
-            raise EncoderImportError(f"{directory / 'config.json'}: {key} is {config[key]!r}; capeen builds "
-                                     f"{kind} encoders with {ours[key]!r} only")
+    _check_buildable(directory, config)
     pretrained = _pretrained(directory, kind)
     try:
         model.encoder.load_state_dict(pretrained.state_dict(), strict=True)

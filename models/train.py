@@ -367,14 +367,20 @@ class Trainer:
         else:
             self.tokenizer = build_tokenizer(opts.data)
             overrides = dict(opts.model_overrides or {})
-            if opts.encoder_from is not None:
-                overrides.update(encoder_overrides(opts.encoder_from))
+            saved = (self.resume_info or {}).get("config")
+            if isinstance(saved, dict):
+                # a resumed run continues its own model: what its options leave open comes from its state (the
+                # --encoder-from folder's shape, which need not be there any more; the defaults of the version
+                # that started it), and its --model-config was checked to be the same
+                base = saved
+            else:
+                base = encoder_overrides(opts.encoder_from) if opts.encoder_from is not None else {}
             try:
-                config = CapeenConfig.from_dict({**overrides, "vocab_size": len(self.tokenizer)})
+                config = CapeenConfig.from_dict({**base, **overrides, "vocab_size": len(self.tokenizer)})
             except ValueError as exc:
                 raise ValueError(f"--model-config: {exc}") from None
             self.model = CapeenModel(config)
-            if opts.encoder_from is not None:
+            if opts.encoder_from is not None and self.resume_info is None:
                 load_encoder(self.model, opts.encoder_from)
             self.meta = {}
         self.config = self.model.config
@@ -513,13 +519,20 @@ class Trainer:
         self._train_mode()
         self.started = time.time() - self.elapsed_before  # a resumed run's clock goes on from its state's
         bar = tqdm(total=opts.steps, initial=self.step, desc=f"train {opts.stage}", unit="step")
-        with contextlib.closing(bar), termination_interrupts():  # the bar's remains never follow an error
+        with termination_interrupts():
+            with contextlib.closing(bar):  # the bar's remains never follow an error
+                try:
+                    self._steps(bar)
+                except KeyboardInterrupt:  # Ctrl-C, or Terminated
+                    self._save_on_interrupt(bar)
+                    raise
             try:
-                self._steps(bar)
-            except KeyboardInterrupt:  # Ctrl-C, or Terminated
-                self._save_on_interrupt(bar)
+                return self.export()
+            except KeyboardInterrupt:  # the checkpoint's own renames are whole (models.checkpoint): --out is as it was
+                # the last step's validation saved the state, or the resumed state was already at the last step
+                print(f"capeen train: stopped while writing {opts.out}; the run state in {opts.run_dir} holds step "
+                      f"{self.step}, the last: the same command plus --resume writes it", file=sys.stderr)
                 raise
-        return self.export()
 
     def _save_on_interrupt(self, bar) -> None:
         """Ctrl-C: keep the steps taken since the last save, and say how to go on."""
@@ -548,13 +561,15 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}")
             if self.step % opts.eval_every == 0 or self.step == opts.steps:
-                record = {"step": self.step, "loss": loss, **self.validate(),
-                          "elapsed_s": self._elapsed()}
-                self._refuse_divergence("validation loss", record["val_loss"], self.step)
-                self._refuse_non_finite_weights()
-                self.history.append(record)
-                bar.write(json.dumps(record))
-                self._save_state(opts.run_dir / "last")
+                # deferred too: a stop in the middle would lose the record, and resuming would not take it again
+                with signals_deferred():
+                    record = {"step": self.step, "loss": loss, **self.validate(),
+                              "elapsed_s": self._elapsed()}
+                    self._refuse_divergence("validation loss", record["val_loss"], self.step)
+                    self._refuse_non_finite_weights()
+                    self.history.append(record)
+                    bar.write(json.dumps(record))
+                    self._save_state(opts.run_dir / "last")
 
     def _elapsed(self) -> float:
         return round(time.time() - self.started, 1)
@@ -584,7 +599,8 @@ class Trainer:
         while key in stages:
             key, n = f"{self.opts.stage}-{n}", n + 1
         stages[key] = {
-            **{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self.opts).items()
+            # paths absolute: the working directory they were relative to is not recorded
+            **{k: (str(Path(v).resolve()) if isinstance(v, Path) else v) for k, v in asdict(self.opts).items()
                if k not in ("resume", "run_dir", "out")},
             "history": self.history,
         }

@@ -113,6 +113,13 @@ class Settings(BaseSettings):
                              "be queued")
         return self
 
+    @field_validator("checkpoint", mode="before")
+    @classmethod
+    def _checkpoint_given(cls, value: object) -> object:
+        if isinstance(value, str) and not value.strip():  # Path("") is the current folder
+            raise ValueError("empty: give a checkpoint directory, or unset CAPEEN_CHECKPOINT for the shipped one")
+        return value
+
     @field_validator("bandit_state", mode="before")
     @classmethod
     def _state_path_given(cls, value: object) -> object:

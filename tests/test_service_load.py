@@ -511,6 +511,7 @@ def _serve(*args: str, **env: str) -> subprocess.CompletedProcess:
     [
         (("--checkpoint", "/no/such/checkpoint", "--device", "cpu"), {}, "/no/such/checkpoint"),
         ((), {"CAPEEN_PORT": "eighty"}, "CAPEEN_PORT"),
+        ((), {"CAPEEN_CHECKPOINT": ""}, "CAPEEN_CHECKPOINT: empty: give a checkpoint directory"),
         (("--port", "99999"), {}, "bad setting: --port: Input should be less than or equal to 65535"),
         ((), {"CAPEEN_POLICY": "greedy"}, "CAPEEN_POLICY"),
         ((), {"CAPEEN_BANDIT_THRESHOLDS": "0.3,high"}, "CAPEEN_BANDIT_THRESHOLDS"),
@@ -530,7 +531,7 @@ def _serve(*args: str, **env: str) -> subprocess.CompletedProcess:
         ((), {"CAPEEN_ADMIN_TOKEN": " change-me"}, "CAPEEN_ADMIN_TOKEN: may hold only ASCII letters"),
         ((), {"CAPEEN_ADMIN_TOKEN": "pässwörd"}, "CAPEEN_ADMIN_TOKEN: may hold only ASCII letters"),
     ],
-    ids=["bad-checkpoint", "bad-port", "bad-port-flag", "bad-policy", "bad-grid", "bad-kv-fill", "no-engine", "engines-in-process",
+    ids=["bad-checkpoint", "bad-port", "empty-checkpoint", "bad-port-flag", "bad-policy", "bad-grid", "bad-kv-fill", "no-engine", "engines-in-process",
          "bad-onednn", "infinite-timeout", "nan-price", "state-in-missing-folder", "state-is-a-folder",
          "empty-state-path", "state-name-too-long", "state-in-unwritable-folder", "blank-admin-token",
          "admin-token-with-spaces", "admin-token-not-ascii"],

@@ -341,6 +341,37 @@ def test_termination_keeps_the_steps_taken_as_ctrl_c_does(data, tmp_path, monkey
     assert json.loads((tmp_path / "run" / "last" / "train_state.json").read_text())["step"] == 3
 
 
+@pytest.mark.parametrize("during", ["validation", "export"])
+def test_termination_during_validation_or_export_loses_nothing(data, tmp_path, monkeypatch, capsys, during):
+    """A stop in the middle of a validation used to lose its record for good; one while the checkpoint is written
+    ended without a word."""
+    common = ["--stage", "backbone", "--steps", 4, "--eval-every", 2, "--model-config", json.dumps(TINY)]
+    target, name = (Trainer, "validate") if during == "validation" else (train_module, "save_checkpoint")
+    original = getattr(target, name)
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return original(*args, **kwargs)
+
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(target, name, terminated)
+            assert _train(data, tmp_path / "out", tmp_path / "run", *common) == 128 + signal.SIGTERM
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    err = capsys.readouterr().err
+    state = json.loads((tmp_path / "run" / "last" / "train_state.json").read_text())
+    if during == "validation":  # the first validation finished and was saved before the signal was taken
+        assert [record["step"] for record in state["history"]] == [2] and "holds step 2" in err
+    else:
+        assert [record["step"] for record in state["history"]] == [2, 4]
+        assert f"stopped while writing {tmp_path / 'out'}; the run state in {tmp_path / 'run'} holds step 4" in err
+        assert not (tmp_path / "out").exists()
+    assert _train(data, tmp_path / "out", tmp_path / "run", *common, "--resume") == 0
+    assert [record["step"] for record in _meta(tmp_path / "out")["training"]["backbone"]["history"]] == [2, 4]
+
+
 def test_resume_with_nothing_to_resume_is_a_one_line_error(data, tmp_path, capsys):
     rc = _train(data, tmp_path / "ckpt", tmp_path / "run", "--stage", "backbone", "--steps", 2, "--resume",
                 "--model-config", json.dumps(TINY))
@@ -824,6 +855,21 @@ def test_encoder_from_a_local_hugging_face_vit_starts_from_its_weights(data, tmp
     assert _meta(tmp_path / "out")["training"]["backbone"]["encoder_from"] == str(tmp_path / "vit")
 
 
+def test_an_encoder_from_run_resumes_without_its_folder(data, tmp_path, monkeypatch, capsys):
+    """The run state holds the encoder: a folder moved or deleted since does not stop the run."""
+    _hf_vit(tmp_path / "vit")
+    (tmp_path / "vit" / "preprocessor_config.json").write_text(json.dumps({"image_mean": 0.5, "image_std": 0.5}))
+    common = ["--stage", "backbone", "--encoder-from", tmp_path / "vit", "--steps", 4, "--eval-every", 2,
+              "--model-config", json.dumps(DECODER_ONLY)]
+    with monkeypatch.context() as m:
+        _interrupt_after_first_save(m)
+        assert _train(data, tmp_path / "out", tmp_path / "run", *common) == 130
+    assert "normalised" not in capsys.readouterr().err  # one number for every channel, capeen's own 0.5
+    shutil.rmtree(tmp_path / "vit")
+    assert _train(data, tmp_path / "out", tmp_path / "run", *common, "--resume") == 0
+    assert _meta(tmp_path / "out")["model"]["encoder_hidden"] == 48
+
+
 def test_encoder_from_a_local_hugging_face_swin_builds_the_same_network():
     from transformers import SwinConfig, SwinModel
 
@@ -853,7 +899,10 @@ def test_encoder_from_refuses_what_it_cannot_start_from_in_one_line(data, tmp_pa
     _hf_vit(tmp_path / "pickled")
     (tmp_path / "pickled" / "model.safetensors").rename(tmp_path / "pickled" / "pytorch_model.bin")
     _hf_vit(tmp_path / "vit")
+    shutil.copytree(tmp_path / "vit", tmp_path / "damaged")
+    (tmp_path / "damaged" / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}garbage")
     cases = [
+        (["--encoder-from", tmp_path / "damaged"], "transformers cannot load it"),
         (["--encoder-from", tmp_path / "gpt2"], "a gpt2 checkpoint; --encoder-from takes a ViT or a Swin"),
         (["--encoder-from", tmp_path / "no-bias"], "qkv_bias is False; capeen builds vit encoders with True only"),
         (["--encoder-from", tmp_path / "pickled"], "pytorch_model.bin is a pickle, which capeen does not load"),
