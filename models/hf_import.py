@@ -148,13 +148,20 @@ def _normalisation_note(directory: Path) -> str | None:
     if not path.is_file():
         return None
     config = _json(path)
-    mean, std = config.get("image_mean"), config.get("image_std")
-    values = [v for part in (mean, std) for v in (part if isinstance(part, list) else [part])
-              if isinstance(v, (int, float))]
-    if values and all(math.isclose(v, PIXEL_MEAN, abs_tol=1e-3) for v in values):
-        return None
-    return (f"capeen: {directory} was trained on pixels normalised with mean {mean} and std {std}; capeen feeds it "
-            f"mean {PIXEL_MEAN} and std {PIXEL_STD}, which fine-tuning has to adapt to")
+    if config.get("do_normalize") is False:
+        seen = "pixels in [0, 1], not normalised"
+    else:
+        mean, std = config.get("image_mean"), config.get("image_std")
+        if mean is None or std is None:
+            return None
+        # one number stands for every channel, as in transformers
+        channels = [(v, PIXEL_MEAN) for v in (mean if isinstance(mean, list) else [mean])]
+        channels += [(v, PIXEL_STD) for v in (std if isinstance(std, list) else [std])]
+        if all(isinstance(v, (int, float)) and math.isclose(v, ours, abs_tol=1e-3) for v, ours in channels):
+            return None
+        seen = f"pixels normalised with mean {mean} and std {std}"
+    return (f"capeen: {directory} was trained on {seen}; capeen feeds it pixels normalised with mean {PIXEL_MEAN} "
+            f"and std {PIXEL_STD}, which fine-tuning has to adapt to")
 
 
 def load_encoder(model: CapeenModel, directory: Path) -> None:

@@ -917,3 +917,19 @@ def test_encoder_from_refuses_what_it_cannot_start_from_in_one_line(data, tmp_pa
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and says in err, (says, err)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("preprocessor", "says"), [
+    ({"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}, None),
+    ({"image_mean": 0.5, "image_std": 0.5}, None),  # one number for every channel, as transformers reads it
+    ({"do_resize": True}, None),  # nothing said about pixel statistics
+    ({"image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}, "mean [0.485, 0.456, 0.406]"),
+    ({"image_mean": 0.5, "image_std": 0.25}, "std 0.25"),
+    ({"do_normalize": False, "image_mean": 0.5, "image_std": 0.5}, "pixels in [0, 1], not normalised"),
+])
+def test_an_encoder_trained_on_other_pixel_statistics_is_named(tmp_path, preprocessor, says):
+    from models.hf_import import _normalisation_note
+
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(preprocessor))
+    note = _normalisation_note(tmp_path)
+    assert note is None if says is None else (says in note and "capeen feeds it" in note)
