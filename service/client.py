@@ -176,6 +176,8 @@ class Server:
             self.max_images: int = int(info["max_images_per_request"])
             upload = info.get("max_upload_bytes")
             self.max_upload_bytes: int | None = None if upload is None else int(upload)
+            # said as null by the service; a server that does not say is taken as calibrated
+            self.uncalibrated = "calibrated_threshold" in info and info["calibrated_threshold"] is None
         except (ValueError, KeyError, TypeError) as exc:
             raise RemoteError(f"{self.url}: not a capeen service (GET /v1/model answered without its fields: "
                               f"{type(exc).__name__})") from None
@@ -314,6 +316,10 @@ def caption_remote(args, found: Iterator, output) -> int:
                         concurrency=args.concurrency)
     except RemoteError as exc:
         raise UserError(str(exc)) from None
+    if args.mode == "fixed" and args.threshold is None and server.uncalibrated:  # not one 422 per request
+        server.close()
+        raise UserError(f"{server.url}: the server's model {server.model} has no calibrated threshold: give "
+                        f"--threshold T, or --mode adaptive or full")
     failures = 0
 
     def failed(path: Path, problem: str) -> None:

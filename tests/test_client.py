@@ -352,3 +352,20 @@ def test_captioning_through_a_server_does_not_load_torch():
                             cwd=Path(__file__).resolve().parents[1])
     assert result.stdout.strip() == "2 []", result.stderr
     assert "Connection refused" in result.stderr
+
+
+def test_an_uncalibrated_servers_fixed_mode_is_refused_before_any_upload(capsys, tiny_checkpoint, folder):
+    """Without a threshold to default to, every request of the default mode would get a 422: one line instead."""
+    import dataclasses
+
+    from models.checkpoint import Thresholds, load_checkpoint
+    from models.engine import CaptionEngine
+
+    uncalibrated = CaptionEngine(dataclasses.replace(load_checkpoint(tiny_checkpoint), thresholds=Thresholds()))
+    with running_server(Settings(log_level="warning"), uncalibrated) as server:
+        rc, out, err = run(capsys, "caption", folder / "img-01.png", "--server", server.url)
+        assert rc == 2 and out == ""
+        assert_one_line_error(err, "has no calibrated threshold: give --threshold T, or --mode adaptive or full")
+        for options in (["--mode", "full"], ["--threshold", "0.5"]):
+            rc, out, _ = run(capsys, "caption", folder / "img-01.png", "--server", server.url, "--json", *options)
+            assert rc == 0 and [set(line) >= {"caption", "exit_layers"} for line in json.loads(out)] == [True]
