@@ -53,6 +53,9 @@ def _add_train(sub) -> None:
                    help="stages encoder and backbone: start the image encoder from a local Hugging Face ViT or Swin "
                         "(a folder written by save_pretrained, with model.safetensors), whose config sets the "
                         "encoder's shape")
+    p.add_argument("--min-word-count", type=int, default=1, metavar="N",
+                   help="a new model's vocabulary: the training captions' words seen at least N times, the others "
+                        "read as <unk> (default 1; 5 is Karpathy's for COCO and Flickr30k)")
     p.add_argument("--run-dir", help="where resumable state goes (default runs/<out name>/<stage>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
     p.add_argument("--steps", type=int, default=2000)

@@ -80,6 +80,7 @@ class TrainOptions:
     run_dir: Path
     init: Path | None = None  # checkpoint to start from (required for stage "exits")
     encoder_from: Path | None = None  # a local Hugging Face ViT or Swin to start the encoder from (models.hf_import)
+    min_word_count: int = 1  # a new model's vocabulary: the training captions' words seen this often
     steps: int = 2000
     batch_size: int = 32  # images per step
     captions_per_image: int = 5
@@ -110,9 +111,10 @@ TOKENIZER_FIXED = ("vocab_size", "pad_token_id", "bos_token_id", "eos_token_id")
 # that no single set of options describes. --steps may grow (that is how a run is extended); --eval-every,
 # --val-images, --device, --name and where the data lies do not change the weights.
 RUN_OPTIONS = {
-    "encoder": ("init", "encoder_from", "model_overrides", "batch_size", "lr", "weight_decay", "warmup", "seed"),
-    "backbone": ("init", "encoder_from", "model_overrides", "batch_size", "captions_per_image", "lr", "weight_decay",
-                 "warmup",
+    "encoder": ("init", "encoder_from", "model_overrides", "min_word_count", "batch_size", "lr", "weight_decay",
+                "warmup", "seed"),
+    "backbone": ("init", "encoder_from", "model_overrides", "min_word_count", "batch_size", "captions_per_image", "lr",
+                 "weight_decay", "warmup",
                  "seed", "exit_aware", "aux_weight"),
     "exits": ("init", "batch_size", "captions_per_image", "lr", "weight_decay", "warmup", "seed", "alpha",
               "temperature", "ce_only", "keep_exits"),
@@ -163,7 +165,7 @@ def check_options(opts: TrainOptions) -> None:
     """Refuse options that cannot make a sensible run, before any data is read or any step is taken."""
     if opts.stage not in STAGES:
         raise ValueError(f"unknown stage {opts.stage!r} ({', '.join(STAGES)})")
-    for name in ("steps", "batch_size", "captions_per_image", "eval_every", "val_images"):
+    for name in ("steps", "batch_size", "captions_per_image", "eval_every", "val_images", "min_word_count"):
         value = _number(opts, name, integer=True)
         if value < 1:
             raise ValueError(f"{_flag(name)} must be at least 1, got {value}")
@@ -185,6 +187,9 @@ def check_options(opts: TrainOptions) -> None:
         raise ValueError(f"--temperature must be greater than 0, got {temperature}")
     if opts.init is not None and opts.model_overrides:
         raise ValueError("--model-config cannot be used with --init: the model's shape comes from the --init "
+                         "checkpoint")
+    if opts.init is not None and opts.min_word_count != 1:
+        raise ValueError("--min-word-count cannot be used with --init: the vocabulary comes from the --init "
                          "checkpoint")
     if opts.encoder_from is not None:
         if opts.init is not None:
@@ -365,7 +370,7 @@ class Trainer:
                                  f"trained (it records only stage {', '.join(dict.fromkeys(trained))}): train "
                                  f"--stage backbone --init {opts.init} first")
         else:
-            self.tokenizer = build_tokenizer(opts.data)
+            self.tokenizer = build_tokenizer(opts.data, opts.min_word_count)
             overrides = dict(opts.model_overrides or {})
             saved = (self.resume_info or {}).get("config")
             if isinstance(saved, dict):

@@ -27,7 +27,7 @@ from capeen.errors import first_line
 from models.dataset import PIXEL_CACHE_FOLDER, DatasetError, load_karpathy, records_for_split
 from models.images import ImageError, load_image
 from models.preprocess import image_to_uint8
-from models.tokenizer import WordTokenizer
+from models.tokenizer import SPECIALS, UNK, WordTokenizer
 
 
 @dataclass
@@ -253,6 +253,16 @@ def _note_what_the_model_cannot_learn(records: list, split: str, tokenizer: Word
               file=sys.stderr)
 
 
-def build_tokenizer(json_path: Path) -> WordTokenizer:
+def build_tokenizer(json_path: Path, min_count: int = 1) -> WordTokenizer:
+    """The vocabulary of the training captions: every word seen at least `min_count` times (the others read as
+    <unk>; Karpathy's COCO and Flickr30k vocabularies keep words seen 5 times or more)."""
     records = records_for_split(load_karpathy(resolve_dataset_json(json_path)), "train")
-    return WordTokenizer.build(caption for record in records for caption in record.captions)
+    captions = [caption for record in records for caption in record.captions]
+    tokenizer = WordTokenizer.build(captions, min_count=min_count)
+    if min_count > 1:
+        words = [word for caption in captions for word in caption]
+        unknown = sum(word not in tokenizer.index for word in words)
+        print(f"capeen: vocabulary of {len(tokenizer) - len(SPECIALS)} words seen at least {min_count} times in the "
+              f"training captions; the others, {unknown / max(1, len(words)):.2%} of the words written, read as "
+              f"{UNK}", file=sys.stderr)
+    return tokenizer

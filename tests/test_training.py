@@ -933,3 +933,27 @@ def test_an_encoder_trained_on_other_pixel_statistics_is_named(tmp_path, preproc
     (tmp_path / "preprocessor_config.json").write_text(json.dumps(preprocessor))
     note = _normalisation_note(tmp_path)
     assert note is None if says is None else (says in note and "capeen feeds it" in note)
+
+
+def test_min_word_count_keeps_the_words_seen_that_often_and_reads_the_others_as_unk(data, backbone, tmp_path,
+                                                                                     capsys):
+    from collections import Counter
+
+    from models.checkpoint import load_checkpoint
+    from models.dataset import load_karpathy, records_for_split
+
+    counts = Counter(word for record in records_for_split(load_karpathy(data / "dataset.json"), "train")
+                     for caption in record.captions for word in caption)
+    capsys.readouterr()
+    assert _train(data, tmp_path / "out", tmp_path / "run", "--stage", "backbone", "--steps", 1, "--min-word-count", 3,
+                  "--model-config", json.dumps(TINY)) == 0
+    err = capsys.readouterr().err
+    kept = {word for word, n in counts.items() if n >= 3}
+    assert kept and len(kept) < len(counts)  # the test means something: some words are rarer than that
+    assert set(load_checkpoint(tmp_path / "out").tokenizer.words[4:]) == kept
+    rare = sum(n for n in counts.values() if n < 3) / sum(counts.values())
+    assert f"vocabulary of {len(kept)} words seen at least 3 times" in err and f"{rare:.2%} of the words" in err
+
+    assert _train(data, tmp_path / "out2", tmp_path / "run2", "--stage", "exits", "--init", backbone[0], "--steps", 1,
+                  "--min-word-count", 3) == 2
+    assert "--min-word-count cannot be used with --init" in capsys.readouterr().err
