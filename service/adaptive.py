@@ -40,6 +40,8 @@ class AdaptiveThreshold:
             if loaded.restored:
                 log.info("bandit restored from %s (%d requests learnt)", state_path, self.policy.rounds)
         self._changes_counted = len(self.policy.changes)  # those before a restart are not counted again
+        for arm in self.policy.arms:  # at 0 from the start, so that an arm's first pulls count in rate()
+            metrics.arm_pulls.labels(arm=arm_label(arm))
         self._saved = (self.policy, self.policy.rounds)  # what the snapshot on disk holds
         # read at each scrape: set after each update, concurrent updates could leave an older best showing
         metrics.bandit_threshold.set_function(lambda: self.policy.best().threshold)

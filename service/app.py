@@ -16,7 +16,7 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
 from service.engine_process import Engine
-from service.errors import install_error_handlers
+from service.errors import ERROR_KINDS, install_error_handlers
 from service.metrics import HttpMetrics
 from service.middleware import BodyLimit, CompleteMultipart, RequestContext
 from service.routes import bandit, caption, health, model
@@ -55,7 +55,8 @@ def create_app(settings: Settings | None = None, engines: Sequence[Engine] = ())
                   lifespan=lifespan)
     app.state.settings = settings
     app.state.registry = registry
-    app.state.http_metrics = HttpMetrics(registry)
+    app.state.http_metrics = HttpMetrics(registry, caption_routes=("/caption", caption.BATCH_PATH),
+                                         error_kinds=ERROR_KINDS)
     install_error_handlers(app)
     # The last added middleware is the outermost: the request context times everything, the limit included.
     app.add_middleware(CompleteMultipart)

@@ -17,6 +17,13 @@ from starlette.requests import ClientDisconnect
 # Kinds of the errors FastAPI and Starlette raise themselves, by status (ours carry their kind).
 _STATUS_KINDS = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 422: "invalid_request"}
 
+# Every kind the service sends (the README's table, and uploads.IMAGE_ERROR_STATUS): capeen_errors_total has
+# a series for each from the start
+ERROR_KINDS = ("bad_request", "unauthorized", "forbidden", "not_found", "method_not_allowed", "upload_timeout",
+               "upload_too_large", "too_large", "not_image", "unsupported", "not_multipart", "truncated", "empty",
+               "unreadable", "invalid_request", "queue_full", "not_ready", "shutting_down", "timeout",
+               "client_closed", "engine_failed", "internal", "http_error")
+
 _MAX_PROBLEMS = 5  # validation problems named in one detail
 
 # What each error status means, with its kinds, for the OpenAPI schema.

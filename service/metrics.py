@@ -21,17 +21,32 @@ REWARD_BUCKETS = (-0.2, -0.1, -0.05, -0.02, 0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5,
 ENGINE_STAGES = ("encode", "decode")
 
 
-class HttpMetrics:
-    """What every route reports: requests, their duration and error responses by kind."""
+# what the caption routes answer (service.errors has the kinds behind each error status)
+CAPTION_STATUSES = ("200", "400", "408", "413", "415", "422", "499", "500", "503", "504")
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+
+class HttpMetrics:
+    """What every route reports: requests, their duration and error responses by kind.
+
+    The series of the caption routes' statuses and of every error kind exist from the start, at 0. A series
+    that appeared with its first event would hide that event from rate() and increase(), since Prometheus's
+    first sample of it already holds it: a first burst of 503s used to show as no error at all."""
+
+    def __init__(self, registry: CollectorRegistry, caption_routes: tuple[str, ...] = (),
+                 error_kinds: tuple[str, ...] = ()) -> None:
         self.requests = Counter("capeen_requests", "HTTP requests answered, by route template and status code",
                                 ["route", "status"], registry=registry)
         self.duration = Histogram("capeen_request_duration_seconds", "time from a request's arrival to its "
-                                  "response, by route template", ["route"], buckets=LATENCY_BUCKETS,
-                                  registry=registry)
+                                  "response, by route template and status code", ["route", "status"],
+                                  buckets=LATENCY_BUCKETS, registry=registry)
         self.errors = Counter("capeen_errors", "error responses by kind (the `error` field of the body)", ["kind"],
                               registry=registry)
+        for route in caption_routes:
+            for status in CAPTION_STATUSES:
+                self.requests.labels(route=route, status=status)
+                self.duration.labels(route=route, status=status)
+        for kind in error_kinds:
+            self.errors.labels(kind=kind)
 
 
 def _batch_buckets(max_batch_size: int) -> list[float]:

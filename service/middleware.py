@@ -60,7 +60,7 @@ class RequestContext:
         finally:
             route = _route_label(scope)
             self.metrics.requests.labels(route=route, status=str(status)).inc()
-            self.metrics.duration.labels(route=route).observe(time.perf_counter() - started)
+            self.metrics.duration.labels(route=route, status=str(status)).observe(time.perf_counter() - started)
 
 
 def _route_label(scope: Scope) -> str:

@@ -588,3 +588,36 @@ def test_arm_labels_are_the_thresholds_as_written_and_distinct() -> None:
 
     assert [arm_label(Arm(i, t)) for i, t in enumerate((0.5, 0.55, 0.7, 0.99))] == ["0.5", "0.55", "0.7", "0.99"]
     assert arm_label(Arm(0, 0.5)) != arm_label(Arm(1, 0.5000001))  # one label for both before
+
+
+def test_error_and_arm_series_exist_at_zero_before_their_first_event(tiny_engine) -> None:
+    """Prometheus's first sample of a series that appears with its first event already holds that event, so
+    rate() and increase() never count it: a first burst of 503s showed as no error at all."""
+    with running_server(Settings(bandit_thresholds="0.4,0.5", log_level="warning"), tiny_engine) as fresh:
+        text = httpx.get(f"{fresh.url}/metrics", timeout=30).text
+    for route in ("/caption", "/caption/batch"):
+        for status in ("200", "413", "415", "422", "499", "500", "503", "504"):
+            assert f'capeen_requests_total{{route="{route}",status="{status}"}} 0.0' in text
+        assert f'capeen_request_duration_seconds_count{{route="{route}",status="200"}} 0.0' in text
+    from service.errors import ERROR_KINDS
+
+    for kind in ERROR_KINDS:
+        assert f'capeen_errors_total{{kind="{kind}"}} 0.0' in text
+    for arm in ("0.4", "0.5", "0.6"):  # the grid and the calibrated threshold
+        assert f'capeen_bandit_arm_pulls_total{{arm="{arm}"}} 0.0' in text
+
+
+def test_every_error_kind_the_service_sends_is_listed() -> None:
+    import re
+    from pathlib import Path
+
+    from service.errors import _STATUS_KINDS, ERROR_KINDS
+    from service.uploads import IMAGE_ERROR_STATUS
+
+    root = Path(__file__).resolve().parent.parent / "service"
+    source = "\n".join(path.read_text() for path in root.rglob("*.py"))
+    sent = set(re.findall(r'ServiceError\(\d{3}, "(\w+)"', source))
+    sent |= set(re.findall(r'error_response\(request, \d{3}, "(\w+)"', source))
+    sent |= set(re.findall(r'\(\d{3}, "(\w+)", (?:RETRY_AFTER|None)\)', source))  # the batcher's outcomes
+    sent |= set(IMAGE_ERROR_STATUS) | set(_STATUS_KINDS.values()) | {"http_error"}
+    assert len(sent) > 15 and sent == set(ERROR_KINDS)
