@@ -24,7 +24,7 @@ import torch
 from models import kernels
 from models.decoding import FULL_DEPTH, SectionTimer
 from models.engine import CaptionEngine
-from models.hf_export import hf_pixel_values, to_hf_vision_encoder_decoder
+from models.hf_export import hf_pixel_values, quiet_transformers, to_hf_vision_encoder_decoder
 from models.preprocess import normalize
 
 
@@ -56,8 +56,9 @@ def methods(engine: CaptionEngine, threshold: float, compare_kernels: bool = Fal
 
     @torch.inference_mode()
     def run_hf(pixels: torch.Tensor) -> MethodOutput:
-        out = hf.generate(pixel_values=hf_pixel_values(engine.model, pixels), max_new_tokens=max_new,
-                          do_sample=False, num_beams=1)
+        with quiet_transformers():  # it advises an attention mask for padded text; images are not padded
+            out = hf.generate(pixel_values=hf_pixel_values(engine.model, pixels), max_new_tokens=max_new,
+                              do_sample=False, num_beams=1)
         ids = []
         for row in out[:, 1:].tolist():  # drop the decoder start token
             ids.append(row[: row.index(eos) + 1] if eos in row else row)

@@ -9,7 +9,11 @@ the images before they go to Hugging Face's ViT.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
+import transformers
 from transformers import GPT2Config, VisionEncoderDecoderConfig, VisionEncoderDecoderModel
 
 from models.model import CapeenModel, ConvStemViT
@@ -53,3 +57,17 @@ def hf_pixel_values(model: CapeenModel, pixel_values: torch.Tensor) -> torch.Ten
         with torch.inference_mode():
             return model.encoder.stem(pixel_values)
     return pixel_values
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers' warnings and progress bars off inside the block: its advice on padded text inputs, or on a
+    classifier's head left out, reads as an error in a capeen command's output where neither applies."""
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+        transformers.logging.enable_progress_bar()

@@ -19,6 +19,7 @@ import torch
 from safetensors import SafetensorError
 
 from capeen.errors import first_line
+from models.hf_export import quiet_transformers
 from models.model import CapeenModel
 
 # the CapeenConfig fields an imported encoder decides
@@ -124,17 +125,12 @@ def _pretrained(directory: Path, kind: str) -> torch.nn.Module:
 
     _check_safetensors(directory)
     model_class = {"vit": transformers.ViTModel, "swin": transformers.SwinModel}[kind]
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()  # its notes on the heads left out would read as errors here
-    transformers.logging.disable_progress_bar()
     try:
-        model, info = model_class.from_pretrained(directory, local_files_only=True, use_safetensors=True,
-                                                  add_pooling_layer=False, output_loading_info=True)
+        with quiet_transformers():
+            model, info = model_class.from_pretrained(directory, local_files_only=True, use_safetensors=True,
+                                                      add_pooling_layer=False, output_loading_info=True)
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:  # a damaged file, among others
         raise EncoderImportError(f"{directory}: transformers cannot load it: {first_line(exc)}") from None
-    finally:
-        transformers.logging.set_verbosity(verbosity)
-        transformers.logging.enable_progress_bar()
     missing = [key for key in info.get("missing_keys", ()) if not key.startswith(_UNUSED)]
     if missing or info.get("mismatched_keys"):
         raise EncoderImportError(f"{directory}: its weights are not a whole {kind} encoder: missing "
