@@ -172,6 +172,10 @@ def load_checkpoint(directory: Path | str | None = None, device: str | torch.dev
     directory = Path(directory) if directory is not None else DEFAULT_CHECKPOINT
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: checkpoint directory not found")
+    if not (directory / CONFIG_FILE).exists() and any((directory / name).is_file()
+                                                      for name in ("train_state.json", "last/train_state.json")):
+        raise CheckpointError(f"{directory}: the resumable state of a training run (its --run-dir), not a "
+                              f"checkpoint: the checkpoint is the folder the run's --out named")
 
     config_data = _read_json(directory / CONFIG_FILE)
     if not isinstance(config_data.get("model"), dict):

@@ -341,6 +341,14 @@ def test_missing_directory_is_checkpoint_error_naming_it(tmp_path):
     assert str(tmp_path / "nowhere") in str(info.value) and "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize("state", ["train_state.json", "last/train_state.json"])
+def test_a_training_runs_state_folder_is_named_as_such(tmp_path, state):
+    (tmp_path / state).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / state).write_text("{}")
+    with pytest.raises(CheckpointError, match="the resumable state of a training run .* the folder the run's --out"):
+        load_checkpoint(tmp_path)
+
+
 def test_an_empty_path_is_not_taken_for_the_current_folder():
     with pytest.raises(CheckpointError, match="empty path"):
         load_checkpoint("")
