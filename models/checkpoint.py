@@ -143,6 +143,22 @@ def save_thresholds(directory: Path, thresholds: Thresholds) -> None:
         staged.unlink(missing_ok=True)
 
 
+def _refuse_run_state(directory: Path) -> None:
+    """A training run's state folder (its --run-dir, or the runs/<name> folder above its stages') given as a
+    checkpoint: say where the checkpoint is, which the state records."""
+    states = [directory / "train_state.json", directory / "last" / "train_state.json",
+              *sorted(directory.glob("*/last/train_state.json"))]
+    state = next((path for path in states if path.is_file()), None)
+    if state is None:
+        return
+    try:
+        out = json.loads(state.read_text()).get("out")
+    except (OSError, ValueError, AttributeError):
+        out = None
+    where = f"its checkpoint is {out}" if isinstance(out, str) else "the checkpoint is the folder the run's --out named"
+    raise CheckpointError(f"{directory}: the resumable state of a training run (--run-dir), not a checkpoint: {where}")
+
+
 def _read_json(path: Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{path}: missing")
@@ -172,10 +188,8 @@ def load_checkpoint(directory: Path | str | None = None, device: str | torch.dev
     directory = Path(directory) if directory is not None else DEFAULT_CHECKPOINT
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: checkpoint directory not found")
-    if not (directory / CONFIG_FILE).exists() and any((directory / name).is_file()
-                                                      for name in ("train_state.json", "last/train_state.json")):
-        raise CheckpointError(f"{directory}: the resumable state of a training run (its --run-dir), not a "
-                              f"checkpoint: the checkpoint is the folder the run's --out named")
+    if not (directory / CONFIG_FILE).exists():
+        _refuse_run_state(directory)
 
     config_data = _read_json(directory / CONFIG_FILE)
     if not isinstance(config_data.get("model"), dict):

@@ -190,7 +190,7 @@ def check_options(opts: TrainOptions) -> None:
                          "checkpoint")
     if opts.init is not None and opts.min_word_count != 1:
         raise ValueError("--min-word-count cannot be used with --init: the vocabulary comes from the --init "
-                         "checkpoint")
+                         "checkpoint (give it to the run that builds the model, its first stage)")
     if opts.encoder_from is not None:
         if opts.init is not None:
             raise ValueError("--encoder-from starts a new model's encoder; --init continues a checkpoint, encoder "
@@ -712,6 +712,11 @@ class Trainer:
         if not isinstance(saved, dict):
             raise ValueError(f"{path}: \"options\" is not an object; {_DAMAGED}")
         current = _run_options(self.opts)
+        # an option newer than the state was at its default then (a state saved before options were recorded
+        # at all cannot be checked: see above)
+        defaults = _run_options(TrainOptions(stage=self.opts.stage, data=self.opts.data, out=self.opts.out,
+                                             run_dir=self.opts.run_dir))
+        saved = {**{name: value for name, value in defaults.items() if name != "init"}, **saved}
         changed = [f"{_flag(name)} {_shown(saved[name])} -> {_shown(value)}" for name, value in current.items()
                    if name in saved and saved[name] != value]
         if changed:

@@ -259,10 +259,10 @@ def build_tokenizer(json_path: Path, min_count: int = 1) -> WordTokenizer:
     records = records_for_split(load_karpathy(resolve_dataset_json(json_path)), "train")
     captions = [caption for record in records for caption in record.captions]
     tokenizer = WordTokenizer.build(captions, min_count=min_count)
-    if min_count > 1:
-        words = [word for caption in captions for word in caption]
-        unknown = sum(word not in tokenizer.index for word in words)
+    if len(tokenizer) == len(SPECIALS):
+        raise DatasetError(f"{json_path}: no word of the training captions is seen {min_count} times or more "
+                           f"(--min-word-count): the model would have nothing but {UNK} to say")
+    if min_count > 1:  # what share of the words that is, the captions' loader says as it encodes them
         print(f"capeen: vocabulary of {len(tokenizer) - len(SPECIALS)} words seen at least {min_count} times in the "
-              f"training captions; the others, {unknown / max(1, len(words)):.2%} of the words written, read as "
-              f"{UNK}", file=sys.stderr)
+              f"training captions; the others read as {UNK}", file=sys.stderr)
     return tokenizer

@@ -22,7 +22,7 @@ ENGINE_STAGES = ("encode", "decode")
 
 
 # what the caption routes answer (service.errors has the kinds behind each error status)
-CAPTION_STATUSES = ("200", "400", "408", "413", "415", "422", "499", "500", "503", "504")
+CAPTION_STATUSES = ("200", "400", "405", "408", "413", "415", "422", "499", "500", "503", "504")
 
 
 class HttpMetrics:
@@ -50,6 +50,9 @@ class HttpMetrics:
 
 
 def _batch_buckets(max_batch_size: int) -> list[float]:
+    """One bucket per size up to 64 (quantiles of a handful of whole sizes are exact only so), then doubling."""
+    if max_batch_size <= 64:
+        return [float(size) for size in range(1, max_batch_size + 1)]
     sizes = {1, max_batch_size}
     size = 2
     while size < max_batch_size:

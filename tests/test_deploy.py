@@ -681,7 +681,7 @@ def test_dashboards_cover_the_issue():
     for quantile in ("0.5", "0.95", "0.99"):
         # the latency of captions: refusals are answered in milliseconds and would make it look better
         assert f'histogram_quantile({quantile}, sum by (le) (rate(capeen_request_duration_seconds_bucket' \
-               f'{{route=\"/caption\", status=\"200\"}}' in everything, f"latency p{quantile}"
+               f'{{route=\"/caption\", status=~\"200|499|504\"}}' in everything, f"latency p{quantile}"
     for needle in ("capeen_captions_total", "capeen_queue_depth",
                    "capeen_batch_size", "capeen_bandit_threshold", "capeen_bandit_arm_pulls_total",
                    "sum by (kind) (rate(capeen_errors_total"):

@@ -341,11 +341,15 @@ def test_missing_directory_is_checkpoint_error_naming_it(tmp_path):
     assert str(tmp_path / "nowhere") in str(info.value) and "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize("state", ["train_state.json", "last/train_state.json"])
+@pytest.mark.parametrize("state", ["train_state.json", "last/train_state.json", "backbone/last/train_state.json"])
 def test_a_training_runs_state_folder_is_named_as_such(tmp_path, state):
     (tmp_path / state).parent.mkdir(parents=True, exist_ok=True)
-    (tmp_path / state).write_text("{}")
-    with pytest.raises(CheckpointError, match="the resumable state of a training run .* the folder the run's --out"):
+    (tmp_path / state).write_text(json.dumps({"out": "/models/mine"}))
+    with pytest.raises(CheckpointError, match="the resumable state of a training run .*: its checkpoint is "
+                                              "/models/mine$"):
+        load_checkpoint(tmp_path)
+    (tmp_path / state).write_text("{")  # damaged: still named, without the checkpoint's place
+    with pytest.raises(CheckpointError, match="the checkpoint is the folder the run's --out named$"):
         load_checkpoint(tmp_path)
 
 

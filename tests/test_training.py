@@ -951,9 +951,30 @@ def test_min_word_count_keeps_the_words_seen_that_often_and_reads_the_others_as_
     kept = {word for word, n in counts.items() if n >= 3}
     assert kept and len(kept) < len(counts)  # the test means something: some words are rarer than that
     assert set(load_checkpoint(tmp_path / "out").tokenizer.words[4:]) == kept
-    rare = sum(n for n in counts.values() if n < 3) / sum(counts.values())
-    assert f"vocabulary of {len(kept)} words seen at least 3 times" in err and f"{rare:.2%} of the words" in err
+    rare = sum(n for n in counts.values() if n < 3)
+    assert f"vocabulary of {len(kept)} words seen at least 3 times" in err
+    assert f"capeen: {rare} of the {sum(counts.values())} words of the train captions" in err  # the loader's count
+
+    assert _train(data, tmp_path / "none", tmp_path / "run-none", "--stage", "backbone", "--steps", 1,
+                  "--min-word-count", 10**12, "--model-config", json.dumps(TINY)) == 2
+    assert "no word of the training captions is seen 1000000000000 times" in capsys.readouterr().err
 
     assert _train(data, tmp_path / "out2", tmp_path / "run2", "--stage", "exits", "--init", backbone[0], "--steps", 1,
                   "--min-word-count", 3) == 2
     assert "--min-word-count cannot be used with --init" in capsys.readouterr().err
+
+
+def test_an_option_newer_than_a_run_state_is_taken_at_its_default_on_resume(data, tmp_path, monkeypatch, capsys):
+    """A run started before --min-word-count existed used 1: asking for 3 on resume is refused by name, at once."""
+    common = ["--stage", "backbone", "--steps", 4, "--eval-every", 2, "--model-config", json.dumps(TINY)]
+    with monkeypatch.context() as m:
+        _interrupt_after_first_save(m)
+        assert _train(data, tmp_path / "out", tmp_path / "run", *common) == 130
+    state = tmp_path / "run" / "last" / "train_state.json"
+    info = json.loads(state.read_text())
+    del info["options"]["min_word_count"]  # as an older capeen wrote it
+    state.write_text(json.dumps(info))
+    capsys.readouterr()
+    assert _train(data, tmp_path / "out", tmp_path / "run", *common, "--resume", "--min-word-count", 3) == 2
+    assert "--min-word-count 1 -> 3" in capsys.readouterr().err
+    assert _train(data, tmp_path / "out", tmp_path / "run", *common, "--resume") == 0
