@@ -53,6 +53,11 @@ def _add_train(sub) -> None:
                    help="stages encoder and backbone: start the image encoder from a local Hugging Face ViT or Swin "
                         "(a folder written by save_pretrained, with model.safetensors), whose config sets the "
                         "encoder's shape")
+    p.add_argument("--decoder-from", metavar="DIR",
+                   help="stages encoder and backbone: start the decoder from a local Hugging Face GPT-2 (a folder "
+                        "written by save_pretrained, with model.safetensors and its tokenizer), whose config sets "
+                        "the decoder's shape; each word of the vocabulary starts at the mean of GPT-2's embeddings "
+                        "of its tokens")
     p.add_argument("--min-word-count", type=int, default=1, metavar="N",
                    help="a new model's vocabulary: the training captions' words seen at least N times, the others "
                         "read as <unk> (default 1; 5 is Karpathy's for COCO and Flickr30k)")

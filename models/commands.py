@@ -47,6 +47,7 @@ def train_main(args) -> int:
         stage=args.stage, data=Path(args.data), out=Path(args.out),
         run_dir=Path(args.run_dir) if args.run_dir else Path("runs") / Path(args.out).name / args.stage,
         init=Path(args.init) if args.init else None, encoder_from=Path(args.encoder_from) if args.encoder_from else None,
+        decoder_from=Path(args.decoder_from) if args.decoder_from else None,
         min_word_count=args.min_word_count,
         steps=args.steps, batch_size=args.batch_size,
         captions_per_image=args.captions_per_image, lr=args.lr, warmup=args.warmup, eval_every=args.eval_every,

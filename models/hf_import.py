@@ -34,19 +34,24 @@ _UNUSED = ("pooler.",)
 PIXEL_MEAN = PIXEL_STD = 0.5
 
 
-class EncoderImportError(ValueError):
-    """A folder that is not a local Hugging Face ViT or Swin capeen can start from; the message says why."""
+class HFImportError(ValueError):
+    """A local Hugging Face folder capeen cannot start a model from; the message says why."""
 
 
-def _json(path: Path) -> dict:
+class EncoderImportError(HFImportError):
+    """A folder that is not a local Hugging Face ViT or Swin capeen can start from."""
+
+
+def read_json(path: Path, flag: str = "--encoder-from") -> dict:
+    """A JSON object from a save_pretrained folder, or an HFImportError naming the file and the flag."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise EncoderImportError(f"{path}: missing (--encoder-from takes a folder written by save_pretrained)") from None
+        raise HFImportError(f"{path}: missing ({flag} takes a folder written by save_pretrained)") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise EncoderImportError(f"{path}: unreadable: {exc}") from None
+        raise HFImportError(f"{path}: unreadable: {exc}") from None
     if not isinstance(data, dict):
-        raise EncoderImportError(f"{path}: not a JSON object")
+        raise HFImportError(f"{path}: not a JSON object")
     return data
 
 
@@ -54,7 +59,7 @@ def hf_config(directory: Path) -> dict:
     """The folder's `config.json`, checked to be a ViT's or a Swin's."""
     if not directory.is_dir():
         raise EncoderImportError(f"{directory}: not a folder (--encoder-from takes a folder written by save_pretrained)")
-    config = _json(directory / "config.json")
+    config = read_json(directory / "config.json")
     kind = config.get("model_type")
     if kind not in _FIXED:
         raise EncoderImportError(f"{directory}: a {kind or 'model without model_type'} checkpoint; --encoder-from "
@@ -62,11 +67,12 @@ def hf_config(directory: Path) -> dict:
     return config
 
 
-def _number(config: dict, key: str, directory: Path, kind: type = int):
+def config_number(config: dict, key: str, directory: Path, kind: type = int):
+    """A number of the folder's config.json: an HFImportError if it is anything else."""
     value = config.get(key)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
             or (kind is int and value != int(value)):
-        raise EncoderImportError(f"{directory / 'config.json'}: {key} must be a number, got {value!r}")
+        raise HFImportError(f"{directory / 'config.json'}: {key} must be a number, got {value!r}")
     return kind(value)
 
 
@@ -74,34 +80,35 @@ def encoder_overrides(directory: Path) -> dict:
     """The `CapeenConfig` encoder fields that rebuild the folder's encoder."""
     config = hf_config(directory)
     kind = config["model_type"]
-    _check_safetensors(directory)  # before a model is built from the config: that may take seconds and gigabytes
+    require_safetensors(directory)  # before a model is built from the config: that may take seconds and gigabytes
     _check_buildable(directory, config)
-    fields = {"encoder": kind, "image_size": _number(config, "image_size", directory),
-              "patch_size": _number(config, "patch_size", directory), "stem_channels": []}
+    fields = {"encoder": kind, "image_size": config_number(config, "image_size", directory),
+              "patch_size": config_number(config, "patch_size", directory), "stem_channels": []}
     if kind == "vit":
-        fields.update(encoder_hidden=_number(config, "hidden_size", directory),
-                      encoder_layers=_number(config, "num_hidden_layers", directory),
-                      encoder_heads=_number(config, "num_attention_heads", directory),
-                      encoder_intermediate=_number(config, "intermediate_size", directory))
+        fields.update(encoder_hidden=config_number(config, "hidden_size", directory),
+                      encoder_layers=config_number(config, "num_hidden_layers", directory),
+                      encoder_heads=config_number(config, "num_attention_heads", directory),
+                      encoder_intermediate=config_number(config, "intermediate_size", directory))
         return fields
     depths, heads = config.get("depths"), config.get("num_heads")
     if not (isinstance(depths, list) and isinstance(heads, list) and depths and len(depths) == len(heads)):
         raise EncoderImportError(f"{directory / 'config.json'}: depths and num_heads must be lists of one number "
                                  f"per stage, got {depths!r} and {heads!r}")
-    hidden = _number(config, "embed_dim", directory) * 2 ** (len(depths) - 1)
-    intermediate = _number(config, "mlp_ratio", directory, float) * hidden
+    hidden = config_number(config, "embed_dim", directory) * 2 ** (len(depths) - 1)
+    intermediate = config_number(config, "mlp_ratio", directory, float) * hidden
     if not math.isclose(intermediate, round(intermediate)):
         raise EncoderImportError(f"{directory / 'config.json'}: mlp_ratio {config['mlp_ratio']} gives a MLP width of "
                                  f"{intermediate:g}, not a whole number")
     fields.update(encoder_hidden=hidden, swin_depths=depths, swin_heads=heads,
-                  swin_window=_number(config, "window_size", directory), encoder_intermediate=round(intermediate))
+                  swin_window=config_number(config, "window_size", directory), encoder_intermediate=round(intermediate))
     return fields
 
 
-def _check_safetensors(directory: Path) -> None:
+def require_safetensors(directory: Path) -> None:
+    """Refuse a folder whose weights are only pickled (before anything is built from its config)."""
     if not (directory / "model.safetensors").is_file() and not (directory / "model.safetensors.index.json").is_file():
         pickled = sorted(p.name for p in directory.glob("*.bin"))
-        raise EncoderImportError(f"{directory}: no model.safetensors" + (
+        raise HFImportError(f"{directory}: no model.safetensors" + (
             f" ({', '.join(pickled)} is a pickle, which capeen does not load: convert it with "
             f"save_pretrained(..., safe_serialization=True))" if pickled else ""))
 
@@ -123,7 +130,7 @@ def _pretrained(directory: Path, kind: str) -> torch.nn.Module:
     local safetensors only; pooler, classifier and other heads are left out."""
     import transformers
 
-    _check_safetensors(directory)
+    require_safetensors(directory)
     model_class = {"vit": transformers.ViTModel, "swin": transformers.SwinModel}[kind]
     try:
         with quiet_transformers():
@@ -143,7 +150,7 @@ def _normalisation_note(directory: Path) -> str | None:
     path = directory / "preprocessor_config.json"
     if not path.is_file():
         return None
-    config = _json(path)
+    config = read_json(path)
     if config.get("do_normalize") is False:
         seen = "pixels in [0, 1], not normalised"
     else:

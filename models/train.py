@@ -57,6 +57,7 @@ from models.checkpoint import (
     save_checkpoint,
 )
 from models.dataset import load_karpathy, records_for_split
+from models.gpt2_import import DECODER_FIELDS, decoder_overrides, load_decoder
 from models.hf_import import ENCODER_FIELDS, encoder_overrides, load_encoder
 from models.interrupts import signals_deferred, termination_interrupts
 from models.model import CapeenConfig, CapeenModel
@@ -80,6 +81,7 @@ class TrainOptions:
     run_dir: Path
     init: Path | None = None  # checkpoint to start from (required for stage "exits")
     encoder_from: Path | None = None  # a local Hugging Face ViT or Swin to start the encoder from (models.hf_import)
+    decoder_from: Path | None = None  # a local Hugging Face GPT-2 to start the decoder from (models.gpt2_import)
     min_word_count: int = 1  # a new model's vocabulary: the training captions' words seen this often
     steps: int = 2000
     batch_size: int = 32  # images per step
@@ -111,9 +113,9 @@ TOKENIZER_FIXED = ("vocab_size", "pad_token_id", "bos_token_id", "eos_token_id")
 # that no single set of options describes. --steps may grow (that is how a run is extended); --eval-every,
 # --val-images, --device, --name and where the data lies do not change the weights.
 RUN_OPTIONS = {
-    "encoder": ("init", "encoder_from", "model_overrides", "min_word_count", "batch_size", "lr", "weight_decay",
+    "encoder": ("init", "encoder_from", "decoder_from", "model_overrides", "min_word_count", "batch_size", "lr", "weight_decay",
                 "warmup", "seed"),
-    "backbone": ("init", "encoder_from", "model_overrides", "min_word_count", "batch_size", "captions_per_image", "lr",
+    "backbone": ("init", "encoder_from", "decoder_from", "model_overrides", "min_word_count", "batch_size", "captions_per_image", "lr",
                  "weight_decay", "warmup",
                  "seed", "exit_aware", "aux_weight"),
     "exits": ("init", "batch_size", "captions_per_image", "lr", "weight_decay", "warmup", "seed", "alpha",
@@ -131,9 +133,9 @@ def _flag(name: str) -> str:
 
 
 def _run_options(opts: TrainOptions) -> dict:
-    """The options that shape the run's weights, as JSON values (--init and --encoder-from as absolute paths)."""
+    """The options that shape the run's weights, as JSON values (the folders they name as absolute paths)."""
     values = {name: getattr(opts, name) for name in RUN_OPTIONS[opts.stage]}
-    for name in ("init", "encoder_from"):
+    for name in ("init", "encoder_from", "decoder_from"):
         if name in values:
             values[name] = str(Path(values[name]).resolve()) if values[name] is not None else None
     if "model_overrides" in values:
@@ -191,16 +193,19 @@ def check_options(opts: TrainOptions) -> None:
     if opts.init is not None and opts.min_word_count != 1:
         raise ValueError("--min-word-count cannot be used with --init: the vocabulary comes from the --init "
                          "checkpoint (give it to the run that builds the model, its first stage)")
-    if opts.encoder_from is not None:
+    for name, part, fixed_fields in (("encoder_from", "encoder", ENCODER_FIELDS),
+                                     ("decoder_from", "decoder", DECODER_FIELDS)):
+        if getattr(opts, name) is None:
+            continue
         if opts.init is not None:
-            raise ValueError("--encoder-from starts a new model's encoder; --init continues a checkpoint, encoder "
-                             "included: give one of them")
+            raise ValueError(f"{_flag(name)} starts a new model's {part}; --init continues a checkpoint, {part} "
+                             f"included: give one of them")
         if opts.stage == "exits":
-            raise ValueError("--encoder-from starts a new model; stage exits continues a trained backbone (--init)")
-        encoder_fields = [key for key in opts.model_overrides or {} if key in ENCODER_FIELDS]
-        if encoder_fields:
-            raise ValueError(f"--model-config cannot set {', '.join(encoder_fields)}: the --encoder-from encoder's "
-                             f"config fixes them")
+            raise ValueError(f"{_flag(name)} starts a new model; stage exits continues a trained backbone (--init)")
+        given = [key for key in opts.model_overrides or {} if key in fixed_fields]
+        if given:
+            raise ValueError(f"--model-config cannot set {', '.join(given)}: the {_flag(name)} {part}'s config "
+                             f"fixes them")
     fixed = [key for key in TOKENIZER_FIXED if key in (opts.model_overrides or {})]
     if fixed:
         raise ValueError(f"--model-config cannot set {', '.join(fixed)}: the tokenizer fixes "
@@ -375,11 +380,13 @@ class Trainer:
             saved = (self.resume_info or {}).get("config")
             if isinstance(saved, dict):
                 # a resumed run continues its own model: what its options leave open comes from its state (the
-                # --encoder-from folder's shape, which need not be there any more; the defaults of the version
-                # that started it), and its --model-config was checked to be the same
+                # --encoder-from and --decoder-from folders' shapes, which need not be there any more; the defaults
+                # of the version that started it), and its --model-config was checked to be the same
                 base = saved
             else:
                 base = encoder_overrides(opts.encoder_from) if opts.encoder_from is not None else {}
+                if opts.decoder_from is not None:
+                    base.update(decoder_overrides(opts.decoder_from))
             try:
                 config = CapeenConfig.from_dict({**base, **overrides, "vocab_size": len(self.tokenizer)})
             except ValueError as exc:
@@ -387,6 +394,8 @@ class Trainer:
             self.model = CapeenModel(config)
             if opts.encoder_from is not None and self.resume_info is None:
                 load_encoder(self.model, opts.encoder_from)
+            if opts.decoder_from is not None and self.resume_info is None:
+                load_decoder(self.model, opts.decoder_from, self.tokenizer.words)
             self.meta = {}
         self.config = self.model.config
         if not self.config.exit_layers:

@@ -911,6 +911,11 @@ def test_encoder_from_refuses_what_it_cannot_start_from_in_one_line(data, tmp_pa
          "--model-config cannot set encoder_hidden: the --encoder-from encoder's config fixes them"),
         (["--encoder-from", tmp_path / "vit", "--init", tmp_path / "vit"], "give one of them"),
     ]
+    assert_backbone_refused_in_one_line(data, tmp_path, capsys, cases)
+
+
+def assert_backbone_refused_in_one_line(data, tmp_path, capsys, cases) -> None:
+    """Each (extra options, words of the error) case: stage backbone exits 2 with one line, and writes nothing."""
     for extra, says in cases:
         capsys.readouterr()
         assert _train(data, tmp_path / "out", tmp_path / "run", "--stage", "backbone", "--steps", 1, *extra) == 2
