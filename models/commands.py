@@ -43,6 +43,10 @@ def train_main(args) -> int:
     from models.dataset import DatasetError
     from models.train import TrainOptions, train
 
+    for flag in ("--data", "--out", "--run-dir", "--init", "--encoder-from", "--decoder-from", "--image-dir"):
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None and not value.strip():  # an unset shell variable: "" would mean the current folder
+            raise UserError(f"{flag} is empty (an unset shell variable?)")
     opts = TrainOptions(
         stage=args.stage, data=Path(args.data), out=Path(args.out),
         run_dir=Path(args.run_dir) if args.run_dir else Path("runs") / Path(args.out).name / args.stage,

@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 
 from capeen.errors import first_line
 from models.hf_export import quiet_transformers
-from models.model import CapeenModel
+from models.model import CapeenConfig, CapeenModel
 
 # the CapeenConfig fields an imported encoder decides
 ENCODER_FIELDS = ("encoder", "image_size", "patch_size", "encoder_hidden", "encoder_layers", "encoder_heads",
@@ -89,7 +89,7 @@ def encoder_overrides(directory: Path) -> dict:
                       encoder_layers=config_number(config, "num_hidden_layers", directory),
                       encoder_heads=config_number(config, "num_attention_heads", directory),
                       encoder_intermediate=config_number(config, "intermediate_size", directory))
-        return fields
+        return checked_fields(fields, directory)
     depths, heads = config.get("depths"), config.get("num_heads")
     if not (isinstance(depths, list) and isinstance(heads, list) and depths and len(depths) == len(heads)):
         raise EncoderImportError(f"{directory / 'config.json'}: depths and num_heads must be lists of one number "
@@ -101,16 +101,42 @@ def encoder_overrides(directory: Path) -> dict:
                                  f"{intermediate:g}, not a whole number")
     fields.update(encoder_hidden=hidden, swin_depths=depths, swin_heads=heads,
                   swin_window=config_number(config, "window_size", directory), encoder_intermediate=round(intermediate))
-    return fields
+    return checked_fields(fields, directory)
 
 
 def require_safetensors(directory: Path) -> None:
-    """Refuse a folder whose weights are only pickled (before anything is built from its config)."""
-    if not (directory / "model.safetensors").is_file() and not (directory / "model.safetensors.index.json").is_file():
+    """Refuse a folder whose weights are only pickled (before anything is built from its config), or unreadable
+    (which transformers would report as missing)."""
+    present = [directory / name for name in ("model.safetensors", "model.safetensors.index.json")
+               if (directory / name).is_file()]
+    if not present:
         pickled = sorted(p.name for p in directory.glob("*.bin"))
         raise HFImportError(f"{directory}: no model.safetensors" + (
             f" ({', '.join(pickled)} is a pickle, which capeen does not load: convert it with "
             f"save_pretrained(..., safe_serialization=True))" if pickled else ""))
+    try:
+        with open(present[0], "rb"):
+            pass
+    except OSError as exc:
+        raise HFImportError(f"{present[0]}: unreadable: {first_line(exc)}") from None
+
+
+def mismatch(info: dict) -> str:
+    """The tensors whose shape differs between a folder's weights and its config.json, from transformers'
+    loading info."""
+    listed = [f"{key} is {list(theirs)} in the weights but {list(ours)} by config.json"
+              for key, theirs, ours in sorted(info["mismatched_keys"], key=lambda entry: entry[0])[:3]]
+    return f"its weights do not match its config.json: {'; '.join(listed)}"
+
+
+def checked_fields(fields: dict, directory: Path) -> dict:
+    """`fields` (CapeenConfig fields read from the folder's config.json), refused in its name if capeen cannot
+    build them, rather than blamed on --model-config later."""
+    try:
+        CapeenConfig.from_dict(fields)
+    except ValueError as exc:
+        raise HFImportError(f"{directory / 'config.json'}: {exc}") from None
+    return fields
 
 
 def _check_buildable(directory: Path, config: dict) -> None:
@@ -134,14 +160,18 @@ def _pretrained(directory: Path, kind: str) -> torch.nn.Module:
     model_class = {"vit": transformers.ViTModel, "swin": transformers.SwinModel}[kind]
     try:
         with quiet_transformers():
+            # tensors of another shape than the config's are listed in info, rather than named in a log capeen hides
             model, info = model_class.from_pretrained(directory, local_files_only=True, use_safetensors=True,
-                                                      add_pooling_layer=False, output_loading_info=True)
+                                                      add_pooling_layer=False, output_loading_info=True,
+                                                      ignore_mismatched_sizes=True)
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:  # a damaged file, among others
         raise EncoderImportError(f"{directory}: transformers cannot load it: {first_line(exc)}") from None
     missing = [key for key in info.get("missing_keys", ()) if not key.startswith(_UNUSED)]
-    if missing or info.get("mismatched_keys"):
+    if info.get("mismatched_keys"):
+        raise EncoderImportError(f"{directory}: {mismatch(info)}")
+    if missing:
         raise EncoderImportError(f"{directory}: its weights are not a whole {kind} encoder: missing "
-                                 f"{sorted(missing)[:5]}, of another shape {list(info.get('mismatched_keys', ()))[:5]}")
+                                 f"{sorted(missing)[:5]}")
     return model
 
 

@@ -205,7 +205,7 @@ def check_options(opts: TrainOptions) -> None:
         given = [key for key in opts.model_overrides or {} if key in fixed_fields]
         if given:
             raise ValueError(f"--model-config cannot set {', '.join(given)}: the {_flag(name)} {part}'s config "
-                             f"fixes them")
+                             f"fixes {'it' if len(given) == 1 else 'them'}")
     fixed = [key for key in TOKENIZER_FIXED if key in (opts.model_overrides or {})]
     if fixed:
         raise ValueError(f"--model-config cannot set {', '.join(fixed)}: the tokenizer fixes "

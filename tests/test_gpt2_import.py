@@ -36,7 +36,7 @@ def data(tmp_path_factory):
     return out
 
 
-def _save_gpt2(directory: Path, n_layer: int = 3, **changes):
+def _save_gpt2(directory: Path, n_layer: int = 3, rows: int | None = None, **changes):
     from tokenizers import ByteLevelBPETokenizer
     from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
 
@@ -47,7 +47,7 @@ def _save_gpt2(directory: Path, n_layer: int = 3, **changes):
     end = "<|endoftext|>"
     tokenizer = GPT2TokenizerFast(tokenizer_object=bpe._tokenizer, bos_token=end, eos_token=end, unk_token=end)
     torch.manual_seed(3)
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=40, n_embd=32, n_layer=n_layer, n_head=2,
+    config = GPT2Config(vocab_size=rows or len(tokenizer), n_positions=40, n_embd=32, n_layer=n_layer, n_head=2,
                         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, **changes)
     model = GPT2LMHeadModel(config).eval()
     model.save_pretrained(directory)
@@ -60,6 +60,19 @@ def gpt2(tmp_path_factory):
     directory = tmp_path_factory.mktemp("gpt2") / "gpt2"
     model, tokenizer = _save_gpt2(directory)
     return directory, model, tokenizer
+
+
+def _save_wordpiece_tokenizer(directory: Path) -> None:
+    """A BERT-style tokenizer in place of GPT-2's: its ids fit the embeddings, but they mean other tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (directory / name).unlink()
+    vocab = {word: i for i, word in enumerate(["[UNK]", "[SEP]", *GPT2_TEXT.split()])}
+    backend = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="[SEP]").save_pretrained(directory)
 
 
 def _single_token_words(tokenizer, words):
@@ -142,6 +155,13 @@ def test_decoder_from_refuses_what_it_cannot_start_from_in_one_line(data, gpt2, 
         (tmp_path / "no-tokenizer" / name).unlink()
     shutil.copytree(directory, tmp_path / "pickled")
     (tmp_path / "pickled" / "model.safetensors").rename(tmp_path / "pickled" / "pytorch_model.bin")
+    _save_gpt2(tmp_path / "few-rows", rows=100)
+    shutil.copytree(directory, tmp_path / "wordpiece")
+    _save_wordpiece_tokenizer(tmp_path / "wordpiece")
+    for name, change in (("n_inner-64", {"n_inner": 64}), ("n_head-3", {"n_head": 3})):
+        shutil.copytree(directory, tmp_path / name)
+        config = json.loads((tmp_path / name / "config.json").read_text())
+        (tmp_path / name / "config.json").write_text(json.dumps({**config, **change}))
     shutil.copytree(directory, tmp_path / "damaged")
     (tmp_path / "damaged" / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}garbage")
     small = json.dumps(ENCODER)
@@ -153,8 +173,15 @@ def test_decoder_from_refuses_what_it_cannot_start_from_in_one_line(data, gpt2, 
         (["--decoder-from", tmp_path / "pickled"], "pytorch_model.bin is a pickle, which capeen does not load"),
         (["--decoder-from", tmp_path / "damaged", "--model-config", small], "transformers cannot load it"),
         (["--decoder-from", tmp_path / "missing"], "not a folder"),
+        (["--decoder-from", ""], "--decoder-from is empty (an unset shell variable?)"),
+        (["--decoder-from", tmp_path / "few-rows", "--model-config", small],
+         "its tokenizer has 320 tokens but the model 100 embeddings: the tokenizer is not this model's"),
+        (["--decoder-from", tmp_path / "wordpiece"], "is not GPT-2's byte-level BPE"),
+        (["--decoder-from", tmp_path / "n_inner-64", "--model-config", small],
+         "its weights do not match its config.json: h.0.mlp.c_fc.bias is [128] in the weights but [64] by config.json"),
+        (["--decoder-from", tmp_path / "n_head-3"], "n_head-3/config.json: n_embd (32) must be a multiple of n_head"),
         (["--decoder-from", directory, "--model-config", json.dumps({"n_embd": 64})],
-         "--model-config cannot set n_embd: the --decoder-from decoder's config fixes them"),
+         "--model-config cannot set n_embd: the --decoder-from decoder's config fixes it"),
         (["--decoder-from", directory, "--model-config", json.dumps({**ENCODER, "n_layer": 4})],
          "n_layer is 4 (--model-config), but the GPT-2 in"),
         (["--decoder-from", directory, "--model-config", json.dumps({**ENCODER, "n_positions": 41})],
@@ -164,12 +191,32 @@ def test_decoder_from_refuses_what_it_cannot_start_from_in_one_line(data, gpt2, 
     assert_backbone_refused_in_one_line(data, tmp_path, capsys, cases)
 
 
+def _load(directory: Path, words) -> CapeenModel:
+    model = CapeenModel(CapeenConfig.from_dict({**ENCODER, **decoder_overrides(directory), "vocab_size": len(words)}))
+    load_decoder(model, directory, words)
+    return model
+
+
 def test_a_gpt2_saved_with_cross_attention_brings_it(tmp_path, capsys):
     hf, _ = _save_gpt2(tmp_path / "gpt2", add_cross_attention=True)
-    words = [*SPECIALS, "red", "circle"]
-    model = CapeenModel(CapeenConfig.from_dict({**ENCODER, **decoder_overrides(tmp_path / "gpt2"),
-                                                "vocab_size": len(words)}))
-    load_decoder(model, tmp_path / "gpt2", words)
+    model = _load(tmp_path / "gpt2", [*SPECIALS, "red", "circle"])
     assert "the cross-attention comes from the folder too" in capsys.readouterr().err
     theirs = hf.transformer.h[2].crossattention.q_attn.weight
     torch.testing.assert_close(model.decoder.transformer.h[2].crossattention.q_attn.weight, theirs)
+
+
+def test_what_the_folder_has_but_capeen_does_not_use_is_said(tmp_path, capsys):
+    """A config that announces cross-attention its file lacks: capeen's own starts from scratch, not the random
+    one transformers would make up. An untied output layer is dropped, and said to be."""
+    _save_gpt2(tmp_path / "gpt2", tie_word_embeddings=False)
+    config = json.loads((tmp_path / "gpt2" / "config.json").read_text())
+    (tmp_path / "gpt2" / "config.json").write_text(json.dumps({**config, "add_cross_attention": True}))
+    torch.manual_seed(5)
+    model = _load(tmp_path / "gpt2", [*SPECIALS, "red", "circle"])
+    err = capsys.readouterr().err
+    assert "the cross-attention starts from scratch" in err
+    assert "its own output layer (lm_head) is not used" in err
+    torch.manual_seed(5)
+    fresh = CapeenModel(model.config)  # the same seed: capeen's own initialisation of the cross-attention
+    torch.testing.assert_close(model.decoder.transformer.h[1].crossattention.q_attn.weight,
+                               fresh.decoder.transformer.h[1].crossattention.q_attn.weight)

@@ -900,6 +900,9 @@ def test_encoder_from_refuses_what_it_cannot_start_from_in_one_line(data, tmp_pa
     (tmp_path / "pickled" / "model.safetensors").rename(tmp_path / "pickled" / "pytorch_model.bin")
     _hf_vit(tmp_path / "vit")
     shutil.copytree(tmp_path / "vit", tmp_path / "damaged")
+    shutil.copytree(tmp_path / "vit", tmp_path / "edited")
+    config = json.loads((tmp_path / "edited" / "config.json").read_text())
+    (tmp_path / "edited" / "config.json").write_text(json.dumps({**config, "intermediate_size": 64}))
     (tmp_path / "damaged" / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}garbage")
     cases = [
         (["--encoder-from", tmp_path / "damaged"], "transformers cannot load it"),
@@ -907,8 +910,11 @@ def test_encoder_from_refuses_what_it_cannot_start_from_in_one_line(data, tmp_pa
         (["--encoder-from", tmp_path / "no-bias"], "qkv_bias is False; capeen builds vit encoders with True only"),
         (["--encoder-from", tmp_path / "pickled"], "pytorch_model.bin is a pickle, which capeen does not load"),
         (["--encoder-from", tmp_path / "missing"], "not a folder"),
+        (["--encoder-from", tmp_path / "edited", "--model-config", json.dumps(DECODER_ONLY)],
+         "its weights do not match its config.json: "),  # the tensors' names vary with transformers' version
+        (["--encoder-from", ""], "--encoder-from is empty (an unset shell variable?)"),
         (["--encoder-from", tmp_path / "vit", "--model-config", json.dumps({"encoder_hidden": 64})],
-         "--model-config cannot set encoder_hidden: the --encoder-from encoder's config fixes them"),
+         "--model-config cannot set encoder_hidden: the --encoder-from encoder's config fixes it"),
         (["--encoder-from", tmp_path / "vit", "--init", tmp_path / "vit"], "give one of them"),
     ]
     assert_backbone_refused_in_one_line(data, tmp_path, capsys, cases)
