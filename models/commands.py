@@ -115,55 +115,136 @@ def caption_main(args) -> int:
     args.workers = min(4, os.cpu_count() or 1) if args.workers is None else args.workers
     if args.workers < 0:
         raise UserError(f"--workers must be 0 or more, got {args.workers}")
+    if args.engines is not None and args.engines < 1:
+        raise UserError(f"--engines must be at least 1, got {args.engines}")
     _set_threads(args)
-    engine = _engine(args)
+    in_processes = args.engines not in (None, 1)
+    engines = _engine_processes(args) if in_processes else [_engine(args)]
     try:
-        threshold = engine.threshold_for(args.mode, args.threshold)
-    except ValueError as exc:
+        try:
+            threshold = engines[0].threshold_for(args.mode, args.threshold)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+        failures = [0]
+
+        def failed(problem: str) -> None:
+            print(f"capeen caption: {problem}", file=sys.stderr, flush=True)
+            failures[0] += 1
+
+        # a batch at a time, read, captioned and printed: thousands of images never sit in memory together, and
+        # the first captions appear while the rest are being read (folders too are walked as they are captioned)
+        read = _read_ahead(find_images(itertools.chain(args.images, listed)), engines[0].config.image_size,
+                           args.workers, args.batch_size * len(engines))
+        chunks = _caption_chunks(read, args.batch_size, failed)
+        if len(engines) == 1:
+            for chunk in chunks:
+                images = [image for _, image, problem in chunk if problem is None]
+                results = engines[0].caption(images, threshold, max_tokens=args.max_tokens).results if images else []
+                _write_chunk(output, chunk, results, failed)
+        else:
+            _caption_in_engines(chunks, engines, threshold, args.max_tokens, output, failed)
+        output.close()
+    except BaseException:
+        for engine in engines if in_processes else ():
+            engine.kill()  # Ctrl-C: a child ignores it, and would finish its batch first
+        raise
+    for engine in engines if in_processes else ():
+        engine.close()
+    return 1 if failures[0] else 0
+
+
+def _engine_processes(args) -> list:
+    """`--engines N`: N copies of the model in processes of their own (service.engine_process), started side by
+    side; on CUDA they spread over the GPUs visible."""
+    from service.engine_process import EngineOptions, EngineStartError, start_engines
+
+    options = EngineOptions(checkpoint=args.checkpoint, device=args.device, half=getattr(args, "half", False),
+                            kv_fill=getattr(args, "kv_fill", None), torch_threads=args.threads, onednn="auto",
+                            log_level="warning")
+    try:
+        return start_engines(options, args.engines, batch_timeout_s=600.0)
+    except EngineStartError as exc:
         raise UserError(str(exc)) from None
-    failures = 0
-    chunk: list[tuple[Path, object, str | None]] = []  # (path, image, None) or (path, None, why it failed)
+
+
+def _caption_chunks(read, batch_size: int, failed) -> Iterator[list]:
+    """Lists of (path, image, None) or (path, None, why it failed), in input order, each with at most
+    `batch_size` images. A failure with no image before it waiting comes alone, so that it is written at once
+    (a folder of broken files must not pile up); `failed` hears of each failure as it is found."""
+    chunk: list[tuple[Path, object, str | None]] = []
     waiting = 0  # images in the chunk
-
-    def caption_chunk() -> None:
-        batch = engine.caption([image for _, image, problem in chunk if problem is None], threshold,
-                               max_tokens=args.max_tokens)
-        results = iter(batch.results)
-        for path, _, problem in chunk:  # in the order given, failures in their places
-            if problem is None:
-                output.caption(path, next(results))
-            else:
-                output.failure_record(path, problem)
-        chunk.clear()
-
-    # a batch at a time, read, captioned and printed: thousands of images never sit in memory together, and
-    # the first captions appear while the rest are being read (folders too are walked as they are captioned)
-    for path, image, exc in _read_ahead(find_images(itertools.chain(args.images, listed)), engine.config.image_size,
-                                        args.workers, args.batch_size):
+    for path, image, exc in read:
         if exc is None:
             chunk.append((path, image, None))
             waiting += 1
         else:
             path = getattr(exc, "path", None) or path
             problem = str(exc) if str(path) in str(exc) else f"{path}: {exc}"
-            print(f"capeen caption: {problem}", file=sys.stderr, flush=True)
-            failures += 1
-            if waiting:
-                chunk.append((path, None, problem))
-            else:  # nothing before it waits: out at once (a folder of broken files must not pile up)
-                output.failure_record(path, problem)
-        if waiting == args.batch_size:
-            caption_chunk()
-            waiting = 0
-    if waiting:
-        caption_chunk()
-    output.close()
-    return 1 if failures else 0
+            failed(problem)
+            chunk.append((path, None, problem))
+        if waiting == batch_size or (chunk and not waiting):
+            yield chunk
+            chunk, waiting = [], 0
+    if chunk:
+        yield chunk
+
+
+def _write_chunk(output, chunk: list, results, failed) -> None:
+    """A chunk's captions and failures, in the order given; `results` are its images' captions, or the
+    exception that failed their batch (each of its images is then a failure)."""
+    captions = iter(() if isinstance(results, BaseException) else results)
+    for path, _, problem in chunk:
+        if problem is None and isinstance(results, BaseException):
+            problem = f"{path}: its batch failed in the engine: {first_line(results)}"
+            failed(problem)
+        if problem is None:
+            output.caption(path, next(captions))
+        else:
+            output.failure_record(path, problem)
+
+
+def _caption_in_engines(chunks, engines: list, threshold: float, max_tokens: int | None, output, failed) -> None:
+    """The chunks captioned by whichever engine process is free, written in input order. One chunk per engine
+    is decoded at a time, and one more waits, read, for the first engine free."""
+    import queue
+
+    from service.engine_process import EngineProcessDied
+
+    free: queue.SimpleQueue = queue.SimpleQueue()
+    for engine in engines:
+        free.put(engine)
+
+    def decode(images: list):
+        engine = free.get()
+        try:
+            return engine.caption_pixels(engine.pixels(images), threshold, max_tokens=max_tokens).results
+        except (EngineProcessDied, RuntimeError) as exc:  # the engine is started again for the next batch
+            return exc
+        finally:
+            free.put(engine)
+
+    pending: deque = deque()
+    with ThreadPoolExecutor(len(engines), thread_name_prefix="capeen-caption") as pool:
+        try:
+            for chunk in chunks:
+                images = [image for _, image, problem in chunk if problem is None]
+                pending.append((chunk, pool.submit(decode, images) if images else None))
+                while pending and (len(pending) > len(engines) or pending[0][1] is None or pending[0][1].done()):
+                    chunk, future = pending.popleft()
+                    _write_chunk(output, chunk, future.result() if future else [], failed)
+            while pending:
+                chunk, future = pending.popleft()
+                _write_chunk(output, chunk, future.result() if future else [], failed)
+        except BaseException:
+            for _, future in pending:
+                if future is not None:
+                    future.cancel()
+            raise
 
 
 # options of `capeen caption` that only a local model has, and those that only --server has: none has an
 # argparse default (their defaults are applied where they are used), so that one given is one set
-_LOCAL_ONLY = ("checkpoint", "device", "half", "kv_fill", "threads", "workers")
+_LOCAL_ONLY = ("checkpoint", "device", "half", "kv_fill", "threads", "workers", "engines")
 _SERVER_ONLY = ("concurrency", "retries", "timeout", "header")
 
 

@@ -27,7 +27,8 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, replace
 from multiprocessing.connection import Connection
 
 import numpy as np
@@ -78,6 +79,21 @@ def placed_device(device: str, index: int) -> str:
     if device in ("cuda", "auto") and torch.cuda.is_available():
         return f"cuda:{index % torch.cuda.device_count()}"
     return device
+
+
+def start_engines(options: EngineOptions, count: int, batch_timeout_s: float = 60.0) -> list[EngineProcess]:
+    """`count` engine processes, numbered from 0 (which places them on GPUs) and started side by side. Raises
+    the first one's EngineStartError after stopping those that did start."""
+    with ThreadPoolExecutor(count, thread_name_prefix="capeen-engine-start") as pool:
+        starting = [pool.submit(EngineProcess, replace(options, index=index), batch_timeout_s)
+                    for index in range(count)]
+    started = [future.result() for future in starting if future.exception() is None]
+    failures = [future.exception() for future in starting if future.exception() is not None]
+    if failures:
+        for engine in started:
+            engine.close()
+        raise failures[0]
+    return started
 
 
 # ---------------------------------------------------------------------------------------------------- child

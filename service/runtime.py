@@ -9,8 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -22,7 +21,7 @@ from models import kernels
 from models.engine import CaptionEngine, CaptionResult
 from service.adaptive import AdaptiveThreshold
 from service.batcher import Batcher, Job
-from service.engine_process import Engine, EngineOptions, EngineProcess
+from service.engine_process import Engine, EngineOptions, EngineProcess, start_engines
 from service.metrics import ServingMetrics
 from service.settings import Settings
 
@@ -44,16 +43,7 @@ def load_engines(settings: Settings) -> list[Engine]:
         checkpoint=None if settings.checkpoint is None else str(settings.checkpoint), device=settings.device,
         half=settings.half, kv_fill=settings.kv_fill, torch_threads=settings.torch_threads,
         onednn=settings.onednn, log_level=settings.log_level)
-    with ThreadPoolExecutor(settings.engines, thread_name_prefix="capeen-engine-start") as pool:
-        starting = [pool.submit(EngineProcess, replace(options, index=index), settings.engine_timeout_s)
-                    for index in range(settings.engines)]
-    started = [future.result() for future in starting if future.exception() is None]
-    failures = [future.exception() for future in starting if future.exception() is not None]
-    if failures:
-        for engine in started:
-            engine.close()
-        raise failures[0]
-    return started
+    return start_engines(options, settings.engines, settings.engine_timeout_s)
 
 
 def exit_positions(engine: Engine) -> list[int]:

@@ -299,6 +299,60 @@ def test_caption_jsonl_gives_every_input_a_line_in_order(capsys, tiny_checkpoint
     assert [line for line in screen(err)] == [f"capeen caption: {line['error']}" for line in failed]
 
 
+def test_caption_engines_write_what_one_engine_writes_in_the_same_order(capsys, tiny_checkpoint, images):
+    """--engines 2: the batches go to two engine processes, and the output is the same, line for line."""
+    paths = [images["a.png"], images["notes.txt"], images["b.png"], images["truncated.png"], images["c.jpg"],
+             images["a.png"], images["b.png"]]
+    common = ["caption", *paths, "--checkpoint", tiny_checkpoint, "--device", "cpu", "--jsonl", "--batch-size", "2"]
+    rc, one, one_err = run(capsys, *common)
+    assert run(capsys, *common, "--engines", 2) == (rc, one, one_err) and rc == 1
+    assert len(one.splitlines()) == len(paths)
+
+
+def test_caption_a_batch_an_engine_fails_is_its_images_failures_and_the_rest_goes_on(capsys, tiny_checkpoint, images,
+                                                                                     monkeypatch):
+    from service.engine_process import EngineProcess, EngineProcessDied
+
+    original, calls = EngineProcess.caption_pixels, []
+
+    def dies_once(self, pixels, *args, **kwargs):
+        calls.append(len(pixels))
+        if len(calls) == 1:
+            raise EngineProcessDied("the engine process exited (exit code -9) while decoding a batch of 2")
+        return original(self, pixels, *args, **kwargs)
+
+    monkeypatch.setattr(EngineProcess, "caption_pixels", dies_once)
+    paths = [images["a.png"], images["b.png"], images["c.jpg"], images["a.png"]]
+    rc, out, err = run(capsys, "caption", *paths, "--checkpoint", tiny_checkpoint, "--device", "cpu", "--jsonl",
+                       "--batch-size", "2", "--engines", "2")
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert rc == 1 and [line["image"] for line in lines] == [str(path) for path in paths]
+    assert [("error" in line) for line in lines] == [True, True, False, False]
+    assert "its batch failed in the engine: the engine process exited (exit code -9)" in lines[0]["error"]
+    assert screen(err) == [f"capeen caption: {line['error']}" for line in lines[:2]]
+
+
+def test_caption_ctrl_c_with_engines_leaves_no_engine_process_behind(capsys, tiny_checkpoint, images, monkeypatch):
+    import models.commands
+    import service.engine_process
+
+    started, original_start = [], service.engine_process.start_engines
+
+    def start(*args, **kwargs):
+        started.extend(original_start(*args, **kwargs))
+        return started
+
+    def interrupt(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(service.engine_process, "start_engines", start)
+    monkeypatch.setattr(models.commands, "_write_chunk", interrupt)
+    rc, out, err = run(capsys, "caption", images["a.png"], images["b.png"], "--checkpoint", tiny_checkpoint,
+                       "--device", "cpu", "--engines", 2)
+    assert rc == 130 and len(started) == 2
+    assert not any(engine.alive for engine in started)  # killed, not left decoding for an interrupted job
+
+
 def test_caption_files_from_a_list_after_the_arguments_in_order(capsys, tiny_checkpoint, images, tmp_path):
     # a manifest of a million images cannot go through the shell's arguments; a list file can, lines read lazily
     folder = tmp_path / "folder"
@@ -801,9 +855,10 @@ def test_bench_with_too_few_images_for_a_batch_size_is_one_line(capsys, tiny_che
     (["evaluate", "--data", "{data}", "--threads", "-5"], "--threads must be at least 1"),
     (["evaluate", "--data", "{data}", "--mode", "full", "--simulated-exits"],
      "--simulated-exits cannot be used with --mode full"),
+    (["caption", "{a}", "--engines", "0"], "--engines must be at least 1, got 0"),
 ], ids=["unknown-device", "torch-device-not-ours", "evaluate-json-nowhere", "plot-without-sweep", "plot-into-a-folder",
         "bench-json-nowhere", "negative-images", "repeated-batch-size", "batch-larger-than-the-split",
-        "negative-threads", "simulated-exits-at-full-depth"])
+        "negative-threads", "simulated-exits-at-full-depth", "no-engines"])
 def test_bad_output_and_device_options_are_refused_before_any_work(capsys, tiny_checkpoint, images, data, tmp_path,
                                                                     monkeypatch, argv, fragment):
     import models.evaluation

@@ -127,6 +127,7 @@ def free_port() -> int:
     (["--server", "{nobody}", "--retries", "0"], ["Connection refused", "given up after 0 retries"]),
     (["--server", "{server}", "--device", "cpu", "--kv-fill", "deferred"], ["--device, --kv-fill", "--server"]),
     (["--server", "{server}", "--checkpoint", "x"], ["--checkpoint", "server's own settings"]),
+    (["--server", "{server}", "--engines", "2"], ["--engines", "server's own settings"]),
     (["--concurrency", "4"], ["--concurrency: only with --server URL"]),
     (["--header", "Authorization: Bearer x"], ["--header: only with --server URL"]),
     (["--mode", "adaptive"], ["--mode adaptive: only with --server URL"]),
