@@ -22,6 +22,7 @@ from capeen import outputs
 from capeen.errors import UserError, first_line
 from capeen.options import CHECKPOINT_VARIABLE
 from capeen.outputs import check_output, output_file_problem
+from models.interrupts import termination_interrupts
 
 
 def _parse_overrides(text: str | None) -> dict:
@@ -117,9 +118,19 @@ def caption_main(args) -> int:
         raise UserError(f"--workers must be 0 or more, got {args.workers}")
     if args.engines is not None and args.engines < 1:
         raise UserError(f"--engines must be at least 1, got {args.engines}")
+    if args.threshold is not None and not 0 < args.threshold <= 1:  # before a model loads, not after
+        raise UserError(f"--threshold must be in (0, 1], got {args.threshold}")
     _set_threads(args)
     in_processes = args.engines not in (None, 1)
-    engines = _engine_processes(args) if in_processes else [_engine(args)]
+    if in_processes:
+        with termination_interrupts():  # SIGTERM and SIGHUP stop the engines too, as Ctrl-C does
+            return _caption_locally(args, listed, output, _engine_processes(args), in_processes)
+    return _caption_locally(args, listed, output, [_engine(args)], in_processes)
+
+
+def _caption_locally(args, listed, output, engines: list, in_processes: bool) -> int:
+    from models.images import find_images
+
     try:
         try:
             threshold = engines[0].threshold_for(args.mode, args.threshold)
@@ -156,8 +167,21 @@ def caption_main(args) -> int:
 def _engine_processes(args) -> list:
     """`--engines N`: N copies of the model in processes of their own (service.engine_process), started side by
     side; on CUDA they spread over the GPUs visible."""
+    import torch
+
+    from models.engine import resolve_device
     from service.engine_process import EngineOptions, EngineStartError, start_engines
 
+    try:  # here, in one line, rather than in every child
+        device = resolve_device(args.device)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    # each engine holds a model and wants a core (or a GPU) of its own: more only crowd the machine's memory
+    most = max(os.cpu_count() or 1, torch.cuda.device_count() if device.type == "cuda" else 0)
+    if args.engines > most:
+        kind = "GPUs or cores" if device.type == "cuda" else "cores"
+        raise UserError(f"--engines {args.engines}: this machine has {most} {kind}, and each engine is a copy of the "
+                        f"model that wants one")
     options = EngineOptions(checkpoint=args.checkpoint, device=args.device, half=getattr(args, "half", False),
                             kv_fill=getattr(args, "kv_fill", None), torch_threads=args.threads, onednn="auto",
                             log_level="warning")
@@ -208,7 +232,7 @@ def _caption_in_engines(chunks, engines: list, threshold: float, max_tokens: int
     is decoded at a time, and one more waits, read, for the first engine free."""
     import queue
 
-    from service.engine_process import EngineProcessDied
+    from service.engine_process import EngineProcessDied, EngineStartError
 
     free: queue.SimpleQueue = queue.SimpleQueue()
     for engine in engines:
@@ -218,7 +242,7 @@ def _caption_in_engines(chunks, engines: list, threshold: float, max_tokens: int
         engine = free.get()
         try:
             return engine.caption_pixels(engine.pixels(images), threshold, max_tokens=max_tokens).results
-        except (EngineProcessDied, RuntimeError) as exc:  # the engine is started again for the next batch
+        except (EngineProcessDied, EngineStartError, RuntimeError) as exc:  # started again for the next batch
             return exc
         finally:
             free.put(engine)
@@ -239,6 +263,8 @@ def _caption_in_engines(chunks, engines: list, threshold: float, max_tokens: int
             for _, future in pending:
                 if future is not None:
                     future.cancel()
+            for engine in engines:  # before the pool waits for its threads: a batch in a stopped child never ends
+                engine.kill()
             raise
 
 

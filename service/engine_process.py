@@ -143,7 +143,10 @@ def _child_main(conn: Connection, options_json: str) -> None:
         except Exception as exc:  # one failing batch must not end the engine
             log.exception("engine failed on a batch of %d", len(header["thresholds"]))
             reply = {"failed": f"{type(exc).__name__}: {exc}"}
-        conn.send_bytes(json.dumps(reply).encode())
+        try:
+            conn.send_bytes(json.dumps(reply).encode())
+        except OSError:
+            return  # the service went away while this batch was decoded (it was stopped or ended by a signal)
 
 
 def _describe(engine: CaptionEngine) -> dict:

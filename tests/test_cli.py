@@ -10,6 +10,7 @@ import errno
 import io
 import json
 import os
+import signal
 import shutil
 import stat
 import subprocess
@@ -309,16 +310,18 @@ def test_caption_engines_write_what_one_engine_writes_in_the_same_order(capsys, 
     assert len(one.splitlines()) == len(paths)
 
 
+@pytest.mark.parametrize("failure", ["died", "did not start again"])
 def test_caption_a_batch_an_engine_fails_is_its_images_failures_and_the_rest_goes_on(capsys, tiny_checkpoint, images,
-                                                                                     monkeypatch):
-    from service.engine_process import EngineProcess, EngineProcessDied
+                                                                                     monkeypatch, failure):
+    from service.engine_process import EngineProcess, EngineProcessDied, EngineStartError
 
     original, calls = EngineProcess.caption_pixels, []
+    error = EngineProcessDied if failure == "died" else EngineStartError
 
     def dies_once(self, pixels, *args, **kwargs):
         calls.append(len(pixels))
         if len(calls) == 1:
-            raise EngineProcessDied("the engine process exited (exit code -9) while decoding a batch of 2")
+            raise error("the engine process exited (exit code -9) while decoding a batch of 2")
         return original(self, pixels, *args, **kwargs)
 
     monkeypatch.setattr(EngineProcess, "caption_pixels", dies_once)
@@ -332,9 +335,12 @@ def test_caption_a_batch_an_engine_fails_is_its_images_failures_and_the_rest_goe
     assert screen(err) == [f"capeen caption: {line['error']}" for line in lines[:2]]
 
 
-def test_caption_ctrl_c_with_engines_leaves_no_engine_process_behind(capsys, tiny_checkpoint, images, monkeypatch):
+@pytest.mark.parametrize("stop", ["ctrl-c", "sigterm"])
+def test_caption_stopped_with_engines_leaves_no_engine_process_behind(capsys, tiny_checkpoint, images, monkeypatch,
+                                                                     stop):
     import models.commands
     import service.engine_process
+    from models.interrupts import Terminated
 
     started, original_start = [], service.engine_process.start_engines
 
@@ -343,14 +349,33 @@ def test_caption_ctrl_c_with_engines_leaves_no_engine_process_behind(capsys, tin
         return started
 
     def interrupt(*args):
-        raise KeyboardInterrupt
+        if stop == "ctrl-c":
+            raise KeyboardInterrupt
+        # what the handler the command installed does on a real SIGTERM (the default would end pytest itself)
+        assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN)
+        raise Terminated(signal.SIGTERM)
 
     monkeypatch.setattr(service.engine_process, "start_engines", start)
     monkeypatch.setattr(models.commands, "_write_chunk", interrupt)
     rc, out, err = run(capsys, "caption", images["a.png"], images["b.png"], "--checkpoint", tiny_checkpoint,
                        "--device", "cpu", "--engines", 2)
-    assert rc == 130 and len(started) == 2
-    assert not any(engine.alive for engine in started)  # killed, not left decoding for an interrupted job
+    assert rc == (130 if stop == "ctrl-c" else 143) and len(started) == 2
+    assert not any(engine.alive for engine in started)  # killed, not left decoding for a stopped job
+    assert_one_line_error(err, "interrupted" if stop == "ctrl-c" else "terminated")
+
+
+def test_caption_engines_beyond_the_cores_are_refused_before_any_starts(capsys, tiny_checkpoint, images, monkeypatch):
+    import service.engine_process
+
+    def no_start(*args, **kwargs):
+        raise AssertionError("an engine started")
+
+    monkeypatch.setattr(service.engine_process, "start_engines", no_start)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    rc, out, err = run(capsys, "caption", images["a.png"], "--checkpoint", tiny_checkpoint, "--device", "cpu",
+                       "--engines", 64)
+    assert (rc, out) == (2, "")
+    assert_one_line_error(err, "--engines 64: this machine has 2 cores, and each engine is a copy of the model")
 
 
 def test_caption_files_from_a_list_after_the_arguments_in_order(capsys, tiny_checkpoint, images, tmp_path):
@@ -856,9 +881,10 @@ def test_bench_with_too_few_images_for_a_batch_size_is_one_line(capsys, tiny_che
     (["evaluate", "--data", "{data}", "--mode", "full", "--simulated-exits"],
      "--simulated-exits cannot be used with --mode full"),
     (["caption", "{a}", "--engines", "0"], "--engines must be at least 1, got 0"),
+    (["caption", "{a}", "--threshold", "1.5"], "--threshold must be in (0, 1], got 1.5"),
 ], ids=["unknown-device", "torch-device-not-ours", "evaluate-json-nowhere", "plot-without-sweep", "plot-into-a-folder",
         "bench-json-nowhere", "negative-images", "repeated-batch-size", "batch-larger-than-the-split",
-        "negative-threads", "simulated-exits-at-full-depth", "no-engines"])
+        "negative-threads", "simulated-exits-at-full-depth", "no-engines", "threshold-above-1"])
 def test_bad_output_and_device_options_are_refused_before_any_work(capsys, tiny_checkpoint, images, data, tmp_path,
                                                                     monkeypatch, argv, fragment):
     import models.evaluation
