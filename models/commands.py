@@ -121,15 +121,17 @@ def caption_main(args) -> int:
     if args.threshold is not None and not 0 < args.threshold <= 1:  # before a model loads, not after
         raise UserError(f"--threshold must be in (0, 1], got {args.threshold}")
     _set_threads(args)
-    in_processes = args.engines not in (None, 1)
-    if in_processes:
+    if args.engines not in (None, 1):
         with termination_interrupts():  # SIGTERM and SIGHUP stop the engines too, as Ctrl-C does
-            return _caption_locally(args, listed, output, _engine_processes(args), in_processes)
-    return _caption_locally(args, listed, output, [_engine(args)], in_processes)
+            return _caption_locally(args, listed, output, _engine_processes(args))
+    return _caption_locally(args, listed, output, [_engine(args)])
 
 
-def _caption_locally(args, listed, output, engines: list, in_processes: bool) -> int:
+def _caption_locally(args, listed, output, engines: list) -> int:
+    """Caption with the model in this process (one engine), or with engine processes (several)."""
     from models.images import find_images
+
+    processes = engines if len(engines) > 1 else []
 
     try:
         try:
@@ -156,10 +158,10 @@ def _caption_locally(args, listed, output, engines: list, in_processes: bool) ->
             _caption_in_engines(chunks, engines, threshold, args.max_tokens, output, failed)
         output.close()
     except BaseException:
-        for engine in engines if in_processes else ():
+        for engine in processes:
             engine.kill()  # Ctrl-C: a child ignores it, and would finish its batch first
         raise
-    for engine in engines if in_processes else ():
+    for engine in processes:
         engine.close()
     return 1 if failures[0] else 0
 
