@@ -98,11 +98,13 @@ def serve_main(args: argparse.Namespace) -> int:
             app = _loaded_app(settings)
         import uvicorn
 
+        from service.access_log import configure_access_log
         from service.connections import http_protocol
 
         config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                                http=http_protocol(settings.header_timeout_s),
+                                http=http_protocol(settings.header_timeout_s), access_log=settings.access_log != "off",
                                 timeout_graceful_shutdown=int(settings.request_timeout_s + _SHUTDOWN_GRACE_S))
+        configure_access_log(settings.access_log)  # once uvicorn has set up its loggers
         server = uvicorn.Server(config)
         # uvicorn names the address only when it binds it itself
         logging.getLogger("service").info("serving on %s", ", ".join(_url(listener) for listener in listeners))

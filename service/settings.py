@@ -15,6 +15,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from bandit import DEFAULT_MU, MAX_MU, POLICIES, parse_grid
 from capeen.outputs import output_file_problem
+from service.access_log import AccessLog
 
 MiB = 1024 * 1024
 
@@ -90,6 +91,9 @@ class Settings(BaseSettings):
                          "captions per second. Needs engine_process")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         "info", description="log level of the service and uvicorn")
+    access_log: AccessLog = Field("requests", description="uvicorn's line per request. requests: all but the "
+                                  "successful GETs of /healthz, /readyz and /metrics, which health checks and "
+                                  "Prometheus send every few seconds; all: those too; off: none")
 
     @model_validator(mode="after")
     def _engines_need_their_processes(self) -> Settings:

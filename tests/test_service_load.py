@@ -603,6 +603,55 @@ def test_serve_answers_probes_while_the_model_loads_and_drops_nothing_at_the_han
     assert server.returncode == 0 and "Traceback" not in stderr, stderr
 
 
+ACCESS_LINES = {
+    "probe": re.compile(r'"GET /(healthz|readyz) HTTP/1.1" 200'),
+    "scrape": re.compile(r'"GET /metrics(\?[^ ]*)? HTTP/1.1" 200'),
+    "caption": re.compile(r'"POST /caption HTTP/1.1" 200'),
+    "refusal": re.compile(r'"GET /nope HTTP/1.1" 404'),
+    "failed probe": re.compile(r'"POST /readyz HTTP/1.1" 405'),
+}
+
+
+@pytest.mark.parametrize(("mode", "expected"), [
+    (None, {"caption", "refusal", "failed probe"}),  # the default, "requests"
+    ("all", set(ACCESS_LINES)),
+    ("off", set()),
+])
+def test_serve_access_log_leaves_out_routine_probes_and_scrapes(tiny_checkpoint, mode, expected) -> None:
+    """Health checks and Prometheus ask every few seconds; by default their successful requests write no access
+    line, while every caption and every refusal (a probe's included) still does."""
+    port = _free_port()
+    capeen = Path(sys.executable).with_name("capeen")
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "CAPEEN_LOG_LEVEL": "info"}
+    if mode is not None:
+        environment["CAPEEN_ACCESS_LOG"] = mode
+    server = subprocess.Popen([str(capeen), "serve", "--port", str(port), "--checkpoint", str(tiny_checkpoint)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
+            deadline = time.monotonic() + 120
+            while True:
+                assert server.poll() is None and time.monotonic() < deadline, "capeen serve did not get ready"
+                try:
+                    if http.get("/readyz").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.05)
+            assert http.get("/healthz").status_code == 200
+            assert http.get("/metrics").status_code == http.get("/metrics?name[]=up").status_code == 200
+            assert http.post("/caption", files=upload(encode(noise_image(0)))).status_code == 200
+            assert http.get("/nope").status_code == 404
+            assert http.post("/readyz").status_code == 405
+    finally:
+        server.send_signal(signal.SIGINT)
+        output, _ = server.communicate(timeout=60)
+    assert server.returncode == 0, output
+    assert "serving on http://" in output  # the service's own log is not affected
+    written = {kind for kind, line in ACCESS_LINES.items() if line.search(output)}
+    assert written == expected, output
+
+
 def test_the_loading_responder_answers_drains_uploads_times_out_idle_clients_and_hands_over_its_backlog(
         monkeypatch) -> None:
     from service.cli import _listening_sockets
