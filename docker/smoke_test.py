@@ -95,11 +95,10 @@ def post_image(url: str, image: Path, fields: dict[str, str]) -> tuple[int, obje
 def wait_for(what: str, check, timeout: float, every: float = 2.0):
     """Poll `check()` until it returns something true (returned) or `timeout` seconds pass (SmokeFailure)."""
     deadline = time.monotonic() + timeout
-    last = None
     while True:
-        last = check()
-        if last:
-            return last
+        found = check()
+        if found:
+            return found
         if time.monotonic() > deadline:
             raise SmokeFailure(f"{what}: not within {timeout:.0f} s")
         time.sleep(every)
