@@ -23,6 +23,7 @@ from tests.test_service import (  # noqa: F401  (the tiny_engine fixture)
     encode,
     metric_value,
     noise_image,
+    read_reply,
     running_server,
     tiny_engine_fixture,
 )
@@ -133,9 +134,7 @@ def test_a_body_over_the_batch_limit_is_refused_from_its_content_length(server: 
     with socket.create_connection((host, int(port)), timeout=10) as conn:
         conn.sendall(b"POST /caption/batch HTTP/1.1\r\nHost: test\r\nContent-Type: multipart/form-data; boundary=b\r\n"
                      b"Content-Length: %d\r\n\r\n--b\r\n" % (MAX_IMAGES * (UPLOAD_LIMIT + 64 * 1024) + 1))
-        reply = b""
-        while not reply.rstrip().endswith(b"}") and (chunk := conn.recv(65536)):
-            reply += chunk
+        reply = read_reply(conn)
     assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
     assert b'"upload_too_large"' in reply and b"CAPEEN_MAX_IMAGES_PER_REQUEST" in reply
 

@@ -29,6 +29,7 @@ from tests.test_service import (
     encode,
     metric_value,
     noise_image,
+    read_reply,
     running_server,
     tiny_engine_fixture,  # noqa: F401  (the tiny_engine fixture)
     upload,
@@ -268,7 +269,7 @@ def test_an_upload_that_stalls_gets_408_at_its_deadline(tiny_engine) -> None:
             conn.sendall(b"POST /caption HTTP/1.1\r\nHost: test\r\nContent-Type: multipart/form-data; boundary=b\r\n"
                          b"Content-Length: 5000\r\n\r\n--b\r\nContent-Disposition: form-data; name=\"image\"; "
                          b"filename=\"a.png\"\r\n\r\n" + encode(noise_image(0))[:100])
-            reply = conn.recv(65536)
+            reply = read_reply(conn)
             waited = time.monotonic() - started
         assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
         assert b'"upload_timeout"' in reply and 0.8 < waited < 10
