@@ -16,6 +16,7 @@ import textwrap
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 from capeen import outputs
@@ -155,7 +156,8 @@ def _caption_locally(args, listed, output, engines: list) -> int:
                 results = engines[0].caption(images, threshold, max_tokens=args.max_tokens).results if images else []
                 _write_chunk(output, chunk, results, failed)
         else:
-            _caption_in_engines(chunks, engines, threshold, args.max_tokens, output, failed)
+            with _engine_news_on_stderr():
+                _caption_in_engines(chunks, engines, threshold, args.max_tokens, output, failed)
         output.close()
     except BaseException:
         for engine in processes:
@@ -227,6 +229,23 @@ def _write_chunk(output, chunk: list, results, failed) -> None:
             output.caption(path, next(captions))
         else:
             output.failure_record(path, problem)
+
+
+@contextmanager
+def _engine_news_on_stderr() -> Iterator[None]:
+    """The engine processes' warnings (one gone and started again) as `capeen caption: ...` lines, like the
+    command's own, instead of Python's bare last-resort ones."""
+    import logging
+
+    logger = logging.getLogger("service.engine_process")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("capeen caption: %(message)s"))
+    handler.setLevel(logging.WARNING)
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
 
 
 def _caption_in_engines(chunks, engines: list, threshold: float, max_tokens: int | None, output, failed) -> None:

@@ -335,6 +335,31 @@ def test_caption_a_batch_an_engine_fails_is_its_images_failures_and_the_rest_goe
     assert screen(err) == [f"capeen caption: {line['error']}" for line in lines[:2]]
 
 
+def test_caption_an_engine_killed_between_batches_is_started_again_and_said_so_on_stderr(capsys, tiny_checkpoint,
+                                                                                        images, monkeypatch):
+    from service.engine_process import EngineProcess
+
+    original, killed = EngineProcess.caption_pixels, []
+
+    def killed_before_its_second_batch(self, pixels, *args, **kwargs):
+        if len(killed) == 0 and self.pid in seen:  # this engine's second batch
+            killed.append(self.pid)
+            os.kill(self.pid, signal.SIGKILL)
+            self._process.wait()
+        seen.add(self.pid)
+        return original(self, pixels, *args, **kwargs)
+
+    seen: set[int] = set()
+    monkeypatch.setattr(EngineProcess, "caption_pixels", killed_before_its_second_batch)
+    paths = [images["a.png"], images["b.png"], images["c.jpg"]] * 4
+    common = ["caption", *paths, "--checkpoint", tiny_checkpoint, "--device", "cpu", "--jsonl", "--batch-size", "2"]
+    rc, out, err = run(capsys, *common, "--engines", "2")
+    assert killed, "no engine was killed: the test did not run its case"
+    assert (rc, out) == run(capsys, *common)[:2] and rc == 0  # started again: every caption as with one engine
+    assert screen(err) == [f"capeen caption: the engine process (pid {killed[0]}) is gone (exit code -9); "
+                           "starting it again"]
+
+
 @pytest.mark.parametrize("stop", ["ctrl-c", "sigterm"])
 def test_caption_stopped_with_engines_leaves_no_engine_process_behind(capsys, tiny_checkpoint, images, monkeypatch,
                                                                      stop):
