@@ -976,6 +976,7 @@ def test_smoke_test_checks_hold_for_a_running_service(tmp_path):
     from tests.test_service import running_server
 
     smoke = _smoke_test_module()
+    assert smoke.DASHBOARDS == {json.loads(path.read_text(encoding="utf-8"))["title"] for path in DASHBOARD_FILES}
     settings = Settings(log_level="warning", bandit_state=tmp_path / "bandit.json", max_wait_ms=5)
     with running_server(settings) as server:
         stack = SimpleNamespace(url=lambda service: server.url)
