@@ -1,5 +1,5 @@
 import sys
 
-from capeen.cli import main
+from capeen.cli import console_main
 
-sys.exit(main())
+sys.exit(console_main())

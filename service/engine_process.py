@@ -18,6 +18,7 @@ queue through the child before it stops it. If the service itself dies the pipe 
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import signal
@@ -347,3 +348,4 @@ Engine = CaptionEngine | EngineProcess  # what the service captions with: in its
 
 if __name__ == "__main__":  # the child: python -m service.engine_process FD OPTIONS_JSON
     _child_main(Connection(int(sys.argv[1])), sys.argv[2])
+    gc.freeze()  # the service waits for this exit at shutdown; see capeen.cli.console_main
