@@ -17,6 +17,7 @@ import socket
 from typing import TYPE_CHECKING
 
 from capeen.errors import UserError
+from service.log_setup import configure_logging
 
 if TYPE_CHECKING:
     from service.settings import Settings
@@ -89,7 +90,7 @@ def _loopback(host: str) -> bool:
 
 def serve_main(args: argparse.Namespace) -> int:
     settings = load_settings(args)  # before importing torch: a bad setting is reported at once
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level)
     listeners = _listening_sockets(settings.host, settings.port)
     try:
         from service.loading import answering_while_loading

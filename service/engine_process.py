@@ -42,6 +42,7 @@ from models.decoding import DecodeTrace
 from models.engine import BatchOutput, BatchTimings, CaptionEngine, CaptionResult, threshold_for
 from models.model import CapeenConfig
 from models.preprocess import image_to_uint8, normalize
+from service.log_setup import configure_logging
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ def _child_main(conn: Connection, options_json: str) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     options = EngineOptions(**json.loads(options_json))
-    logging.basicConfig(level=options.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(options.log_level)
     torch.set_num_threads(options.torch_threads)
     kernels.set_onednn(options.onednn)
     try:

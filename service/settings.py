@@ -90,7 +90,8 @@ class Settings(BaseSettings):
                          "copy of the model and torch_threads threads: on a host with CPU cores to spare, more "
                          "captions per second. Needs engine_process")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
-        "info", description="log level of the service and uvicorn")
+        "info", description="log level of the service's own lines and uvicorn's; other libraries (torch, PIL) "
+        "write only their warnings and errors")
     access_log: AccessLog = Field("requests", description="uvicorn's line per request. requests: all but the "
                                   "successful GETs of /healthz, /readyz and /metrics, which health checks and "
                                   "Prometheus send every few seconds; all: those too; off: none")

@@ -633,3 +633,25 @@ def test_every_error_kind_the_service_sends_is_listed() -> None:
     sent |= set(re.findall(r'\(\d{3}, "(\w+)", (?:RETRY_AFTER|None)\)', source))  # the batcher's outcomes
     sent |= set(IMAGE_ERROR_STATUS) | set(_STATUS_KINDS.values()) | {"http_error"}
     assert len(sent) > 15 and sent == set(ERROR_KINDS)
+
+
+@pytest.mark.parametrize("level", ["info", "debug"])
+def test_log_level_raises_our_loggers_only(level: str) -> None:
+    """CAPEEN_LOG_LEVEL=debug is for reading what the service does: torch's and PIL's internals stay out."""
+    import subprocess
+    import sys
+
+    script = f"""
+import logging
+from service.log_setup import configure_logging
+configure_logging({level!r})
+for name in ("service.batcher", "models.kernels", "bandit.store", "torch._subclasses", "PIL.PngImagePlugin"):
+    logging.getLogger(name).log(logging.{level.upper()}, "from %s", name)
+    logging.getLogger(name).warning("warned by %s", name)
+"""
+    written = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stderr
+    for ours in ("service.batcher", "models.kernels", "bandit.store"):
+        assert f"{level.upper()} {ours}: from {ours}" in written
+    for theirs in ("torch._subclasses", "PIL.PngImagePlugin"):
+        assert f"from {theirs}" not in written
+        assert f"WARNING {theirs}: warned by {theirs}" in written
