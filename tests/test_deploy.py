@@ -377,7 +377,7 @@ def test_dockerfile_conventions(dockerfile: Path):
     project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
     torch_requirement = next(Requirement(r) for r in project["dependencies"] if Requirement(r).name == "torch")
     assert args["TORCH_VERSION"] in torch_requirement.specifier, (args["TORCH_VERSION"], str(torch_requirement))
-    assert project["scripts"]["capeen"] == "capeen.cli:main"
+    assert project["scripts"]["capeen"] == "capeen.cli:console_main"
 
     env = dockerfile_env(dockerfile)
     assert env["CAPEEN_HOST"] == "0.0.0.0"
@@ -520,7 +520,7 @@ def test_build_context_makes_a_wheel_with_the_default_checkpoint(tmp_path):
         entry_points = next(archive.read(n).decode() for n in names if n.endswith("entry_points.txt"))
     for package in ("capeen/cli.py", "service/app.py", "models/engine.py", "bandit/__init__.py"):
         assert package in names, package
-    assert re.search(r"^capeen\s*=\s*capeen\.cli:main$", entry_points, re.M)
+    assert re.search(r"^capeen\s*=\s*capeen\.cli:console_main$", entry_points, re.M)
     default = sorted(f.relative_to(ROOT).as_posix() for f in (ROOT / "models/checkpoints/default").glob("*")
                      if f.is_file())
     if not default:
