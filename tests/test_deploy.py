@@ -666,8 +666,21 @@ def test_dashboards_parse_and_use_the_provisioned_data_source():
                 for metric in metrics - {"up"}:
                     family = re.sub(r"_(bucket|sum|count)$", "", metric)
                     assert metric in SERVICE_METRICS or family in HISTOGRAMS, f"{panel['title']}: unknown {metric}"
-                variables = set(re.findall(r"\$\w+", target["expr"]))
+                variables = set(re.findall(r"\$[A-Za-z_]\w*", target["expr"]))  # not label_replace's $1
                 assert variables <= {"$__rate_interval", "$__interval", "$__range"}, variables
+
+
+def test_bar_gauges_of_buckets_show_the_layers_in_order():
+    """Grafana draws a bar gauge's series in the order Prometheus sends them, which sorts `le` as text (layer 10
+    before layer 2). Only the Heatmap format makes it sort the buckets by number (and take each bucket's own
+    share); it reads the number from the legend, so the legend is the bare bucket."""
+    bar_gauges = [panel for path in DASHBOARD_FILES for panel in _panels(json.loads(path.read_text(encoding="utf-8")))
+                  if panel["type"] == "bargauge" and any("_bucket" in t["expr"] for t in panel["targets"])]
+    assert bar_gauges
+    for panel in bar_gauges:
+        for target in panel["targets"]:
+            assert target["format"] == "heatmap" and target["legendFormat"] == "{{le}}", panel["title"]
+            assert "histogram_quantile" not in target["expr"], panel["title"]
 
 
 def test_dashboards_cover_the_issue():
@@ -767,7 +780,7 @@ class LiveStack:
         window = f"{math.ceil(time.time() - self.scraping_since) + 5}s"
         concrete = (expr.replace("$__rate_interval", window).replace("$__range", window)
                     .replace("$__interval", "2s"))
-        assert "$" not in concrete, concrete
+        assert not re.search(r"\$[A-Za-z_]", concrete), concrete  # every Grafana variable replaced
         url = f"{self.prometheus_url}/api/v1/query?" + urllib.parse.urlencode({"query": concrete,
                                                                               "time": f"{time.time():.3f}"})
         status, body = _get(url, timeout=10)
@@ -924,6 +937,17 @@ def test_dashboard_query_returns_data(live_stack, expr):
     for sample in result:
         value = float(sample["value"][1])
         assert math.isfinite(value), f"{expr}: {sample}"
+
+
+def test_live_layer_bar_gauge_gets_whole_layers_that_grafana_can_order(live_stack):
+    """What Grafana's Heatmap format needs of the bar gauge's answer: a number in each `le`, and cumulative shares
+    that grow with it up to 1, so that its per-layer differences are the shares that left at each layer."""
+    (expr,) = [expr for name, expr in dashboard_queries() if "/Tokens leaving at each layer/" in name]
+    shares = {int(s["metric"]["le"]): float(s["value"][1]) for s in live_stack.query(expr)}
+    n_layer = 4  # tests.conftest.tiny_config
+    assert sorted(shares) == list(range(1, n_layer + 1))
+    cumulative = [shares[layer] for layer in sorted(shares)]
+    assert cumulative == sorted(cumulative) and cumulative[-1] == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("record", recording_rules())
