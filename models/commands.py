@@ -174,7 +174,8 @@ def _engine_processes(args) -> list:
     import torch
 
     from models.engine import resolve_device
-    from service.engine_process import EngineOptions, EngineStartError, start_engines
+    from service.engine_process import EngineStartError, start_engines
+    from service.engine_spawn import EngineOptions
 
     try:  # here, in one line, rather than in every child
         device = resolve_device(args.device)

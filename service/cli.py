@@ -17,6 +17,7 @@ import socket
 from typing import TYPE_CHECKING
 
 from capeen.errors import UserError
+from service.engine_spawn import SpawnedEngine, engine_options, spawn_engine
 from service.log_setup import configure_logging
 
 if TYPE_CHECKING:
@@ -95,8 +96,17 @@ def serve_main(args: argparse.Namespace) -> int:
     try:
         from service.loading import answering_while_loading
 
-        with answering_while_loading(listeners):  # probes get /healthz 200 and /readyz 503 meanwhile
-            app = _loaded_app(settings)
+        spawned: list[SpawnedEngine] = []
+        try:
+            # the engine processes load the model while this one imports torch and the web stack (BENCHMARKS.md)
+            for index in range(settings.engines if settings.engine_process else 0):
+                spawned.append(spawn_engine(engine_options(settings, index)))
+            with answering_while_loading(listeners):  # probes get /healthz 200 and /readyz 503 meanwhile
+                app = _loaded_app(settings, spawned)
+        except BaseException:  # a bad setting, a failed start, Ctrl-C: no engine is left loading on its own
+            for child in spawned:
+                child.discard()
+            raise
         import uvicorn
 
         from service.access_log import configure_access_log
@@ -119,8 +129,9 @@ def serve_main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _loaded_app(settings: Settings):
-    """The app, with its engines loaded and warmed: a bad checkpoint or device is a UserError."""
+def _loaded_app(settings: Settings, spawned: list[SpawnedEngine]):
+    """The app, with its engines (`spawned`, unless they run in this process) loaded and warmed: a bad
+    checkpoint or device is a UserError."""
     from models.checkpoint import CheckpointError
     from service.app import create_app
     from service.engine_process import EngineStartError
@@ -131,6 +142,6 @@ def _loaded_app(settings: Settings):
             "listening on %s without CAPEEN_ADMIN_TOKEN: anyone who reaches the port can reset what the bandit "
             "learnt (POST /v1/bandit/reset)", settings.host)
     try:
-        return create_app(settings, load_engines(settings))
+        return create_app(settings, load_engines(settings, spawned))
     except (CheckpointError, ValueError, EngineStartError) as exc:
         raise UserError(str(exc)) from None

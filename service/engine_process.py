@@ -6,12 +6,13 @@ between, so the decode loop can wait for it at every call. vLLM runs its engine 
 for the same reason. Here the service keeps the queue, the batching, the bandit and the metrics; the child
 only turns batches of pixels into decode traces. `capeen bench-serve` with and without it: BENCHMARKS.md.
 
-The child is `python -m service.engine_process`, started with a socket pair: no fork of a threaded process,
-no re-import of the service's main module. The two talk over it in bytes (multiprocessing's message framing):
+The child is `python -m service.engine_process`, started with a socket pair (service.engine_spawn, which
+`capeen serve` calls before it imports torch): no fork of a threaded process, no re-import of the service's
+main module. The two talk over it in bytes (multiprocessing's message framing):
 JSON headers and raw uint8 pixels, nothing pickled. A child that dies
 fails the batch it was decoding (500 for its requests) and is started again for the next batch; so does a
 child that does not answer a batch within its time limit (a hung GPU, a stopped process), after it is killed. The child
-ignores SIGINT and SIGTERM: Ctrl-C or a signal to the process group reaches the service, which drains the
+runs in a session of its own and ignores SIGINT and SIGTERM: Ctrl-C reaches the service only, which drains the
 queue through the child before it stops it. If the service itself dies the pipe closes and the child exits.
 """
 
@@ -22,14 +23,13 @@ import gc
 import json
 import logging
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 from multiprocessing.connection import Connection
 
 import numpy as np
@@ -42,6 +42,7 @@ from models.decoding import DecodeTrace
 from models.engine import BatchOutput, BatchTimings, CaptionEngine, CaptionResult, threshold_for
 from models.model import CapeenConfig
 from models.preprocess import image_to_uint8, normalize
+from service.engine_spawn import EngineOptions, SpawnedEngine, spawn_engine
 from service.log_setup import configure_logging
 
 log = logging.getLogger(__name__)
@@ -62,18 +63,6 @@ class EngineProcessHung(EngineProcessDied):
     """The child did not answer a batch in time; it was killed."""
 
 
-@dataclass(frozen=True)
-class EngineOptions:
-    checkpoint: str | None
-    device: str
-    half: bool
-    kv_fill: str | None
-    torch_threads: int
-    onednn: bool | str
-    log_level: str = "info"
-    index: int = 0  # which of the service's engines this is: it picks the GPU (placed_device)
-
-
 def placed_device(device: str, index: int) -> str:
     """The device of engine number `index`: on CUDA (asked for, or `auto` on a host with a GPU), GPU `index`
     modulo the GPUs visible, so that N engines spread over N GPUs instead of sharing the first; otherwise
@@ -83,12 +72,14 @@ def placed_device(device: str, index: int) -> str:
     return device
 
 
-def start_engines(options: EngineOptions, count: int, batch_timeout_s: float = 60.0) -> list[EngineProcess]:
-    """`count` engine processes, numbered from 0 (which places them on GPUs) and started side by side. Raises
-    the first one's EngineStartError after stopping those that did start."""
-    with ThreadPoolExecutor(count, thread_name_prefix="capeen-engine-start") as pool:
-        starting = [pool.submit(EngineProcess, replace(options, index=index), batch_timeout_s)
-                    for index in range(count)]
+def start_engines(options: EngineOptions, count: int, batch_timeout_s: float = 60.0,
+                  spawned: Sequence[SpawnedEngine] = ()) -> list[EngineProcess]:
+    """`count` engine processes, numbered from 0 (which places them on GPUs) and started side by side, or the
+    children `spawned` already started. Raises the first one's EngineStartError after stopping those that did
+    start."""
+    spawned = list(spawned) or [spawn_engine(replace(options, index=index)) for index in range(count)]
+    with ThreadPoolExecutor(len(spawned), thread_name_prefix="capeen-engine-start") as pool:
+        starting = [pool.submit(EngineProcess, child.options, batch_timeout_s, child) for child in spawned]
     started = [future.result() for future in starting if future.exception() is None]
     failures = [future.exception() for future in starting if future.exception() is not None]
     if failures:
@@ -179,7 +170,8 @@ class EngineProcess:
     request and reply together anyway.
     """
 
-    def __init__(self, options: EngineOptions, batch_timeout_s: float = 60.0) -> None:
+    def __init__(self, options: EngineOptions, batch_timeout_s: float = 60.0,
+                 spawned: SpawnedEngine | None = None) -> None:
         self.options = options
         self.batch_timeout_s = batch_timeout_s  # past it without an answer, the child is taken for hung
         self._lock = threading.Lock()
@@ -187,15 +179,13 @@ class EngineProcess:
         self._conn: Connection | None = None
         self.restarts = 0
         self.on_restart: Callable[[], None] | None = None  # the service counts restarts in its metrics
-        self._start()
+        self._start(spawned)
         self._watchdog = _Watchdog(self.kill)
 
-    def _start(self) -> None:
-        ours, theirs = socket.socketpair()
-        with theirs:
-            process = subprocess.Popen([sys.executable, "-m", "service.engine_process", str(theirs.fileno()),
-                                        json.dumps(asdict(self.options))], pass_fds=[theirs.fileno()])
-        conn = Connection(ours.detach())
+    def _start(self, spawned: SpawnedEngine | None = None) -> None:
+        """Wait for a child (`spawned`, or one started now) to load and warm its model."""
+        child = spawned or spawn_engine(self.options)
+        process, conn = child.process, child.conn
         try:
             if not conn.poll(START_TIMEOUT_S):
                 process.kill()

@@ -21,7 +21,8 @@ from models import kernels
 from models.engine import CaptionEngine, CaptionResult
 from service.adaptive import AdaptiveThreshold
 from service.batcher import Batcher, Job
-from service.engine_process import Engine, EngineOptions, EngineProcess, start_engines
+from service.engine_process import Engine, EngineProcess, start_engines
+from service.engine_spawn import SpawnedEngine, engine_options
 from service.metrics import ServingMetrics
 from service.settings import Settings
 
@@ -30,20 +31,16 @@ log = logging.getLogger(__name__)
 DRAIN_TIMEOUT_S = 5.0  # at shutdown, for the batches in progress (compose's stop_grace_period leaves 10 s)
 
 
-def load_engines(settings: Settings) -> list[Engine]:
-    """The settings' checkpoint on their device: `engines` child processes, started side by side, or one engine
-    in the service's process when `engine_process` is off.
+def load_engines(settings: Settings, spawned: Sequence[SpawnedEngine] = ()) -> list[Engine]:
+    """The settings' checkpoint on their device: `engines` child processes (those `spawned` already, or started
+    now side by side), or one engine in the service's process when `engine_process` is off.
 
     Raises CheckpointError or ValueError (in-process) or EngineStartError (child) with a one-line reason; a
     child that did start is stopped again when another one fails."""
     if not settings.engine_process:
         return [CaptionEngine.from_checkpoint(settings.checkpoint, device=settings.device, half=settings.half,
                                               kv_fill=settings.kv_fill)]
-    options = EngineOptions(
-        checkpoint=None if settings.checkpoint is None else str(settings.checkpoint), device=settings.device,
-        half=settings.half, kv_fill=settings.kv_fill, torch_threads=settings.torch_threads,
-        onednn=settings.onednn, log_level=settings.log_level)
-    return start_engines(options, settings.engines, settings.engine_timeout_s)
+    return start_engines(engine_options(settings), settings.engines, settings.engine_timeout_s, spawned)
 
 
 def exit_positions(engine: Engine) -> list[int]:

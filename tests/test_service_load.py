@@ -5,10 +5,12 @@ and a restart restores it, and `capeen serve` reports bad configuration in one l
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -602,6 +604,56 @@ def test_serve_answers_probes_while_the_model_loads_and_drops_nothing_at_the_han
                for answer in loading), loading[:3]
     assert failures_after_the_first_answer == []
     assert server.returncode == 0 and "Traceback" not in stderr, stderr
+
+
+def _engine_processes_of(checkpoint: Path) -> list[int]:
+    """Engine processes started for `checkpoint`, from anyone's command line."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                command = (entry / "cmdline").read_bytes().decode(errors="replace")
+            except OSError:  # gone meanwhile
+                continue
+            if "service.engine_process" in command and str(checkpoint) in command:
+                found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.parametrize("engines", [1, 2])
+def test_ctrl_c_while_the_engines_load_is_one_line_and_leaves_no_engine_behind(tiny_checkpoint, tmp_path,
+                                                                                engines) -> None:
+    """The engines start loading before the service has imported torch; Ctrl-C on the terminal (the whole
+    process group) meanwhile says `interrupted`, with no engine's traceback, and ends every engine."""
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(tiny_checkpoint, checkpoint)
+    port = _free_port()
+    capeen = Path(sys.executable).with_name("capeen")
+    server = subprocess.Popen([str(capeen), "serve", "--port", str(port), "--checkpoint", str(checkpoint),
+                               "--engines", str(engines)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True, start_new_session=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1", "CAPEEN_LOG_LEVEL": "warning"})
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
+            deadline = time.monotonic() + 60
+            while True:  # the service answers probes once its engines are on their way
+                assert server.poll() is None and time.monotonic() < deadline, "capeen serve did not answer"
+                with contextlib.suppress(httpx.TransportError):
+                    if http.get("/readyz").status_code == 503:
+                        break
+                time.sleep(0.01)
+        assert len(_engine_processes_of(checkpoint)) == engines
+        os.killpg(server.pid, signal.SIGINT)
+        _, stderr = server.communicate(timeout=60)
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+    assert server.returncode == 130 and stderr == "capeen serve: interrupted\n", stderr
+    deadline = time.monotonic() + 10
+    while _engine_processes_of(checkpoint) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _engine_processes_of(checkpoint) == []
 
 
 ACCESS_LINES = {
