@@ -17,6 +17,7 @@ import socket
 from typing import TYPE_CHECKING
 
 from capeen.errors import UserError
+from models.interrupts import termination_interrupts
 from service.engine_spawn import SpawnedEngine, engine_options, spawn_engine
 from service.log_setup import configure_logging
 
@@ -98,12 +99,15 @@ def serve_main(args: argparse.Namespace) -> int:
 
         spawned: list[SpawnedEngine] = []
         try:
-            # the engine processes load the model while this one imports torch and the web stack (BENCHMARKS.md)
-            for index in range(settings.engines if settings.engine_process else 0):
-                spawned.append(spawn_engine(engine_options(settings, index)))
-            with answering_while_loading(listeners):  # probes get /healthz 200 and /readyz 503 meanwhile
-                app = _loaded_app(settings, spawned)
-        except BaseException:  # a bad setting, a failed start, Ctrl-C: no engine is left loading on its own
+            # until uvicorn takes over, SIGTERM and SIGHUP stop the start as Ctrl-C does, engines included
+            with termination_interrupts():
+                # the engine processes load the model while this one imports torch and the web stack
+                # (BENCHMARKS.md)
+                for index in range(settings.engines if settings.engine_process else 0):
+                    spawned.append(spawn_engine(engine_options(settings, index)))
+                with answering_while_loading(listeners):  # probes get /healthz 200 and /readyz 503 meanwhile
+                    app = _loaded_app(settings, spawned)
+        except BaseException:  # a failed start, Ctrl-C, SIGTERM: no engine is left loading on its own
             for child in spawned:
                 child.discard()
             raise
